@@ -1,0 +1,162 @@
+"""MomentumChain: the module a converted graph calls for each residual chain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .exact import GAMMA_DENOM, quantize_gamma
+from .reversible import ChainSpec, reversible_chain
+
+__all__ = ["MomentumChain"]
+
+
+def _validate_gamma(gamma: float, use_backprop: bool) -> int:
+    n = quantize_gamma(gamma)
+    if n == 0 and not use_backprop:
+        raise ValueError(
+            f"gamma = {gamma!r} cannot be used with use_backprop=False: reversing the chain "
+            f"divides by gamma. Use use_backprop=True (gamma = 0 is the original ResNet), or "
+            f"a gamma of at least {1 / GAMMA_DENOM:.1e}."
+        )
+    return n
+
+
+class MomentumChain(nn.Module):
+    """Blocks ``f_t`` run as a momentum chain.
+
+    ``v <- gamma * v + (1 - gamma) * f_t(x); x <- x + v``, with ``v`` starting at ``v0``
+    (zero by default). ``gamma = 0`` is the plain residual chain ``x <- x + f_t(x)``.
+
+    Parameters
+    ----------
+    blocks : sequence of callables
+        ``blocks[t](x, *args)`` gives ``f_t(x)`` (``residual=True``) or the block's whole
+        output ``y`` with ``f_t(x) = y - x`` (``residual=False``).
+    gamma : float
+        Momentum in ``[0, 1]``; used as the nearest multiple of ``2**-16``, in every mode.
+    residual : bool or sequence of bool
+        Per block, or one value for all.
+    use_backprop : bool
+        ``True``: plain autograd (stores activations). ``False``: the reversible function,
+        which rebuilds activations in backward instead of storing them.
+    register_blocks : bool
+        Register the blocks as submodules (``blocks.0...``). A converted graph passes
+        ``False``: it keeps the blocks at their original paths so that ``state_dict`` keys stay.
+    names : sequence of str, optional
+        Block names used in error messages.
+
+    Examples
+    --------
+    >>> blocks = [nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)]
+    >>> chain = MomentumChain(blocks, gamma=0.9)
+    >>> chain(torch.randn(2, 8)).shape
+    torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[Callable[..., torch.Tensor]],
+        gamma: float = 0.9,
+        *,
+        residual: bool | Sequence[bool] = True,
+        use_backprop: bool = False,
+        register_blocks: bool = True,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("a momentum chain needs at least one block")
+        if isinstance(residual, bool):
+            residual = [residual] * len(blocks)
+        if len(residual) != len(blocks):
+            raise ValueError(f"{len(residual)} residual flags for {len(blocks)} blocks")
+        self.use_backprop = bool(use_backprop)
+        self._gamma_num = _validate_gamma(gamma, self.use_backprop)
+        self._gamma = float(gamma)
+        self.residual = [bool(r) for r in residual]
+        self.names = list(names) if names is not None else [f"block {t}" for t in range(len(blocks))]
+        if register_blocks:
+            self.blocks = nn.ModuleList(blocks)
+        else:
+            # A plain list: the owner of the blocks registers them under their own names.
+            self.__dict__["_unregistered_blocks"] = blocks
+
+    # -- gamma --------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        """The momentum term as given; the chain computes with :attr:`effective_gamma`."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma_num = _validate_gamma(value, self.use_backprop)
+        self._gamma = float(value)
+
+    @property
+    def effective_gamma(self) -> float:
+        """``gamma`` rounded to the multiple of ``2**-16`` that every mode computes with."""
+        return self._gamma_num / GAMMA_DENOM
+
+    def block_list(self) -> list[Callable[..., torch.Tensor]]:
+        """The blocks, registered or not."""
+        if "blocks" in self._modules:
+            return list(self.blocks)
+        return self.__dict__["_unregistered_blocks"]
+
+    def extra_repr(self) -> str:
+        mode = "backprop" if self.use_backprop else "reversible"
+        return f"num_blocks={len(self.residual)}, gamma={self._gamma}, mode={mode}"
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, *args: object, v0: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, args, self.names)
+        if self.use_backprop or not self._needs_backward(x, v0, args):
+            return self._forward_plain(spec, x, v0)
+        context = [args[i] for i in spec.tensor_arg_positions]
+        params = self._trainable_parameters()
+        return reversible_chain(spec, x, v0, context, params)
+
+    def _trainable_parameters(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for block in self.block_list():
+            if isinstance(block, nn.Module):
+                for p in block.parameters():
+                    if p.requires_grad:
+                        seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
+        if any(t is not None and t.requires_grad for t in tensors):
+            return True
+        return bool(self._trainable_parameters())
+
+    def _forward_plain(
+        self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        n = self._gamma_num
+        gamma = n / GAMMA_DENOM
+        g = (GAMMA_DENOM - n) / GAMMA_DENOM
+        context = [spec.args[i] for i in spec.tensor_arg_positions]
+        for t in range(len(spec.blocks)):
+            if n == 0 and not spec.residual[t]:
+                # gamma = 0 reproduces the original block exactly, without x + (y - x).
+                x = spec.blocks[t](x, *spec.args)
+                continue
+            f = spec.call(t, x, context)
+            if n == 0:
+                v = f
+            elif v is None:
+                v = g * f
+            else:
+                v = gamma * v + g * f
+            x = x + v
+        return x

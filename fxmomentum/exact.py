@@ -1,0 +1,238 @@
+"""Exact integer arithmetic for reversible momentum chains.
+
+Floating point addition and multiplication by ``gamma`` lose bits, so a chain run in floats
+cannot be run backwards exactly. The reversible engine therefore keeps the chain's state as
+fixed-point integers and does every step exactly:
+
+* ``x`` and ``v`` are ``int64`` tensors on a per-chain power-of-two grid (``v`` on a grid
+  ``2**GAMMA_BITS`` times finer than ``x``, so that multiplying by ``gamma`` costs no precision);
+* multiplication by ``gamma = n / 2**GAMMA_BITS`` is done exactly in the manner of Maclaurin,
+  Duvenaud & Adams (2015): the bits it destroys go into a per-element :class:`BitStack`, which
+  grows by ``log2(1 / gamma)`` bits per block, the information-theoretic minimum;
+* when values grow, the grid is coarsened and the shifted-out bits also go on the stack.
+
+Nothing here knows about autograd or torch.fx; :mod:`fxmomentum.reversible` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["GAMMA_BITS", "BitStack", "floor_divmod", "quantize_gamma"]
+
+#: ``gamma`` is used as the nearest multiple of ``2**-GAMMA_BITS`` (0.9 becomes 0.89999390).
+GAMMA_BITS = 16
+GAMMA_DENOM = 1 << GAMMA_BITS
+
+# The stack head is kept below 2**52 so that division by a non-power-of-two base can be done in
+# float64, which is exact there and much faster than int64 division on CPUs.
+_HEAD_LIMIT = 1 << 52
+_WORD_BITS = 32
+_WORD_MASK = (1 << _WORD_BITS) - 1
+# Large pushes are split into digits of at most this many bits, so that spilling a word never
+# stores much more than the head holds.
+_MAX_DIGIT_BITS = 16
+
+
+def quantize_gamma(gamma: float) -> int:
+    """Return the integer numerator ``n`` with ``n / 2**GAMMA_BITS`` closest to ``gamma``.
+
+    Parameters
+    ----------
+    gamma : float
+        Momentum term in ``[0, 1]``.
+
+    Returns
+    -------
+    int
+        ``n`` in ``[0, 2**GAMMA_BITS]``.
+
+    Raises
+    ------
+    ValueError
+        If ``gamma`` is not a finite number in ``[0, 1]``.
+
+    Examples
+    --------
+    >>> quantize_gamma(0.5)
+    32768
+    >>> quantize_gamma(0.9) / 2**16
+    0.899993896484375
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float in [0, 1], got {type(gamma).__name__}")
+    if not math.isfinite(gamma) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(
+            f"gamma must lie in [0, 1] (0 is the original ResNet, 0.9 the usual momentum), "
+            f"got {gamma!r}"
+        )
+    return round(gamma * GAMMA_DENOM)
+
+
+def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floor division and modulo of an int64 tensor by a positive int, exactly.
+
+    ``|a|`` must be below ``2**52``: then ``floor(float64(a) / n)`` is exact (the quotient's
+    spacing is finer than ``1 / n``) and far cheaper than int64 division on CPUs.
+
+    Examples
+    --------
+    >>> q, r = floor_divmod(torch.tensor([-7, 7]), 3)
+    >>> q.tolist(), r.tolist()
+    ([-3, 2], [2, 1])
+    """
+    q = torch.floor(a.to(torch.float64) / n).to(torch.int64)
+    return q, a - q * n
+
+
+class BitStack:
+    """A per-element arbitrary-precision integer used as a stack of digits.
+
+    ``push(r, base)`` makes the integer ``B * base + r``; ``pop(base)`` takes ``B mod base`` off.
+    Each element's integer is held as a 52-bit ``head`` plus a list of spilled 32-bit words.
+    A single Python bound on the head (the same for every element) decides when to spill, so
+    every element spills at the same time and the words are plain tensors.
+
+    Every operation is recorded, and :meth:`undo_push` / :meth:`undo_pop` reverse the most
+    recent operation exactly, restoring the head, the words and the bound.
+
+    Parameters
+    ----------
+    like : torch.Tensor
+        Tensor whose shape and device the stack takes.
+
+    Examples
+    --------
+    >>> s = BitStack(torch.zeros(3))
+    >>> s.push(torch.tensor([0, 1, 2]), 3)
+    >>> s.pop(2).tolist()
+    [0, 1, 0]
+    >>> s.undo_pop(torch.tensor([0, 1, 0]), 2)
+    >>> s.undo_push(3).tolist()
+    [0, 1, 2]
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.head = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+        self.bound = 1  # every element of head lies in [0, bound)
+        self.words: list[torch.Tensor] = []
+        self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _spill(self) -> None:
+        low = self.head & _WORD_MASK
+        # Store as int32 by two's complement; undone by masking after widening.
+        self.words.append((low - ((low >> 31) << _WORD_BITS)).to(torch.int32))
+        self.head = self.head >> _WORD_BITS
+        self.bound = -(-self.bound >> _WORD_BITS)
+
+    def _unspill(self) -> None:
+        low = self.words.pop().to(torch.int64) & _WORD_MASK
+        self.head = (self.head << _WORD_BITS) | low
+
+    def _make_room(self, base: int) -> int:
+        spills = 0
+        while self.bound * base > _HEAD_LIMIT:
+            self._spill()
+            spills += 1
+        return spills
+
+    def _undo(self) -> None:
+        bound, spills = self._log.pop()
+        for _ in range(spills):
+            self._unspill()
+        self.bound = bound
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stack (spilled words and head)."""
+        return sum(w.nbytes for w in self.words) + self.head.nbytes
+
+    # -- digits ------------------------------------------------------------------------------
+    def push(self, r: torch.Tensor, base: int) -> None:
+        """Push digits ``r`` (int64, each in ``[0, base)``)."""
+        if base <= 1:
+            return
+        bound = self.bound
+        spills = self._make_room(base)
+        self._log.append((bound, spills))
+        if base & (base - 1) == 0:
+            self.head = (self.head << (base.bit_length() - 1)) | r
+        else:
+            self.head = self.head * base + r
+        self.bound *= base
+
+    def undo_push(self, base: int) -> torch.Tensor:
+        """Reverse the latest :meth:`push` with this ``base``; return its digits."""
+        if base <= 1:
+            return torch.zeros_like(self.head)
+        if base & (base - 1) == 0:
+            r = self.head & (base - 1)
+            self.head = self.head >> (base.bit_length() - 1)
+        else:
+            self.head, r = floor_divmod(self.head, base)
+        self._undo()
+        return r
+
+    def pop(self, base: int) -> torch.Tensor:
+        """Pop digits in ``[0, base)``: ``B mod base``, leaving ``B // base``."""
+        if base <= 1:
+            return torch.zeros_like(self.head)
+        self._log.append((self.bound, 0))
+        if base & (base - 1) == 0:
+            r = self.head & (base - 1)
+            self.head = self.head >> (base.bit_length() - 1)
+        else:
+            self.head, r = floor_divmod(self.head, base)
+        self.bound = -(-self.bound // base)
+        return r
+
+    def undo_pop(self, r: torch.Tensor, base: int) -> None:
+        """Reverse the latest :meth:`pop` with this ``base``, putting ``r`` back."""
+        if base <= 1:
+            return
+        if base & (base - 1) == 0:
+            self.head = (self.head << (base.bit_length() - 1)) | r
+        else:
+            self.head = self.head * base + r
+        self._undo()
+
+    # -- signed values of many bits ----------------------------------------------------------
+    def push_signed(self, a: torch.Tensor, bits: int) -> None:
+        """Push signed values with ``|a| < 2**(bits - 1)`` as digits of at most 16 bits."""
+        u = a + (1 << (bits - 1))
+        while bits > 0:
+            k = min(bits, _MAX_DIGIT_BITS)
+            self.push(u & ((1 << k) - 1), 1 << k)
+            u = u >> k
+            bits -= k
+
+    def undo_push_signed(self, bits: int) -> torch.Tensor:
+        """Reverse :meth:`push_signed` with the same ``bits``."""
+        digits = []
+        remaining = bits
+        while remaining > 0:
+            k = min(remaining, _MAX_DIGIT_BITS)
+            digits.append(k)
+            remaining -= k
+        u = torch.zeros_like(self.head)
+        for k in reversed(digits):
+            u = (u << k) | self.undo_push(1 << k)
+        return u - (1 << (bits - 1))
+
+    def freeze(self) -> None:
+        """Spill the head into words so that only narrow int32 words stay in memory."""
+        self._log.append((self.bound, 0))
+        spills = 0
+        while self.bound > 1:
+            self._spill()
+            spills += 1
+        self._log[-1] = (self._log[-1][0], spills)
+        self.head = torch.empty(0, dtype=torch.int64, device=self.head.device)
+
+    def thaw(self, like: torch.Tensor) -> None:
+        """Reverse :meth:`freeze`."""
+        self.head = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+        self._undo()
