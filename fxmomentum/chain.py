@@ -78,7 +78,8 @@ class MomentumChain(nn.Module):
         self._gamma_num = _validate_gamma(gamma, self.use_backprop)
         self._gamma = float(gamma)
         self.residual = [bool(r) for r in residual]
-        self.names = list(names) if names is not None else [f"block {t}" for t in range(len(blocks))]
+        default_names = [f"block {t}" for t in range(len(blocks))]
+        self.names = list(names) if names is not None else default_names
         if register_blocks:
             self.blocks = nn.ModuleList(blocks)
         else:

@@ -26,8 +26,7 @@ __all__ = ["GAMMA_BITS", "BitStack", "floor_divmod", "quantize_gamma"]
 GAMMA_BITS = 16
 GAMMA_DENOM = 1 << GAMMA_BITS
 
-# The stack head is kept below 2**52 so that division by a non-power-of-two base can be done in
-# float64, which is exact there and much faster than int64 division on CPUs.
+# The head times any base stays far from int64 overflow.
 _HEAD_LIMIT = 1 << 52
 _WORD_BITS = 32
 _WORD_MASK = (1 << _WORD_BITS) - 1
@@ -74,16 +73,13 @@ def quantize_gamma(gamma: float) -> int:
 def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Floor division and modulo of an int64 tensor by a positive int, exactly.
 
-    ``|a|`` must be below ``2**52``: then ``floor(float64(a) / n)`` is exact (the quotient's
-    spacing is finer than ``1 / n``) and far cheaper than int64 division on CPUs.
-
     Examples
     --------
     >>> q, r = floor_divmod(torch.tensor([-7, 7]), 3)
     >>> q.tolist(), r.tolist()
     ([-3, 2], [2, 1])
     """
-    q = torch.floor(a.to(torch.float64) / n).to(torch.int64)
+    q = torch.div(a, n, rounding_mode="floor")
     return q, a - q * n
 
 
@@ -150,19 +146,33 @@ class BitStack:
         """Bytes held by the stack (spilled words and head)."""
         return sum(w.nbytes for w in self.words) + self.head.nbytes
 
+    # -- bookkeeping for callers that update ``head`` themselves (fused kernels) ---------------
+    def note_push(self, base: int) -> None:
+        """Record a push of ``base``: spill if needed; the caller then sets ``head``."""
+        bound = self.bound
+        spills = self._make_room(base)
+        self._log.append((bound, spills))
+        self.bound *= base
+
+    def note_pop(self, base: int) -> None:
+        """Record a pop of ``base``; the caller then sets ``head``."""
+        self._log.append((self.bound, 0))
+        self.bound = -(-self.bound // base)
+
+    def undo_note(self) -> None:
+        """Reverse the latest :meth:`note_push` or :meth:`note_pop`, after ``head`` was restored."""
+        self._undo()
+
     # -- digits ------------------------------------------------------------------------------
     def push(self, r: torch.Tensor, base: int) -> None:
         """Push digits ``r`` (int64, each in ``[0, base)``)."""
         if base <= 1:
             return
-        bound = self.bound
-        spills = self._make_room(base)
-        self._log.append((bound, spills))
+        self.note_push(base)
         if base & (base - 1) == 0:
             self.head = (self.head << (base.bit_length() - 1)) | r
         else:
             self.head = self.head * base + r
-        self.bound *= base
 
     def undo_push(self, base: int) -> torch.Tensor:
         """Reverse the latest :meth:`push` with this ``base``; return its digits."""
@@ -180,13 +190,12 @@ class BitStack:
         """Pop digits in ``[0, base)``: ``B mod base``, leaving ``B // base``."""
         if base <= 1:
             return torch.zeros_like(self.head)
-        self._log.append((self.bound, 0))
+        self.note_pop(base)
         if base & (base - 1) == 0:
             r = self.head & (base - 1)
             self.head = self.head >> (base.bit_length() - 1)
         else:
             self.head, r = floor_divmod(self.head, base)
-        self.bound = -(-self.bound // base)
         return r
 
     def undo_pop(self, r: torch.Tensor, base: int) -> None:

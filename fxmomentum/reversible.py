@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack, floor_divmod
+from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
+from .kernels import backward_step, decode, forward_step, unadd
 
 __all__ = ["ChainSpec", "NumericalError", "reversible_chain"]
 
-# x lives on a grid with |X| < 2**(_RANGE_BITS + 1); v on a grid 2**GAMMA_BITS finer.
+# At the start of a block |X| < 2**_RANGE_BITS and |V| < 2**(_RANGE_BITS + GAMMA_BITS); after
+# a coarsening both are below half of that. Everything stays far from int64 overflow.
 _RANGE_BITS = 32
-# Keep away from the ends of float32's exponent range so that 2**-s and 2**(s + 16) stay normal.
-_SCALE_LIMITS = {torch.float32: (-100, 100), torch.float64: (-900, 900)}
+# Keep 2**-s, 2**(s + 16) and the decoded values inside the float32 / float64 exponent range.
+_SCALE_LIMITS = {torch.float32: (-88, 100), torch.float64: (-900, 900)}
 # Only refine the grid when at least this many bits are gained (each change costs a pass).
 _REFINE_HYSTERESIS = 4
-_V_SHIFT_MASK = GAMMA_DENOM - 1
-_V_HALF = GAMMA_DENOM // 2
 
 
 class NumericalError(FloatingPointError):
@@ -73,7 +73,7 @@ class ChainSpec:
 
     def call(self, t: int, x: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
         args = list(self.args)
-        for pos, c in zip(self.tensor_arg_positions, context):
+        for pos, c in zip(self.tensor_arg_positions, context, strict=True):
             args[pos] = c
         out = self.blocks[t](x, *args)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
@@ -88,7 +88,7 @@ class ChainSpec:
 @dataclass
 class _BlockRecord:
     shift: int  # >0: grid coarsened by this many bits before the block; <0: refined
-    scale: int  # grid exponent used for the block's F (after the shift)
+    scale: int  # grid exponent s (x = X * 2**-s) after the shift
     checksum: torch.Tensor
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
@@ -99,20 +99,31 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _to_float(X: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
-    work = _work_dtype(dtype)
-    return (X.to(work) * (2.0**-s)).to(dtype)
+def _scalar(value: float, work: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A 0-dim tensor rather than a Python float, so that compiled kernels are not
+    # specialised (and recompiled) for every grid exponent.
+    return torch.tensor(value, dtype=work, device=device)
 
 
 def _from_float(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.round(x.to(_work_dtype(x.dtype)) * (2.0**s)).to(torch.int64)
 
 
-def _scale_for(m: float, dtype: torch.dtype) -> int:
-    lo, hi = _SCALE_LIMITS[_work_dtype(dtype)]
-    if m == 0.0:
-        return hi
-    return max(lo, min(hi, _RANGE_BITS - math.frexp(m)[1]))
+def _exponent(m: float) -> int:
+    """The e with m < 2**e (0 for m = 0)."""
+    return math.frexp(m)[1]
+
+
+def _shift_for(xm: float, vm: float, gm: float) -> int:
+    """Grid change (bits, >0 coarser) that brings the largest magnitudes to about half range."""
+    over = max(
+        _exponent(xm) - (_RANGE_BITS - 1),
+        _exponent(vm) - (_RANGE_BITS + GAMMA_BITS - 1),
+        _exponent(gm) - (_RANGE_BITS + GAMMA_BITS - 1),
+    )
+    if over > 0 or xm >= 2.0**_RANGE_BITS or vm >= 2.0 ** (_RANGE_BITS + GAMMA_BITS):
+        return max(over, 1)
+    return over if over <= -_REFINE_HYSTERESIS else 0
 
 
 def _signed_bits(a: torch.Tensor) -> int:
@@ -127,17 +138,38 @@ def _block_params(block: object) -> list[torch.Tensor]:
     return list(block.parameters()) if isinstance(block, nn.Module) else []
 
 
-def _inf_norms(*tensors: torch.Tensor) -> list[float]:
-    return torch.stack(
-        [torch.linalg.vector_norm(t.detach(), math.inf).to(torch.float64) for t in tensors]
-    ).tolist()
+def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
+    return NumericalError(
+        f"{spec.name(t)} of a reversible momentum chain: {what} is not finite or too large for "
+        f"an exact state (max |value| = {value:.3g}). Lower the learning rate, check the inputs "
+        f"and the block for overflow, or run this chain with use_backprop=True to debug."
+    )
+
+
+def _shifted(X: torch.Tensor, V: torch.Tensor, shift: int):
+    """Move X and V to a grid ``shift`` bits coarser (>0, rounding) or finer (<0, exact).
+
+    Returns the moved tensors and the digits that coarsening drops, each in ``[0, 2**shift)``.
+    """
+    if shift <= 0:
+        return X << -shift, V << -shift, None, None
+    half = 1 << (shift - 1)
+    Xs, Vs = (X + half) >> shift, (V + half) >> shift
+    return Xs, Vs, X - (Xs << shift) + half, V - (Vs << shift) + half
+
+
+def _unshifted(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.Tensor:
+    if shift <= 0:
+        return X >> -shift
+    return (X << shift) + low - (1 << (shift - 1))
 
 
 class _ReversibleChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: ChainSpec, n_context: int, x0, v0, *tensors):  # type: ignore[override]
-        dtype = x0.dtype
+        dtype, device = x0.dtype, x0.device
         work = _work_dtype(dtype)
+        lo, hi = _SCALE_LIMITS[work]
         n = spec.gamma_num
         g = (GAMMA_DENOM - n) / GAMMA_DENOM
         context = tensors[:n_context]
@@ -145,72 +177,67 @@ class _ReversibleChain(torch.autograd.Function):
         records: list[_BlockRecord] = []
         use_cuda_rng = x0.is_cuda
 
-        vmax = 0.0
-        mx0, = _inf_norms(x0)
-        if v0 is not None:
-            vmax, = _inf_norms(v0)
-        s = _scale_for(max(mx0, vmax), dtype)
+        m0 = torch.linalg.vector_norm(x0.detach(), math.inf).item()
+        mv = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
+        if not math.isfinite(m0 + mv):
+            raise _too_large(spec, 0, "the chain input", m0 + mv)
+        s = hi if max(m0, mv) == 0 else max(lo, min(hi, _RANGE_BITS - 1 - _exponent(max(m0, mv))))
         X = _from_float(x0, s)
         V = (
             torch.zeros_like(X)
             if v0 is None
             else torch.round(v0.to(work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
         )
+        xm, vm, gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
 
         for t in range(len(spec.blocks)):
             block = spec.blocks[t]
-            x = _to_float(X, s, dtype)
-            checksum = X.sum()
+            x, checksum = decode(X, _scalar(2.0**-s, work, device), dtype)
             buffers = _buffers(block)
             versions = [b._version for b in buffers]
             cpu_rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state(x0.device) if use_cuda_rng else None
+            cuda_rng = torch.cuda.get_rng_state(device) if use_cuda_rng else None
 
             f = spec.call(t, x, context)
 
             rec = _BlockRecord(shift=0, scale=s, checksum=checksum)
             if not torch.equal(cpu_rng, torch.get_rng_state()):
                 rec.cpu_rng = cpu_rng
-            if use_cuda_rng and not torch.equal(cuda_rng, torch.cuda.get_rng_state(x0.device)):
+            if use_cuda_rng and not torch.equal(cuda_rng, torch.cuda.get_rng_state(device)):
                 rec.cuda_rng = cuda_rng
-            rec.mutated_buffers = [b for b, ver in zip(buffers, versions) if b._version != ver]
+            rec.mutated_buffers = [
+                b for b, ver in zip(buffers, versions, strict=True) if b._version != ver
+            ]
 
-            mx, mf = _inf_norms(x, f)
-            if not (math.isfinite(mx) and math.isfinite(mf)):
-                bad = "its input" if not math.isfinite(mx) else "its output"
-                raise NumericalError(
-                    f"{spec.name(t)} of a reversible momentum chain: {bad} is not finite "
-                    f"(max |x| = {mx:.3g}, max |f(x)| = {mf:.3g}). Lower the learning rate, "
-                    f"check the inputs, or run this chain with use_backprop=True to debug."
-                )
-            s_new = _scale_for(max(mx, vmax, g * mf), dtype)
-            shift = s - s_new
-            if -_REFINE_HYSTERESIS < shift < 0:
-                shift, s_new = 0, s
-            if shift > 0:
-                # Round to the coarser grid (floor would bias the chain downwards).
-                half = 1 << (shift - 1)
-                X_in, V_in = X, V
-                X, V = (X + half) >> shift, (V + half) >> shift
-                low_x, low_v = X_in - (X << shift) + half, V_in - (V << shift) + half
-            elif shift < 0:
-                X, V = X << -shift, V << -shift
-            s = s_new
-            rec.shift, rec.scale = shift, s
-
-            F = torch.round(f.to(work) * (g * 2.0 ** (s + GAMMA_BITS))).to(torch.int64)
-            # V <- gamma * V exactly: the low bits go on the stack, n's worth come back off it.
-            stack.push(V & _V_SHIFT_MASK, GAMMA_DENOM)
-            V = (V >> GAMMA_BITS) * n + stack.pop(n)
-            V += F
-            X += (V + _V_HALF) >> GAMMA_BITS
+            stack.note_push(GAMMA_DENOM)
+            stack.note_pop(n)
+            shift = _shift_for(xm, vm, gm)
+            while True:
+                shift = max(s - hi, min(shift, s - lo))
+                Xs, Vs, low_x, low_v = _shifted(X, V, shift) if shift else (X, V, None, None)
+                c = _scalar(g * 2.0 ** (s - shift + GAMMA_BITS), work, device)
+                X1, V1, head, stats = forward_step(Xs, Vs, stack.head, f, c, n)
+                gm, xm, vm = stats.tolist()
+                if not math.isfinite(gm):
+                    raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
+                if gm < 2.0 ** (_RANGE_BITS + GAMMA_BITS):
+                    break
+                if s - shift <= lo:
+                    raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
+                more = _shift_for(0.0, 0.0, gm)
+                shift += more
+                gm *= 2.0**-more
+            X, V, stack.head = X1, V1, head
+            s -= shift
             if shift > 0:
                 stack.push(low_x, 1 << shift)
                 stack.push(low_v, 1 << shift)
-            vmax = (n / GAMMA_DENOM) * vmax + g * mf + 2.0 ** (-s)
+            rec.shift, rec.scale = shift, s
             records.append(rec)
 
-        y = _to_float(X, s, dtype)
+        y, _ = decode(X, _scalar(2.0**-s, work, device), dtype)
+        if not torch.isfinite(y).all():
+            raise _too_large(spec, len(spec.blocks) - 1, "the chain output", math.inf)
         residual = X - _from_float(y, s)
         bits_r, bits_v = _signed_bits(residual), _signed_bits(V)
         stack.push_signed(residual, bits_r)
@@ -223,7 +250,7 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.records = records
         ctx.final = (s, bits_r, bits_v)
         ctx.has_v0 = v0 is not None
-        ctx.autocast = _autocast_state(x0.device.type)
+        ctx.autocast = _autocast_state(device.type)
         ctx.save_for_backward(y, *tensors)
         return y
 
@@ -244,7 +271,7 @@ class _ReversibleChain(torch.autograd.Function):
         y, *tensors = ctx.saved_tensors
         context = tensors[: ctx.n_context]
         params = tensors[ctx.n_context :]
-        dtype = y.dtype
+        dtype, device = y.dtype, y.device
         work = _work_dtype(dtype)
         n = spec.gamma_num
         gamma = n / GAMMA_DENOM
@@ -266,41 +293,30 @@ class _ReversibleChain(torch.autograd.Function):
         b = torch.zeros_like(a)
         mismatches = []
 
-        devices = [y.device] if y.is_cuda else []
+        devices = [device] if y.is_cuda else []
         with torch.random.fork_rng(devices=devices, enabled=True):
             for t in reversed(range(len(spec.blocks))):
                 rec: _BlockRecord = ctx.records[t]
                 shift = rec.shift
-                if shift > 0:
-                    low_v = stack.undo_push(1 << shift)
-                    low_x = stack.undo_push(1 << shift)
-                X = X - ((V + _V_HALF) >> GAMMA_BITS)
-                if shift > 0:
-                    half = 1 << (shift - 1)
-                    X_in = (X << shift) + low_x - half
-                elif shift < 0:
-                    X_in = X >> -shift
-                else:
-                    X_in = X
-                mismatches.append(X_in.sum() != rec.checksum)
+                low_v = stack.undo_push(1 << shift) if shift > 0 else None
+                low_x = stack.undo_push(1 << shift) if shift > 0 else None
+                X = unadd(X, V)
+                if shift:
+                    X = _unshifted(X, low_x, shift)
+                x, checksum = decode(X, _scalar(2.0 ** -(rec.scale + shift), work, device), dtype)
+                mismatches.append(checksum != rec.checksum)
 
                 block = spec.blocks[t]
-                x = _to_float(X_in, rec.scale + shift, dtype).requires_grad_(True)
-                block_params = [
-                    p for p in _block_params(block) if id(p) in param_index
-                ]
+                x.requires_grad_(True)
+                block_params = [p for p in _block_params(block) if id(p) in param_index]
                 f = _recompute(ctx, rec, spec, t, x, context)
 
-                F = torch.round(f.detach().to(work) * (g * 2.0 ** (rec.scale + GAMMA_BITS)))
-                V = V - F.to(torch.int64)
-                V_hi, r = floor_divmod(V, n)
-                stack.undo_pop(r, n)
-                V = (V_hi << GAMMA_BITS) | stack.undo_push(GAMMA_DENOM)
-                if shift > 0:
-                    V = (V << shift) + low_v - half
-                elif shift < 0:
-                    V = V >> -shift
-                X = X_in
+                c = _scalar(g * 2.0 ** (rec.scale + GAMMA_BITS), work, device)
+                V, stack.head = backward_step(V, stack.head, f.detach(), c, n)
+                stack.undo_note()
+                stack.undo_note()
+                if shift:
+                    V = _unshifted(V, low_v, shift)
 
                 c = a + b
                 inputs = [x, *(ci for _, ci in wanted), *block_params]
@@ -311,9 +327,9 @@ class _ReversibleChain(torch.autograd.Function):
                 if grads[0] is not None:
                     a = a + grads[0].to(acc)
                 b = c * gamma
-                for (i, _), gi in zip(wanted, grads[1 : 1 + len(wanted)]):
+                for (i, _), gi in zip(wanted, grads[1 : 1 + len(wanted)], strict=True):
                     grad_context[i] = _accumulate(grad_context[i], gi)
-                for p, gp in zip(block_params, grads[1 + len(wanted) :]):
+                for p, gp in zip(block_params, grads[1 + len(wanted) :], strict=True):
                     j = param_index[id(p)]
                     grad_params[j] = _accumulate(grad_params[j], gp)
 
@@ -361,7 +377,7 @@ def _recompute(ctx, rec: _BlockRecord, spec: ChainSpec, t: int, x, context) -> t
             return spec.call(t, x, context)
     finally:
         with torch.no_grad():
-            for b, old in zip(rec.mutated_buffers, saved):
+            for b, old in zip(rec.mutated_buffers, saved, strict=True):
                 b.copy_(old)
 
 
