@@ -24,9 +24,10 @@ from .kernels import backward_step, decode, forward_step, unadd
 
 __all__ = ["ChainSpec", "NumericalError", "reversible_chain"]
 
-# At the start of a block |X| < 2**_RANGE_BITS and |V| < 2**(_RANGE_BITS + GAMMA_BITS); after
-# a coarsening both are below half of that. Everything stays far from int64 overflow.
-_RANGE_BITS = 32
+# At the start of a block |X| < 2**R and |V| < 2**(R + GAMMA_BITS); after a coarsening both are
+# below half of that. R = 32 gives float32 chains 8 bits more than float32 holds; float64 chains
+# get 44. Everything stays far from int64 overflow (V < 2**(R + 18) within a step).
+_RANGE_BITS = {torch.float32: 32, torch.float64: 44}
 # Keep 2**-s, 2**(s + 16) and the decoded values inside the float32 / float64 exponent range.
 _SCALE_LIMITS = {torch.float32: (-88, 100), torch.float64: (-900, 900)}
 # Only refine the grid when at least this many bits are gained (each change costs a pass).
@@ -114,14 +115,14 @@ def _exponent(m: float) -> int:
     return math.frexp(m)[1]
 
 
-def _shift_for(xm: float, vm: float, gm: float) -> int:
+def _shift_for(xm: float, vm: float, gm: float, R: int) -> int:
     """Grid change (bits, >0 coarser) that brings the largest magnitudes to about half range."""
     over = max(
-        _exponent(xm) - (_RANGE_BITS - 1),
-        _exponent(vm) - (_RANGE_BITS + GAMMA_BITS - 1),
-        _exponent(gm) - (_RANGE_BITS + GAMMA_BITS - 1),
+        _exponent(xm) - (R - 1),
+        _exponent(vm) - (R + GAMMA_BITS - 1),
+        _exponent(gm) - (R + GAMMA_BITS - 1),
     )
-    if over > 0 or xm >= 2.0**_RANGE_BITS or vm >= 2.0 ** (_RANGE_BITS + GAMMA_BITS):
+    if over > 0 or xm >= 2.0**R or vm >= 2.0 ** (R + GAMMA_BITS):
         return max(over, 1)
     return over if over <= -_REFINE_HYSTERESIS else 0
 
@@ -170,6 +171,7 @@ class _ReversibleChain(torch.autograd.Function):
         dtype, device = x0.dtype, x0.device
         work = _work_dtype(dtype)
         lo, hi = _SCALE_LIMITS[work]
+        R = _RANGE_BITS[work]
         n = spec.gamma_num
         g = (GAMMA_DENOM - n) / GAMMA_DENOM
         context = tensors[:n_context]
@@ -181,7 +183,7 @@ class _ReversibleChain(torch.autograd.Function):
         mv = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
         if not math.isfinite(m0 + mv):
             raise _too_large(spec, 0, "the chain input", m0 + mv)
-        s = hi if max(m0, mv) == 0 else max(lo, min(hi, _RANGE_BITS - 1 - _exponent(max(m0, mv))))
+        s = hi if max(m0, mv) == 0 else max(lo, min(hi, R - 1 - _exponent(max(m0, mv))))
         X = _from_float(x0, s)
         V = (
             torch.zeros_like(X)
@@ -194,7 +196,9 @@ class _ReversibleChain(torch.autograd.Function):
             block = spec.blocks[t]
             x, checksum = decode(X, _scalar(2.0**-s, work, device), dtype)
             buffers = _buffers(block)
-            versions = [b._version for b in buffers]
+            # Kernels such as batch_norm update running statistics without bumping the version
+            # counter, so compare values too.
+            before = [b.clone() for b in buffers]
             cpu_rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(device) if use_cuda_rng else None
 
@@ -206,12 +210,13 @@ class _ReversibleChain(torch.autograd.Function):
             if use_cuda_rng and not torch.equal(cuda_rng, torch.cuda.get_rng_state(device)):
                 rec.cuda_rng = cuda_rng
             rec.mutated_buffers = [
-                b for b, ver in zip(buffers, versions, strict=True) if b._version != ver
+                b for b, old in zip(buffers, before, strict=True) if not torch.equal(b, old)
             ]
+            del before
 
             stack.note_push(GAMMA_DENOM)
             stack.note_pop(n)
-            shift = _shift_for(xm, vm, gm)
+            shift = _shift_for(xm, vm, gm, R)
             while True:
                 shift = max(s - hi, min(shift, s - lo))
                 Xs, Vs, low_x, low_v = _shifted(X, V, shift) if shift else (X, V, None, None)
@@ -220,11 +225,11 @@ class _ReversibleChain(torch.autograd.Function):
                 gm, xm, vm = stats.tolist()
                 if not math.isfinite(gm):
                     raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
-                if gm < 2.0 ** (_RANGE_BITS + GAMMA_BITS):
+                if gm < 2.0 ** (R + GAMMA_BITS):
                     break
                 if s - shift <= lo:
                     raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
-                more = _shift_for(0.0, 0.0, gm)
+                more = _shift_for(0.0, 0.0, gm, R)
                 shift += more
                 gm *= 2.0**-more
             X, V, stack.head = X1, V1, head
@@ -309,21 +314,22 @@ class _ReversibleChain(torch.autograd.Function):
                 block = spec.blocks[t]
                 x.requires_grad_(True)
                 block_params = [p for p in _block_params(block) if id(p) in param_index]
-                f = _recompute(ctx, rec, spec, t, x, context)
-
-                c = _scalar(g * 2.0 ** (rec.scale + GAMMA_BITS), work, device)
-                V, stack.head = backward_step(V, stack.head, f.detach(), c, n)
-                stack.undo_note()
-                stack.undo_note()
-                if shift:
-                    V = _unshifted(V, low_v, shift)
-
                 c = a + b
                 inputs = [x, *(ci for _, ci in wanted), *block_params]
-                grads = torch.autograd.grad(
-                    f, inputs, grad_outputs=(c * g).to(f.dtype), allow_unused=True
-                )
+                # Buffers are restored after the block's backward, which may read them.
+                with _replay(ctx, rec, device):
+                    with torch.enable_grad():
+                        f = spec.call(t, x, context)
+                    scale = _scalar(g * 2.0 ** (rec.scale + GAMMA_BITS), work, device)
+                    V, stack.head = backward_step(V, stack.head, f.detach(), scale, n)
+                    stack.undo_note()
+                    stack.undo_note()
+                    grads = torch.autograd.grad(
+                        f, inputs, grad_outputs=(c * g).to(f.dtype), allow_unused=True
+                    )
                 del f
+                if shift:
+                    V = _unshifted(V, low_v, shift)
                 if grads[0] is not None:
                     a = a + grads[0].to(acc)
                 b = c * gamma
@@ -361,11 +367,14 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
     )
 
 
-def _recompute(ctx, rec: _BlockRecord, spec: ChainSpec, t: int, x, context) -> torch.Tensor:
+@contextlib.contextmanager
+def _replay(ctx, rec: _BlockRecord, device: torch.device):
+    """Recompute a block as the forward ran it: its RNG state and autocast state, and leave its
+    buffers as the forward left them (the recomputation must not count a step twice)."""
     if rec.cpu_rng is not None:
         torch.set_rng_state(rec.cpu_rng)
     if rec.cuda_rng is not None:
-        torch.cuda.set_rng_state(rec.cuda_rng, x.device)
+        torch.cuda.set_rng_state(rec.cuda_rng, device)
     saved = [b.clone() for b in rec.mutated_buffers]
     autocast = (
         torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
@@ -373,8 +382,8 @@ def _recompute(ctx, rec: _BlockRecord, spec: ChainSpec, t: int, x, context) -> t
         else contextlib.nullcontext()
     )
     try:
-        with torch.enable_grad(), autocast:
-            return spec.call(t, x, context)
+        with autocast:
+            yield
     finally:
         with torch.no_grad():
             for b, old in zip(rec.mutated_buffers, saved, strict=True):

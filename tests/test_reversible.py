@@ -1,0 +1,356 @@
+"""The reversible engine against plain backprop: gradients, exact reversal, state, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import max_rel_err, rel_err
+from torch import nn
+
+from fxmomentum import MomentumChain, MomentumNet, NumericalError, kernels
+
+
+def mlp_blocks(depth: int, width: int = 32, hidden: int = 16, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [
+        nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        for _ in range(depth)
+    ]
+
+
+def grads_of(net: nn.Module, x: torch.Tensor, w: torch.Tensor, *args) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    (net(x, *args) * w).sum().backward()
+    return [x.grad] + [p.grad for p in net.parameters()]
+
+
+def pair(blocks, gamma, dtype=torch.float32, **kw):
+    """The same blocks in backprop and reversible mode."""
+    bp = MomentumNet(blocks, gamma, use_backprop=True, **kw).to(dtype)
+    rev = MomentumNet(blocks, gamma, use_backprop=False, **kw).to(dtype)
+    return bp, rev
+
+
+def inputs(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("depth", [10, 100, 1000])
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_float32_gradients_as_accurate_as_backprop(depth, gamma):
+    ref_net = MomentumNet(mlp_blocks(depth), gamma, use_backprop=True).double()
+    bp, rev = pair(mlp_blocks(depth), gamma)
+    x, w = inputs(16, 32, dtype=torch.float64)
+    ref = grads_of(ref_net, x, w)
+    err_bp = max_rel_err(grads_of(bp, x.float(), w.float()), ref)
+    err_rev = max_rel_err(grads_of(rev, x.float(), w.float()), ref)
+    assert err_rev <= 2 * err_bp, (err_rev, err_bp)
+
+
+def test_float64_gradients_match_backprop():
+    bp, rev = pair(mlp_blocks(20), 0.9, dtype=torch.float64)
+    x, w = inputs(16, 32, dtype=torch.float64)
+    assert max_rel_err(grads_of(rev, x, w), grads_of(bp, x, w)) < 1e-11
+
+
+class Recorder(nn.Module):
+    """Records every input it sees (forward and recomputation)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+def test_rebuilt_activations_are_bitwise_the_forward_ones(gamma):
+    blocks = [Recorder(b) for b in mlp_blocks(200)]
+    net = MomentumNet(blocks, gamma, use_backprop=False)
+    x, w = inputs(8, 32)
+    x.requires_grad_(True)
+    (net(x * 1000) * w).sum().backward()  # large values force grid changes too
+    for b in blocks:
+        forward_input, rebuilt_input = b.seen
+        assert torch.equal(forward_input, rebuilt_input)
+
+
+def test_state_kept_until_backward_is_compact():
+    net = MomentumNet(mlp_blocks(16, width=64), 0.9, use_backprop=False)
+    x, _ = inputs(256, 64)
+    y = net(x.requires_grad_(True))
+    stack = y.grad_fn.stack
+    per_element = stack.nbytes / y.numel()
+    assert per_element <= 12, per_element
+    # The output is saved, not copied: the exact x costs nothing beyond it.
+    saved_y = y.grad_fn.saved_tensors[0]
+    assert saved_y.data_ptr() == y.data_ptr()
+
+
+def test_lost_bits_grow_as_log2_of_inverse_gamma():
+    net = MomentumNet(mlp_blocks(512), 0.5, use_backprop=False)
+    x, _ = inputs(16, 32)
+    y = net(x.requires_grad_(True))
+    per_element = y.grad_fn.stack.nbytes / y.numel()
+    assert per_element <= 12 + 512 / 8, per_element
+
+
+def test_extra_arguments_with_and_without_grad():
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+
+        def forward(self, x, emb, mask, scale: float):
+            return torch.tanh(self.lin(x) + emb) * mask * scale
+
+    torch.manual_seed(0)
+    blocks = [Cond() for _ in range(6)]
+    bp, rev = pair(blocks, 0.9, dtype=torch.float64)
+    x, w = inputs(4, 32, dtype=torch.float64)
+    emb = torch.randn(4, 32, dtype=torch.float64)
+    mask = (torch.rand(4, 32) > 0.3).double()
+    results = []
+    for net in (bp, rev):
+        e = emb.clone().requires_grad_(True)
+        grads = grads_of(net, x, w, e, mask, 0.5)
+        results.append([*grads, e.grad])
+    assert results[1][-1] is not None
+    assert max_rel_err(results[1], results[0]) < 1e-8
+
+
+def test_init_function_and_is_residual_false():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(5)]
+    init = nn.Linear(32, 32)
+    bp, rev = pair(blocks, 0.8, dtype=torch.float64, init_speed=True, init_function=init,
+                   is_residual=False)
+    x, w = inputs(4, 32, dtype=torch.float64)
+    g_bp, g_rev = grads_of(bp, x, w), grads_of(rev, x, w)
+    assert init.weight.grad is not None
+    assert max_rel_err(g_rev, g_bp) < 1e-8
+
+
+def test_tied_weights_accumulate_gradients():
+    block = mlp_blocks(1)[0]
+    bp, rev = pair([block] * 8, 0.9, dtype=torch.float64)
+    assert len(list(rev.parameters())) == 4
+    x, w = inputs(16, 32, dtype=torch.float64)
+    assert max_rel_err(grads_of(rev, x, w), grads_of(bp, x, w)) < 1e-8
+
+
+def test_dropout_replays_the_forward_random_numbers():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.3), nn.Tanh()) for _ in range(6)]
+    blocks.insert(3, nn.Sequential(nn.Linear(32, 32), nn.Tanh()))  # draws no random numbers
+    bp, rev = pair(blocks, 0.9, dtype=torch.float64)
+    x, w = inputs(8, 32, dtype=torch.float64)
+    torch.manual_seed(123)
+    g_bp = grads_of(bp, x, w)
+    after_bp = torch.rand(3)
+    torch.manual_seed(123)
+    g_rev = grads_of(rev, x, w)
+    after_rev = torch.rand(3)
+    assert max_rel_err(g_rev, g_bp) < 1e-8
+    # The recomputation leaves the global generator where the forward left it.
+    assert torch.equal(after_bp, after_rev)
+
+
+def test_batchnorm_buffers_updated_once_per_step():
+    def make():
+        torch.manual_seed(0)
+        return [nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh()) for _ in range(4)]
+
+    states = []
+    for use_backprop in (True, False):
+        net = MomentumNet(make(), 0.9, use_backprop=use_backprop).double()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(3):
+            x, w = inputs(32, 16, dtype=torch.float64, seed=step)
+            opt.zero_grad()
+            (net(x.requires_grad_(True)) * w).sum().backward()
+            opt.step()
+        states.append(net.state_dict())
+    bp_state, rev_state = states
+    assert rev_state["blocks.0.1.num_batches_tracked"].item() == 3
+    for key in bp_state:
+        assert rel_err(rev_state[key], bp_state[key]) < 1e-8, key
+
+
+def test_large_activations_are_exact_not_overflowed():
+    # The official library's int64 state overflows here and its outputs are 26% off.
+    ref = MomentumNet(mlp_blocks(10), 0.9, use_backprop=True).double()
+    bp, rev = pair(mlp_blocks(10), 0.9)
+    x, w = inputs(16, 32, dtype=torch.float64)
+    x = x * 1e4
+    y_ref = ref(x)
+    assert rel_err(rev(x.float().requires_grad_(True)), y_ref) <= 2 * rel_err(bp(x.float()), y_ref)
+    g_ref = grads_of(ref, x, w)
+    err_rev = max_rel_err(grads_of(rev, x.float(), w.float()), g_ref)
+    err_bp = max_rel_err(grads_of(bp, x.float(), w.float()), g_ref)
+    assert err_rev <= 2 * err_bp, (err_rev, err_bp)
+
+
+def test_non_finite_values_raise_naming_the_block():
+    class Explode(nn.Module):
+        def forward(self, x):
+            return x * float("inf")
+
+    blocks = [*mlp_blocks(3), Explode()]
+    net = MomentumNet(blocks, 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    with pytest.raises(NumericalError, match="block 3"):
+        net(x.requires_grad_(True))
+
+
+def test_values_beyond_float_range_raise():
+    x, _ = inputs(4, 32)
+    net = MomentumNet(mlp_blocks(2), 0.9, use_backprop=False)
+    with pytest.raises(NumericalError, match="not finite"):
+        net((x * float("nan")).requires_grad_(True))
+
+
+@pytest.mark.parametrize("gamma", [-0.5, 1.01, float("nan")])
+def test_gamma_outside_unit_interval_is_refused(gamma):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        MomentumNet(mlp_blocks(2), gamma)
+
+
+def test_gamma_zero_reversible_is_refused_at_construction_and_in_setter():
+    with pytest.raises(ValueError, match="divides by gamma"):
+        MomentumNet(mlp_blocks(2), 0.0, use_backprop=False)
+    net = MomentumNet(mlp_blocks(2), 0.5, use_backprop=False)
+    with pytest.raises(ValueError, match="divides by gamma"):
+        net.gamma = 0.0
+    assert net.gamma == 0.5
+
+
+def test_gamma_zero_backprop_is_the_plain_resnet():
+    blocks = mlp_blocks(5)
+    net = MomentumNet(blocks, 0.0, use_backprop=True)
+    x, _ = inputs(4, 32)
+    expected = x
+    for b in blocks:
+        expected = expected + b(expected)
+    assert torch.equal(net(x), expected)
+
+
+def test_double_backward_raises_clearly():
+    net = MomentumNet(mlp_blocks(3), 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    x.requires_grad_(True)
+    y = net(x).pow(2).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_nondeterministic_block_is_detected():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x) * (1.0 + 1e-3 * self.calls)
+
+    net = MomentumNet([*mlp_blocks(2), Noisy(), *mlp_blocks(2, seed=1)], 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        net(x.requires_grad_(True)).sum().backward()
+
+
+def test_no_grad_takes_the_plain_path(monkeypatch):
+    import fxmomentum.chain as chain_module
+
+    net = MomentumNet(mlp_blocks(4), 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    y_rev = net(x.requires_grad_(True))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reversible function ran under no_grad")
+
+    monkeypatch.setattr(chain_module, "reversible_chain", forbidden)
+    with torch.no_grad():
+        y_plain = net(x)
+    assert rel_err(y_plain, y_rev) < 1e-6
+
+
+def test_autocast_recomputes_under_the_forward_autocast_state():
+    blocks = [Recorder(b) for b in mlp_blocks(6)]
+    net = MomentumNet(blocks, 0.9, use_backprop=False)
+    x, w = inputs(8, 32)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    (y * w).sum().backward()  # backward outside autocast: the recomputation must restore it
+    assert y.dtype == torch.float32
+    # Recorder stores the float input; bitwise equality of the rebuilt inputs means the
+    # recomputed f (in bfloat16) matched the forward's.
+    for b in blocks:
+        assert torch.equal(b.seen[0], b.seen[1])
+    bp = MomentumNet([b.inner for b in blocks], 0.9, use_backprop=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_bp = grads_of(bp, x, w)
+    assert rel_err(x.grad, g_bp[0]) < 3e-2
+
+
+def test_half_precision_chain_trains():
+    bp, rev = pair(mlp_blocks(6), 0.9, dtype=torch.bfloat16)
+    x, w = inputs(8, 32, dtype=torch.bfloat16)
+    g_rev, g_bp = grads_of(rev, x, w), grads_of(bp, x, w)
+    assert all(g.dtype == torch.bfloat16 for g in g_rev)
+    assert max_rel_err(g_rev, g_bp) < 5e-2
+
+
+def test_second_backward_raises():
+    net = MomentumNet(mlp_blocks(2), 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    y = net(x.requires_grad_(True)).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
+
+
+def test_compiled_kernels_give_the_eager_bits():
+    n_el = kernels.COMPILE_MIN_NUMEL
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(-(2**32), 2**32, (n_el,), generator=g)
+    V = torch.randint(-(2**48), 2**48, (n_el,), generator=g)
+    head = torch.randint(0, 2**36, (n_el,), generator=g)
+    f = torch.randn(n_el, generator=g) * 100
+    c = torch.tensor(0.1 * 2.0**40)
+    for kernel, args in [
+        (kernels.forward_step, (X, V, head, f, c, 58982)),
+        (kernels.backward_step, (V, head, f, c, 58982)),
+        (kernels.unadd, (X, V)),
+        (kernels.decode, (X, torch.tensor(2.0**-30), torch.float32)),
+    ]:
+        compiled, eager = kernel(*args), kernel.fn(*args)
+        compiled = compiled if isinstance(compiled, tuple) else (compiled,)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        for a, b in zip(compiled, eager, strict=True):
+            assert torch.equal(a, b), kernel.__name__
+
+
+def test_momentum_chain_context_and_v0():
+    torch.manual_seed(0)
+    blocks = mlp_blocks(4)
+    bp = MomentumChain(blocks, 0.9, use_backprop=True).double()
+    rev = MomentumChain(blocks, 0.9, use_backprop=False).double()
+    x, w = inputs(4, 32, dtype=torch.float64)
+    outs = []
+    for chain in (bp, rev):
+        v0 = (0.1 * x).clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(True)
+        (chain(xx, v0=v0) * w).sum().backward()
+        outs.append([xx.grad, v0.grad])
+    assert max_rel_err(outs[1], outs[0]) < 1e-8
