@@ -1,0 +1,762 @@
+"""Find the model (and its example inputs) in a command-line target.
+
+A target names a Python file or an importable module, optionally followed by ``:NAME``::
+
+    model.py                 a file, searched with the rules below
+    path/to/model.py:Net     attribute ``Net`` of that file
+    torchvision.models:resnet50
+                             attribute ``resnet50`` of an importable module
+
+``NAME`` picks an attribute: an ``nn.Module`` instance, an ``nn.Module`` class whose constructor
+needs no arguments, or a factory function called with no arguments. Without ``NAME`` the first rule
+that finds something wins:
+
+1. a module-level ``nn.Module`` instance named ``model``;
+2. a factory function named ``build_model``, ``get_model`` or ``create_model``;
+3. the only ``nn.Module`` instance at module level;
+4. the only ``nn.Module`` subclass defined in the file itself (not imported) that can be built
+   with no arguments.
+
+A rule that finds several candidates raises :class:`AmbiguousModelError`, listing them.
+
+Example inputs come from an ``example_inputs`` object in the file (a tensor, a tuple of tensors,
+or a function returning one of these), or from shapes given on the command line
+(:func:`make_example_inputs`); shapes given explicitly win over the file's.
+
+Every error raised here is a :class:`LoadError` whose message is one line naming the problem and
+the fix, and whose ``exit_code`` the command line uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import itertools
+import os
+import re
+import sys
+import traceback
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FACTORY_NAMES",
+    "AmbiguousModelError",
+    "ExampleInputsError",
+    "LoadError",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "TargetError",
+    "check_example_inputs",
+    "find_model",
+    "load_module",
+    "load_target",
+    "make_example_inputs",
+    "parse_dtype",
+    "parse_shape",
+    "parse_target",
+]
+
+#: Factory function names looked for (rule 2), in this order.
+FACTORY_NAMES = ("build_model", "get_model", "create_model")
+
+_NAME_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_counter = itertools.count()
+
+
+# -- errors ----------------------------------------------------------------------------------------
+class LoadError(Exception):
+    """A target that cannot be turned into a model; ``str(err)`` is one line."""
+
+    #: Exit code of the command line for this kind of error.
+    exit_code = 1
+
+
+class TargetError(LoadError):
+    """The file or module cannot be found or imported, or its code raised."""
+
+    exit_code = 3
+
+
+class ModelNotFoundError(LoadError):
+    """Nothing model-like in the target, or ``NAME`` does not give an ``nn.Module``."""
+
+    exit_code = 4
+
+
+class AmbiguousModelError(ModelNotFoundError):
+    """A rule found several candidates; ``candidates`` lists them."""
+
+    def __init__(self, message: str, candidates: Sequence[str]) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+
+class ExampleInputsError(LoadError):
+    """Example inputs of the wrong kind, or ones the model cannot run on."""
+
+    exit_code = 6
+
+
+# -- result ----------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """What :func:`load_target` found.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The model.
+    target : str
+        The target as given.
+    source : str
+        The file path or the module name the model came from.
+    name : str
+        The attribute that gave the model.
+    how : str
+        How it was found, in words (``"instance `model`"``, ``"factory build_model()"``, ...).
+    module : types.ModuleType
+        The imported module.
+    example_inputs : tuple of torch.Tensor or None
+        Positional example inputs, or ``None`` when there are none.
+    inputs_from : str or None
+        Where the example inputs came from, in words.
+    """
+
+    model: nn.Module
+    target: str
+    source: str
+    name: str
+    how: str
+    module: types.ModuleType
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    inputs_from: str | None = None
+
+
+# -- targets ---------------------------------------------------------------------------------------
+def parse_target(target: str) -> tuple[str, str, str | None]:
+    """Split a target into its kind, location and attribute name.
+
+    Parameters
+    ----------
+    target : str
+        ``FILE.py``, ``FILE.py:NAME``, ``package.module`` or ``package.module:NAME``.
+
+    Returns
+    -------
+    kind : {"file", "module"}
+    location : str
+        The file path or the dotted module name.
+    name : str or None
+        The attribute after the last ``:``, if any.
+
+    Raises
+    ------
+    TargetError
+        If the target is neither a file path nor a dotted module name.
+
+    Examples
+    --------
+    >>> parse_target("model.py:Net")
+    ('file', 'model.py', 'Net')
+    >>> parse_target("torchvision.models:resnet50")
+    ('module', 'torchvision.models', 'resnet50')
+    """
+    if not target or not target.strip():
+        raise TargetError(
+            "empty target; give a model file (model.py[:NAME]) or package.module:NAME"
+        )
+    location, sep, name = target.rpartition(":")
+    if not sep or not location or not _NAME_RE.match(name):
+        # No ``:NAME`` (or a colon that belongs to the path, as in ``C:\\model.py``).
+        location, name = target, None
+    is_file = (
+        location.endswith(".py")
+        or os.sep in location
+        or "/" in location
+        or os.path.isfile(location)
+        or os.path.isdir(location)
+    )
+    if is_file:
+        return "file", location, name
+    if _NAME_RE.match(location):
+        return "module", location, name
+    raise TargetError(
+        f"target {target!r} is neither a Python file nor a module name; "
+        f"give model.py[:NAME] or package.module[:NAME]"
+    )
+
+
+@contextlib.contextmanager
+def _on_sys_path(directory: str) -> Iterator[None]:
+    added = directory not in sys.path
+    if added:
+        sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(directory)
+
+
+def _user_frame(exc: BaseException, path: str | None) -> str:
+    """``file:line`` of the innermost traceback frame in ``path`` (or the innermost overall)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    chosen = frames[-1]
+    if path is not None:
+        real = os.path.realpath(path)
+        inside = [f for f in frames if os.path.realpath(f.filename) == real]
+        if inside:
+            chosen = inside[-1]
+    return f"{os.path.basename(chosen.filename)}:{chosen.lineno}"
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raised(where: str, exc: BaseException, path: str | None, fix: str) -> TargetError:
+    at = _user_frame(exc, path)
+    at = f" at {at}" if at else ""
+    return TargetError(f"{where} raised {_describe_exception(exc)}{at}; {fix}")
+
+
+def load_module(kind: str, location: str) -> types.ModuleType:
+    """Import a file (by path, under a unique module name) or an importable module.
+
+    A file is imported with :mod:`importlib` under a fresh name (``fxmomentum_target_<stem>_<n>``,
+    registered in ``sys.modules``), with its directory at the front of ``sys.path`` while it runs,
+    so that it can import its neighbours.
+
+    Parameters
+    ----------
+    kind : {"file", "module"}
+        As returned by :func:`parse_target`.
+    location : str
+        The file path or the dotted module name.
+
+    Returns
+    -------
+    types.ModuleType
+
+    Raises
+    ------
+    TargetError
+        The file does not exist, does not parse, or raised while running; or the module cannot
+        be imported.
+
+    Examples
+    --------
+    >>> mod = load_module("module", "torchvision.models")
+    >>> hasattr(mod, "resnet18")
+    True
+    """
+    if kind == "module":
+        try:
+            return importlib.import_module(location)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or location
+            if location == missing or location.startswith(missing + "."):
+                raise TargetError(
+                    f"cannot import module {location!r} (no module named {missing!r}); check the "
+                    f"spelling, install the package, or give a file path ending in .py"
+                ) from exc
+            raise _raised(
+                f"importing {location}", exc, None, f"install {missing!r} or fix the module"
+            ) from exc
+        except SyntaxError as exc:
+            raise TargetError(
+                f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}; fix the module"
+            ) from exc
+        except Exception as exc:
+            raise _raised(f"importing {location}", exc, None, "fix the module") from exc
+
+    path = location
+    if not os.path.exists(path):
+        raise TargetError(f"file not found: {path}; check the path (the target is FILE.py[:NAME])")
+    if os.path.isdir(path):
+        raise TargetError(f"{path} is a directory; give the Python file that defines the model")
+    real = os.path.realpath(path)
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(real))[0]) or "model"
+    digest = hashlib.sha1(real.encode()).hexdigest()[:8]
+    module_name = f"fxmomentum_target_{stem}_{digest}_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(module_name, real)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load {path} as Python source; give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        with _on_sys_path(os.path.dirname(real)):
+            spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise TargetError(f"syntax error in {where}: {exc.msg}; fix the file") from exc
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        sys.modules.pop(module_name, None)
+        if os.path.realpath(getattr(exc, "filename", "") or "") == real:
+            raise TargetError(f"cannot read {path}: {exc.strerror}; check the path") from exc
+        raise _raised(f"running {path}", exc, real, "fix the model file") from exc
+    except BaseException as exc:
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise _raised(f"running {path}", exc, real, "fix the model file") from exc
+    return module
+
+
+# -- finding the model -----------------------------------------------------------------------------
+def _required_params(obj: Callable[..., object]) -> list[str] | None:
+    """Names of the parameters a no-argument call would miss (``None``: unknown)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+
+def _is_module_class(obj: object) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, nn.Module)
+
+
+def _call(
+    obj: Callable[..., object], label: str, source: str, path: str | None, what: str
+) -> object:
+    missing = _required_params(obj)
+    if missing:
+        names = ", ".join(missing)
+        raise ModelNotFoundError(
+            f"{label} in {source} needs arguments ({names}); give them defaults, or write a "
+            f"function without arguments that returns the model and pass {source}:THAT_FUNCTION"
+        )
+    try:
+        return obj()
+    except Exception as exc:
+        raise _raised(label, exc, path, f"fix {what} in {source}") from exc
+
+
+def _build(obj: object, name: str, source: str, path: str | None) -> tuple[nn.Module, str]:
+    """Turn the attribute ``name`` into a model: instance, class or factory."""
+    if isinstance(obj, nn.Module):
+        return obj, f"instance `{name}`"
+    if _is_module_class(obj):
+        built = _call(obj, f"{name}()", source, path, f"class {name}")
+        return built, f"class {name}()"  # type: ignore[return-value]
+    if inspect.isclass(obj):
+        raise ModelNotFoundError(
+            f"{source}:{name} is the class {obj.__name__}, which is not an nn.Module subclass; "
+            f"pass an nn.Module instance, subclass or factory function"
+        )
+    if callable(obj):
+        built = _call(obj, f"{name}()", source, path, f"function {name}")
+        if not isinstance(built, nn.Module):
+            raise ModelNotFoundError(
+                f"{name}() in {source} returned {type(built).__name__}, not an nn.Module; "
+                f"make it return the model"
+            )
+        return built, f"factory {name}()"
+    raise ModelNotFoundError(
+        f"{source}:{name} is a {type(obj).__name__}, not a model; pass an nn.Module instance, "
+        f"an nn.Module subclass or a factory function"
+    )
+
+
+def _ambiguous(source: str, what: str, names: Sequence[str]) -> AmbiguousModelError:
+    listed = ", ".join(names)
+    return AmbiguousModelError(
+        f"several {what} in {source}: {listed}; pick one with {source}:NAME", names
+    )
+
+
+def find_model(
+    module: types.ModuleType, name: str | None = None, *, source: str | None = None
+) -> tuple[nn.Module, str, str]:
+    """Find the model in an imported module, by ``name`` or by the rules of this module.
+
+    Parameters
+    ----------
+    module : types.ModuleType
+        The imported file or module.
+    name : str, optional
+        The attribute to use (dotted names reach into sub-objects). Without it, the rules in the
+        module docstring apply.
+    source : str, optional
+        How to name the module in messages (default: its ``__file__`` or ``__name__``).
+
+    Returns
+    -------
+    model : nn.Module
+    name : str
+        The attribute that gave the model.
+    how : str
+        How it was found, in words.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Nothing found, or ``name`` does not give an ``nn.Module``.
+    AmbiguousModelError
+        A rule found several candidates.
+    TargetError
+        Building the model raised.
+
+    Examples
+    --------
+    >>> import types
+    >>> mod = types.ModuleType("m")
+    >>> mod.model = nn.Linear(2, 2)
+    >>> find_model(mod)[1:]
+    ('model', 'instance `model`')
+    """
+    path = getattr(module, "__file__", None)
+    if source is None:
+        source = path or module.__name__
+    namespace = vars(module)
+
+    if name is not None:
+        obj: object = module
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                hint = _candidates_hint(module)
+                raise ModelNotFoundError(
+                    f"{source} has no attribute {name!r}; check the name after ':'{hint}"
+                )
+            obj = getattr(obj, part)
+        model, how = _build(obj, name, source, path)
+        return model, name, how
+
+    # Rule 1: an instance named `model`.
+    if isinstance(namespace.get("model"), nn.Module):
+        return namespace["model"], "model", "instance `model`"
+
+    # Rule 2: a factory function.
+    factories = [
+        n for n in FACTORY_NAMES if callable(namespace.get(n)) and not inspect.isclass(namespace[n])
+    ]
+    if len(factories) > 1:
+        raise _ambiguous(source, "factory functions", factories)
+    if factories:
+        model, how = _build(namespace[factories[0]], factories[0], source, path)
+        return model, factories[0], how
+
+    # Rule 3: the only module-level instance.
+    instances = _module_instances(namespace)
+    if len(instances) > 1:
+        raise _ambiguous(source, "nn.Module instances", list(instances))
+    if instances:
+        ((inst_name, inst),) = instances.items()
+        return inst, inst_name, f"instance `{inst_name}`"
+
+    # Rule 4: the only nn.Module subclass defined here that builds without arguments.
+    classes = _buildable_classes(module)
+    if len(classes) > 1:
+        raise _ambiguous(
+            source, "nn.Module classes that build without arguments", [c for c, _ in classes]
+        )
+    if classes:
+        cls_name, cls = classes[0]
+        model, how = _build(cls, cls_name, source, path)
+        return model, cls_name, how
+
+    raise ModelNotFoundError(
+        f"no model found in {source}; define `model = ...`, a function build_model() returning "
+        f"the model, or pass {source}:NAME"
+    )
+
+
+def _module_instances(namespace: dict[str, object]) -> dict[str, nn.Module]:
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for key, value in namespace.items():
+        if key.startswith("__") or not isinstance(value, nn.Module) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        found[key] = value
+    return found
+
+
+def _buildable_classes(module: types.ModuleType) -> list[tuple[str, type]]:
+    found = []
+    for key, value in vars(module).items():
+        if not _is_module_class(value) or value.__module__ != module.__name__:
+            continue
+        if inspect.isabstract(value):
+            continue
+        if _required_params(value):  # an unknown signature stays a candidate
+            continue
+        found.append((key, value))
+    return found
+
+
+def _candidates_hint(module: types.ModuleType) -> str:
+    names = [
+        k
+        for k, v in vars(module).items()
+        if not k.startswith("_")
+        and (isinstance(v, nn.Module) or (_is_module_class(v) and v.__module__ == module.__name__))
+    ]
+    names += [n for n in FACTORY_NAMES if callable(vars(module).get(n))]
+    if not names:
+        return ""
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f" (models found: {shown})"
+
+
+# -- example inputs --------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse ``"2,3,224,224"`` (or ``"2x3x224x224"``) into a shape.
+
+    Raises
+    ------
+    ValueError
+        If a dimension is not a positive integer (an empty string gives a 0-d scalar shape ``()``
+        only when written as ``"()"``).
+
+    Examples
+    --------
+    >>> parse_shape("2,3,224,224")
+    (2, 3, 224, 224)
+    """
+    text = text.strip()
+    if text in ("()", "[]", "scalar"):
+        return ()
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip("()[] "))]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"bad shape {text!r}: write the dimensions separated by commas, as in 2,3,224,224"
+        ) from None
+    if any(d <= 0 for d in dims):
+        raise ValueError(f"bad shape {text!r}: every dimension must be a positive integer")
+    return dims
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """Parse a dtype name (``float32``, ``torch.float16``, ``int64``, ...).
+
+    Examples
+    --------
+    >>> parse_dtype("float64")
+    torch.float64
+    """
+    name = text.strip().removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"unknown dtype {text!r}: use a torch dtype name such as float32, float64, "
+            f"bfloat16 or int64"
+        )
+    return dtype
+
+
+def make_example_inputs(
+    shapes: Sequence[Sequence[int]],
+    dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
+    *,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random example inputs of the given shapes.
+
+    Floating dtypes get standard normal values; integer and boolean dtypes get zeros (valid
+    indices for embeddings).
+
+    Parameters
+    ----------
+    shapes : sequence of shapes
+        One shape per positional input.
+    dtypes : torch.dtype or sequence of torch.dtype, optional
+        One dtype for all inputs, or one per input (default ``torch.float32``).
+    seed : int
+        Seed of a private generator, so that the same shapes give the same values.
+
+    Examples
+    --------
+    >>> [t.shape for t in make_example_inputs([(2, 3), (4,)])]
+    [torch.Size([2, 3]), torch.Size([4])]
+    """
+    if dtypes is None:
+        dtypes = torch.float32
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes] * len(shapes)
+    dtypes = list(dtypes)
+    if len(dtypes) == 1 and len(shapes) > 1:
+        dtypes = dtypes * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise ExampleInputsError(
+            f"{len(dtypes)} dtypes for {len(shapes)} input shapes; give one --dtype for all "
+            f"inputs or one per --input-shape"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        if dtype.is_floating_point or dtype.is_complex:
+            inputs.append(torch.randn(tuple(shape), generator=gen).to(dtype))
+        else:
+            inputs.append(torch.zeros(tuple(shape), dtype=dtype))
+    return tuple(inputs)
+
+
+def _as_input_tuple(value: object, source: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, torch.Tensor) for v in value)
+    ):
+        return tuple(value)
+    raise ExampleInputsError(
+        f"example_inputs in {source} is {_kind(value)}; make it a tensor, a tuple of tensors, "
+        f"or a function returning one"
+    )
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(inner) or 'nothing'}"
+    return f"a {type(value).__name__}"
+
+
+def _file_example_inputs(
+    module: types.ModuleType, source: str, path: str | None
+) -> tuple[torch.Tensor, ...] | None:
+    if "example_inputs" not in vars(module):
+        return None
+    value = vars(module)["example_inputs"]
+    if callable(value) and not isinstance(value, torch.Tensor):
+        missing = _required_params(value)
+        if missing:
+            raise ExampleInputsError(
+                f"example_inputs() in {source} needs arguments ({', '.join(missing)}); make it "
+                f"a function without arguments"
+            )
+        try:
+            value = value()
+        except Exception as exc:
+            err = _raised("example_inputs()", exc, path, f"fix example_inputs in {source}")
+            raise ExampleInputsError(str(err)) from exc
+    return _as_input_tuple(value, source)
+
+
+def _shape_text(inputs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(
+        f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
+        for t in inputs
+    )
+
+
+def check_example_inputs(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, source: str = "the inputs"
+) -> None:
+    """Run ``model`` once on the example inputs (eval mode, no grad) to check that they fit.
+
+    The training flags of all submodules are restored afterwards, and no state changes (eval
+    mode keeps BatchNorm statistics as they are).
+
+    Raises
+    ------
+    ExampleInputsError
+        If the model raises on them.
+
+    Examples
+    --------
+    >>> check_example_inputs(nn.Linear(3, 2), (torch.randn(4, 3),))
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:
+        raise ExampleInputsError(
+            f"the model fails on example inputs of shape {_shape_text(example_inputs)} "
+            f"(from {source}): {_describe_exception(exc)}; give inputs the model accepts, "
+            f"e.g. --input-shape 1,3,224,224"
+        ) from exc
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+# -- everything together ---------------------------------------------------------------------------
+def load_target(
+    target: str,
+    *,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
+    check_inputs: bool = False,
+) -> LoadedModel:
+    """Load the model of a target and its example inputs.
+
+    Parameters
+    ----------
+    target : str
+        ``FILE.py[:NAME]`` or ``package.module[:NAME]`` (see the module docstring for the rules).
+    input_shapes : sequence of shapes, optional
+        Shapes of random example inputs; they replace the file's ``example_inputs``.
+    dtypes : torch.dtype or sequence of torch.dtype, optional
+        Dtypes of those inputs (one for all, or one per shape; default float32).
+    check_inputs : bool
+        Run the model once on the example inputs (:func:`check_example_inputs`).
+
+    Returns
+    -------
+    LoadedModel
+
+    Raises
+    ------
+    LoadError
+        A :class:`TargetError`, :class:`ModelNotFoundError`, :class:`AmbiguousModelError` or
+        :class:`ExampleInputsError`, with a one-line message.
+
+    Examples
+    --------
+    >>> loaded = load_target("torchvision.models:resnet18", input_shapes=[(1, 3, 64, 64)])
+    >>> type(loaded.model).__name__, loaded.example_inputs[0].shape
+    ('ResNet', torch.Size([1, 3, 64, 64]))
+    """
+    kind, location, name = parse_target(target)
+    module = load_module(kind, location)
+    source = location
+    path = getattr(module, "__file__", None) if kind == "file" else None
+    directory = os.path.dirname(os.path.realpath(location)) if kind == "file" else None
+    with _on_sys_path(directory) if directory else contextlib.nullcontext():
+        model, attr, how = find_model(module, name, source=source)
+        if input_shapes:
+            example_inputs = make_example_inputs(input_shapes, dtypes)
+            inputs_from = "--input-shape"
+        else:
+            example_inputs = _file_example_inputs(module, source, path)
+            inputs_from = f"example_inputs in {source}" if example_inputs is not None else None
+        if example_inputs is not None and check_inputs:
+            check_example_inputs(model, example_inputs, source=inputs_from or "the inputs")
+    return LoadedModel(
+        model=model,
+        target=target,
+        source=source,
+        name=attr,
+        how=how,
+        module=module,
+        example_inputs=example_inputs,
+        inputs_from=inputs_from,
+    )
