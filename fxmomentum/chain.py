@@ -120,8 +120,7 @@ class MomentumChain(nn.Module):
         if self.use_backprop or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0)
         context = [args[i] for i in spec.tensor_arg_positions]
-        params = self._trainable_parameters()
-        return reversible_chain(spec, x, v0, context, params)
+        return reversible_chain(spec, x, v0, context)
 
     def _trainable_parameters(self) -> list[torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}

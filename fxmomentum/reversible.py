@@ -22,7 +22,7 @@ from torch import nn
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
 from .kernels import backward_step, decode, forward_step, unadd
 
-__all__ = ["ChainSpec", "NumericalError", "reversible_chain"]
+__all__ = ["ChainRun", "ChainSpec", "NumericalError", "reversible_chain"]
 
 # At the start of a block |X| < 2**R and |V| < 2**(R + GAMMA_BITS); after a coarsening both are
 # below half of that. R = 32 gives float32 chains 8 bits more than float32 holds; float64 chains
@@ -165,98 +165,192 @@ def _unshifted(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.T
     return (X << shift) + low - (1 << (shift - 1))
 
 
-class _ReversibleChain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec: ChainSpec, n_context: int, x0, v0, *tensors):  # type: ignore[override]
-        dtype, device = x0.dtype, x0.device
-        work = _work_dtype(dtype)
-        lo, hi = _SCALE_LIMITS[work]
-        R = _RANGE_BITS[work]
-        n = spec.gamma_num
-        g = (GAMMA_DENOM - n) / GAMMA_DENOM
-        context = tensors[:n_context]
-        stack = BitStack(x0)
-        records: list[_BlockRecord] = []
-        use_cuda_rng = x0.is_cuda
+class ChainRun:
+    """The exact state of one run of a chain, shared by its blocks' autograd nodes.
 
+    Forward moves it from block to block; backward moves it back, block by block, in the order
+    in which autograd calls the nodes (last block first).
+    """
+
+    def __init__(self, spec: ChainSpec, context: Sequence[torch.Tensor]) -> None:
+        self.spec = spec
+        self.context = tuple(context)
+        self.n = spec.gamma_num
+        self.gamma = self.n / GAMMA_DENOM
+        self.g = (GAMMA_DENOM - self.n) / GAMMA_DENOM
+        self.records: list[_BlockRecord] = []
+        self.consumed = False
+
+    # -- forward ------------------------------------------------------------------------------
+    def start(self, x0: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
+        """Put ``x0`` (and ``v0``) on the grid; return the first block's input."""
+        self.dtype, self.device = x0.dtype, x0.device
+        self.work = _work_dtype(self.dtype)
+        self.lo, self.hi = _SCALE_LIMITS[self.work]
+        self.R = _RANGE_BITS[self.work]
+        self.autocast = _autocast_state(self.device.type)
+        self.has_v0 = v0 is not None
+        self.stack = BitStack(x0)
         m0 = torch.linalg.vector_norm(x0.detach(), math.inf).item()
         mv = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
         if not math.isfinite(m0 + mv):
-            raise _too_large(spec, 0, "the chain input", m0 + mv)
-        s = hi if max(m0, mv) == 0 else max(lo, min(hi, R - 1 - _exponent(max(m0, mv))))
-        X = _from_float(x0, s)
-        V = (
-            torch.zeros_like(X)
+            raise _too_large(self.spec, 0, "the chain input", m0 + mv)
+        m = max(m0, mv)
+        s = self.hi if m == 0 else max(self.lo, min(self.hi, self.R - 1 - _exponent(m)))
+        self.s = s
+        self.X = _from_float(x0, s)
+        self.V = (
+            torch.zeros_like(self.X)
             if v0 is None
-            else torch.round(v0.to(work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
+            else torch.round(v0.to(self.work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
         )
-        xm, vm, gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
+        self.xm, self.vm, self.gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
+        x, self.checksum = decode(self.X, self._scalar(2.0**-s), self.dtype)
+        return x
 
-        for t in range(len(spec.blocks)):
-            block = spec.blocks[t]
-            x, checksum = decode(X, _scalar(2.0**-s, work, device), dtype)
-            buffers = _buffers(block)
-            # Kernels such as batch_norm update running statistics without bumping the version
-            # counter, so compare values too.
-            before = [b.clone() for b in buffers]
-            cpu_rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state(device) if use_cuda_rng else None
+    def _scalar(self, value: float) -> torch.Tensor:
+        return _scalar(value, self.work, self.device)
 
-            f = spec.call(t, x, context)
+    def forward_block(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Run block ``t`` on its input ``x`` (the decoded state); return the next input."""
+        spec, stack, n, R = self.spec, self.stack, self.n, self.R
+        block = spec.blocks[t]
+        buffers = _buffers(block)
+        # Kernels such as batch_norm update running statistics without bumping the version
+        # counter, so compare values.
+        before = [b.clone() for b in buffers]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if x.is_cuda else None
 
-            rec = _BlockRecord(shift=0, scale=s, checksum=checksum)
-            if not torch.equal(cpu_rng, torch.get_rng_state()):
-                rec.cpu_rng = cpu_rng
-            if use_cuda_rng and not torch.equal(cuda_rng, torch.cuda.get_rng_state(device)):
-                rec.cuda_rng = cuda_rng
-            rec.mutated_buffers = [
-                b for b, old in zip(buffers, before, strict=True) if not torch.equal(b, old)
-            ]
-            del before
+        f = spec.call(t, x, self.context)
 
-            stack.note_push(GAMMA_DENOM)
-            stack.note_pop(n)
-            shift = _shift_for(xm, vm, gm, R)
-            while True:
-                shift = max(s - hi, min(shift, s - lo))
-                Xs, Vs, low_x, low_v = _shifted(X, V, shift) if shift else (X, V, None, None)
-                c = _scalar(g * 2.0 ** (s - shift + GAMMA_BITS), work, device)
-                X1, V1, head, stats = forward_step(Xs, Vs, stack.head, f, c, n)
-                gm, xm, vm = stats.tolist()
-                if not math.isfinite(gm):
-                    raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
-                if gm < 2.0 ** (R + GAMMA_BITS):
-                    break
-                if s - shift <= lo:
-                    raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
-                more = _shift_for(0.0, 0.0, gm, R)
-                shift += more
-                gm *= 2.0**-more
-            X, V, stack.head = X1, V1, head
-            s -= shift
-            if shift > 0:
-                stack.push(low_x, 1 << shift)
-                stack.push(low_v, 1 << shift)
-            rec.shift, rec.scale = shift, s
-            records.append(rec)
+        rec = _BlockRecord(shift=0, scale=self.s, checksum=self.checksum)
+        if not torch.equal(cpu_rng, torch.get_rng_state()):
+            rec.cpu_rng = cpu_rng
+        if cuda_rng is not None and not torch.equal(cuda_rng, torch.cuda.get_rng_state(x.device)):
+            rec.cuda_rng = cuda_rng
+        rec.mutated_buffers = [
+            b for b, old in zip(buffers, before, strict=True) if not torch.equal(b, old)
+        ]
+        del before
 
-        y, _ = decode(X, _scalar(2.0**-s, work, device), dtype)
+        s, X, V = self.s, self.X, self.V
+        stack.note_push(GAMMA_DENOM)
+        stack.note_pop(n)
+        shift = _shift_for(self.xm, self.vm, self.gm, R)
+        while True:
+            shift = max(s - self.hi, min(shift, s - self.lo))
+            Xs, Vs, low_x, low_v = _shifted(X, V, shift) if shift else (X, V, None, None)
+            c = self._scalar(self.g * 2.0 ** (s - shift + GAMMA_BITS))
+            X1, V1, head, stats = forward_step(Xs, Vs, stack.head, f, c, n)
+            gm, xm, vm = stats.tolist()
+            if not math.isfinite(gm):
+                raise _too_large(spec, t, "its output f(x)", gm)
+            if gm < 2.0 ** (R + GAMMA_BITS):
+                break
+            if s - shift <= self.lo:
+                raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
+            more = _shift_for(0.0, 0.0, gm, R)
+            shift += more
+        self.X, self.V, stack.head = X1, V1, head
+        self.xm, self.vm, self.gm = xm, vm, gm
+        self.s = s - shift
+        if shift > 0:
+            stack.push(low_x, 1 << shift)
+            stack.push(low_v, 1 << shift)
+        rec.shift, rec.scale = shift, self.s
+        self.records.append(rec)
+        x_next, self.checksum = decode(self.X, self._scalar(2.0**-self.s), self.dtype)
+        if t == len(spec.blocks) - 1:
+            self._finish(x_next)
+        return x_next
+
+    def _finish(self, y: torch.Tensor) -> None:
         if not torch.isfinite(y).all():
-            raise _too_large(spec, len(spec.blocks) - 1, "the chain output", math.inf)
-        residual = X - _from_float(y, s)
-        bits_r, bits_v = _signed_bits(residual), _signed_bits(V)
-        stack.push_signed(residual, bits_r)
-        stack.push_signed(V, bits_v)
-        stack.freeze()
+            raise _too_large(self.spec, len(self.spec.blocks) - 1, "the chain output", math.inf)
+        residual = self.X - _from_float(y, self.s)
+        self.bits_r, self.bits_v = _signed_bits(residual), _signed_bits(self.V)
+        self.stack.push_signed(residual, self.bits_r)
+        self.stack.push_signed(self.V, self.bits_v)
+        self.stack.freeze()
+        # The output y (saved by the last node, and by whatever consumes it) is the state.
+        self.X = self.V = None
+        self.checksum = None
 
-        ctx.spec = spec
-        ctx.n_context = n_context
-        ctx.stack = stack
-        ctx.records = records
-        ctx.final = (s, bits_r, bits_v)
-        ctx.has_v0 = v0 is not None
-        ctx.autocast = _autocast_state(device.type)
-        ctx.save_for_backward(y, *tensors)
+    # -- backward -----------------------------------------------------------------------------
+    def begin_backward(self, y: torch.Tensor) -> None:
+        """Rebuild the final exact state from the output ``y`` and the bit stack."""
+        if self.consumed:
+            raise RuntimeError(
+                "Trying to backward through a reversible momentum chain a second time: its "
+                "state is consumed by the first backward (retain_graph=True cannot keep it). "
+                "Run the forward again."
+            )
+        self.consumed = True
+        self.stack.thaw(y)
+        self.V = self.stack.undo_push_signed(self.bits_v)
+        self.X = _from_float(y, self.s) + self.stack.undo_push_signed(self.bits_r)
+        acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.b = torch.zeros_like(y, dtype=acc)
+        self.acc = acc
+
+    def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
+        """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
+
+        Returns ``(grad_x, grad_context, grad_params)``.
+        """
+        spec, stack, n = self.spec, self.stack, self.n
+        rec = self.records[t]
+        shift = rec.shift
+        low_v = stack.undo_push(1 << shift) if shift > 0 else None
+        low_x = stack.undo_push(1 << shift) if shift > 0 else None
+        X = unadd(self.X, self.V)
+        if shift:
+            X = _unshifted(X, low_x, shift)
+        x, checksum = decode(X, self._scalar(2.0 ** -(rec.scale + shift)), self.dtype)
+        if not bool(checksum == rec.checksum):
+            raise RuntimeError(
+                f"A reversible momentum chain could not rebuild the input of {spec.name(t)} bit "
+                f"for bit: a block after it is not deterministic (a different result for the "
+                f"same input). Call torch.use_deterministic_algorithms(True), or use "
+                f"use_backprop=True for this chain."
+            )
+        x.requires_grad_(True)
+        wanted = [c for c in self.context if c.requires_grad]
+        a = grad_out.to(self.acc) if grad_out is not None else torch.zeros_like(self.b)
+        c = a + self.b
+        # Buffers are restored after the block's backward, which may read them.
+        with _replay(self, rec, x.device):
+            with torch.enable_grad():
+                f = spec.call(t, x, self.context)
+            scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
+            V, stack.head = backward_step(self.V, stack.head, f.detach(), scale, n)
+            stack.undo_note()
+            stack.undo_note()
+            grads = torch.autograd.grad(
+                f, [x, *wanted, *params], grad_outputs=(c * self.g).to(f.dtype), allow_unused=True
+            )
+        del f
+        self.X, self.V = X, (_unshifted(V, low_v, shift) if shift else V)
+        self.b = c * self.gamma
+        grad_x = a if grads[0] is None else a + grads[0].to(self.acc)
+        it = iter(grads[1 : 1 + len(wanted)])
+        grad_context = [next(it) if ci.requires_grad else None for ci in self.context]
+        return grad_x, grad_context, list(grads[1 + len(wanted) :])
+
+
+class _ReversibleBlock(torch.autograd.Function):
+    """One block of a reversible chain: saves nothing but, for the last block, the output."""
+
+    @staticmethod
+    def forward(ctx, run: ChainRun, t: int, n_params: int, x, v0, *tensors):  # type: ignore[override]
+        if t == 0:
+            x = run.start(x, v0)
+        y = run.forward_block(t, x)
+        ctx.run, ctx.t = run, t
+        ctx.params = tensors[len(tensors) - n_params :]
+        if t == len(run.spec.blocks) - 1:
+            ctx.save_for_backward(y)
         return y
 
     @staticmethod
@@ -266,95 +360,16 @@ class _ReversibleChain(torch.autograd.Function):
                 "A reversible momentum chain does not support double backward "
                 "(create_graph=True). Convert with use_backprop=True for higher-order gradients."
             )
-        if ctx.stack is None:
-            raise RuntimeError(
-                "Trying to backward through a reversible momentum chain a second time: its "
-                "state is consumed by the first backward (retain_graph=True cannot keep it). "
-                "Run the forward again."
-            )
-        spec: ChainSpec = ctx.spec
-        y, *tensors = ctx.saved_tensors
-        context = tensors[: ctx.n_context]
-        params = tensors[ctx.n_context :]
-        dtype, device = y.dtype, y.device
-        work = _work_dtype(dtype)
-        n = spec.gamma_num
-        gamma = n / GAMMA_DENOM
-        g = (GAMMA_DENOM - n) / GAMMA_DENOM
-        stack: BitStack = ctx.stack
-        ctx.stack = None  # the state is consumed as the chain is reversed
-
-        s, bits_r, bits_v = ctx.final
-        stack.thaw(y)
-        V = stack.undo_push_signed(bits_v)
-        X = _from_float(y, s) + stack.undo_push_signed(bits_r)
-
-        wanted = [(i, c) for i, c in enumerate(context) if c.requires_grad]
-        param_index = {id(p): j for j, p in enumerate(params)}
-        grad_context: list[torch.Tensor | None] = [None] * len(context)
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        a = grad_y.to(acc) if grad_y is not None else torch.zeros_like(y, dtype=acc)
-        b = torch.zeros_like(a)
-        mismatches = []
-
-        devices = [device] if y.is_cuda else []
+        run: ChainRun = ctx.run
+        if ctx.t == len(run.spec.blocks) - 1:
+            (y,) = ctx.saved_tensors
+            run.begin_backward(y)
+        devices = [grad_y.device] if grad_y is not None and grad_y.is_cuda else []
         with torch.random.fork_rng(devices=devices, enabled=True):
-            for t in reversed(range(len(spec.blocks))):
-                rec: _BlockRecord = ctx.records[t]
-                shift = rec.shift
-                low_v = stack.undo_push(1 << shift) if shift > 0 else None
-                low_x = stack.undo_push(1 << shift) if shift > 0 else None
-                X = unadd(X, V)
-                if shift:
-                    X = _unshifted(X, low_x, shift)
-                x, checksum = decode(X, _scalar(2.0 ** -(rec.scale + shift), work, device), dtype)
-                mismatches.append(checksum != rec.checksum)
-
-                block = spec.blocks[t]
-                x.requires_grad_(True)
-                block_params = [p for p in _block_params(block) if id(p) in param_index]
-                c = a + b
-                inputs = [x, *(ci for _, ci in wanted), *block_params]
-                # Buffers are restored after the block's backward, which may read them.
-                with _replay(ctx, rec, device):
-                    with torch.enable_grad():
-                        f = spec.call(t, x, context)
-                    scale = _scalar(g * 2.0 ** (rec.scale + GAMMA_BITS), work, device)
-                    V, stack.head = backward_step(V, stack.head, f.detach(), scale, n)
-                    stack.undo_note()
-                    stack.undo_note()
-                    grads = torch.autograd.grad(
-                        f, inputs, grad_outputs=(c * g).to(f.dtype), allow_unused=True
-                    )
-                del f
-                if shift:
-                    V = _unshifted(V, low_v, shift)
-                if grads[0] is not None:
-                    a = a + grads[0].to(acc)
-                b = c * gamma
-                for (i, _), gi in zip(wanted, grads[1 : 1 + len(wanted)], strict=True):
-                    grad_context[i] = _accumulate(grad_context[i], gi)
-                for p, gp in zip(block_params, grads[1 + len(wanted) :], strict=True):
-                    j = param_index[id(p)]
-                    grad_params[j] = _accumulate(grad_params[j], gp)
-
-        if mismatches and bool(torch.stack(mismatches).any()):
-            raise RuntimeError(
-                "A reversible momentum chain could not rebuild its activations bit for bit: "
-                "some block is not deterministic (a different result for the same input). "
-                "Call torch.use_deterministic_algorithms(True), or use use_backprop=True for "
-                "this chain."
-            )
-        grad_x0 = a.to(dtype)
-        grad_v0 = b.to(dtype) if ctx.has_v0 else None
-        return (None, None, grad_x0, grad_v0, *grad_context, *grad_params)
-
-
-def _accumulate(total: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | None:
-    if g is None:
-        return total
-    return g if total is None else total + g
+            grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
+        grad_x = grad_x.to(run.dtype)
+        grad_v0 = run.b.to(run.dtype) if ctx.t == 0 and run.has_v0 else None
+        return (None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
@@ -368,7 +383,7 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
 
 
 @contextlib.contextmanager
-def _replay(ctx, rec: _BlockRecord, device: torch.device):
+def _replay(run: ChainRun, rec: _BlockRecord, device: torch.device):
     """Recompute a block as the forward ran it: its RNG state and autocast state, and leave its
     buffers as the forward left them (the recomputation must not count a step twice)."""
     if rec.cpu_rng is not None:
@@ -377,8 +392,8 @@ def _replay(ctx, rec: _BlockRecord, device: torch.device):
         torch.cuda.set_rng_state(rec.cuda_rng, device)
     saved = [b.clone() for b in rec.mutated_buffers]
     autocast = (
-        torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
-        if ctx.autocast is not None
+        torch.autocast(run.autocast[0], dtype=run.autocast[2], enabled=run.autocast[1])
+        if run.autocast is not None
         else contextlib.nullcontext()
     )
     try:
@@ -395,9 +410,12 @@ def reversible_chain(
     x0: torch.Tensor,
     v0: torch.Tensor | None,
     context: Sequence[torch.Tensor],
-    params: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """Run a momentum chain whose backward rebuilds activations instead of storing them.
+
+    Each block is one autograd node that saves nothing (the last saves the output, which is
+    the exact state); the chain's bit stack is shared between them. Parameter gradients reach
+    ``.grad`` block by block, as in plain backprop.
 
     Parameters
     ----------
@@ -410,8 +428,6 @@ def reversible_chain(
     context : sequence of torch.Tensor
         The tensors among ``spec.args``, in order: every block receives them, and their
         gradients are returned.
-    params : sequence of torch.Tensor
-        Every distinct parameter of the blocks that requires grad.
 
     Returns
     -------
@@ -422,8 +438,7 @@ def reversible_chain(
     --------
     >>> blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
     >>> spec = ChainSpec(blocks, [True] * 3, gamma_num=58982)
-    >>> params = [p for b in blocks for p in b.parameters()]
-    >>> y = reversible_chain(spec, torch.randn(2, 4), None, [], params)
+    >>> y = reversible_chain(spec, torch.randn(2, 4), None, [])
     >>> y.sum().backward()
     """
     if spec.gamma_num == 0:
@@ -433,4 +448,14 @@ def reversible_chain(
         )
     if not x0.is_floating_point():
         raise TypeError(f"a momentum chain needs a floating-point input, got {x0.dtype}")
-    return _ReversibleChain.apply(spec, len(context), x0, v0, *context, *params)
+    run = ChainRun(spec, context)
+    x = x0
+    for t, block in enumerate(spec.blocks):
+        params = _trainable(block)
+        x = _ReversibleBlock.apply(run, t, len(params), x, v0 if t == 0 else None,
+                                   *run.context, *params)
+    return x
+
+
+def _trainable(block: object) -> list[torch.Tensor]:
+    return [p for p in _block_params(block) if p.requires_grad]
