@@ -374,7 +374,7 @@ def _build(obj: object, name: str, source: str, path: str | None) -> tuple[nn.Mo
             )
         return built, f"factory {name}()"
     raise ModelNotFoundError(
-        f"{source}:{name} is a {type(obj).__name__}, not a model; pass an nn.Module instance, "
+        f"{source}:{name} is {_a(type(obj).__name__)}, not a model; pass an nn.Module instance, "
         f"an nn.Module subclass or a factory function"
     )
 
@@ -630,11 +630,15 @@ def _as_input_tuple(value: object, source: str) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
 def _kind(value: object) -> str:
     if isinstance(value, (tuple, list)):
-        inner = sorted({type(v).__name__ for v in value})
-        return f"a {type(value).__name__} of {', '.join(inner) or 'nothing'}"
-    return f"a {type(value).__name__}"
+        inner = sorted({type(v).__name__ for v in value}, key=str.lower)
+        return f"{_a(type(value).__name__)} of {', '.join(inner) or 'nothing'}"
+    return _a(type(value).__name__)
 
 
 def _file_example_inputs(
