@@ -116,11 +116,10 @@ class MomentumChain(nn.Module):
     def forward(
         self, x: torch.Tensor, *args: object, v0: torch.Tensor | None = None
     ) -> torch.Tensor:
-        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, args, self.names)
+        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names)
         if self.use_backprop or not self._needs_backward(x, v0, args):
-            return self._forward_plain(spec, x, v0)
-        context = [args[i] for i in spec.tensor_arg_positions]
-        return reversible_chain(spec, x, v0, context)
+            return self._forward_plain(spec, x, v0, args)
+        return reversible_chain(spec, x, v0, args)
 
     def _trainable_parameters(self) -> list[torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}
@@ -140,18 +139,17 @@ class MomentumChain(nn.Module):
         return bool(self._trainable_parameters())
 
     def _forward_plain(
-        self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None
+        self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
     ) -> torch.Tensor:
         n = self._gamma_num
         gamma = n / GAMMA_DENOM
         g = (GAMMA_DENOM - n) / GAMMA_DENOM
-        context = [spec.args[i] for i in spec.tensor_arg_positions]
         for t in range(len(spec.blocks)):
             if n == 0 and not spec.residual[t]:
                 # gamma = 0 reproduces the original block exactly, without x + (y - x).
-                x = spec.blocks[t](x, *spec.args)
+                x = spec.blocks[t](x, *args)
                 continue
-            f = spec.call(t, x, context)
+            f = spec.call(t, x, args, {})
             if n == 0:
                 v = f
             elif v is None:

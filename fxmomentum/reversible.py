@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
 from .kernels import backward_step, decode, forward_step, unadd
@@ -40,19 +41,16 @@ class NumericalError(FloatingPointError):
 
 @dataclass
 class ChainSpec:
-    """Everything about a chain that is not a tensor input of the autograd function.
+    """What a chain is, apart from its tensors.
 
     Parameters
     ----------
     blocks : sequence of callables
-        ``blocks[t](x, *args)`` is block ``t``.
+        ``blocks[t](x, *args, **kwargs)`` is block ``t``.
     residual : sequence of bool
         ``True``: the block returns ``f(x)``; ``False``: it returns ``y`` and ``f(x) = y - x``.
     gamma_num : int
         ``gamma = gamma_num / 2**16``.
-    args : tuple
-        Extra arguments after ``x``; tensors among them are replaced, position by position,
-        by the autograd function's context inputs.
     names : sequence of str
         Block names for error messages.
     """
@@ -60,23 +58,14 @@ class ChainSpec:
     blocks: Sequence[Callable[..., torch.Tensor]]
     residual: Sequence[bool]
     gamma_num: int
-    args: tuple = ()
     names: Sequence[str] = ()
-    tensor_arg_positions: tuple[int, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tensor_arg_positions = tuple(
-            i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)
-        )
 
     def name(self, t: int) -> str:
         return self.names[t] if t < len(self.names) else f"block {t}"
 
-    def call(self, t: int, x: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
-        args = list(self.args)
-        for pos, c in zip(self.tensor_arg_positions, context, strict=True):
-            args[pos] = c
-        out = self.blocks[t](x, *args)
+    def call(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``f_t(x)``: the block's output, minus ``x`` for a non-residual block."""
+        out = self.blocks[t](x, *args, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -86,11 +75,29 @@ class ChainSpec:
         return out if self.residual[t] else out - x
 
 
+class _Arguments:
+    """A block's extra arguments, with their tensors taken out (they are autograd inputs)."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        leaves, self.tree = tree_flatten((args, kwargs))
+        self.tensor_slots = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+        self.leaves = [None if isinstance(a, torch.Tensor) else a for a in leaves]
+        self.tensors = [leaves[i] for i in self.tensor_slots]
+
+    def build(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        for i, t in zip(self.tensor_slots, tensors, strict=True):
+            leaves[i] = t
+        return tree_unflatten(leaves, self.tree)
+
+
 @dataclass
 class _BlockRecord:
     shift: int  # >0: grid coarsened by this many bits before the block; <0: refined
     scale: int  # grid exponent s (x = X * 2**-s) after the shift
     checksum: torch.Tensor
+    arguments: _Arguments
+    context: tuple[torch.Tensor, ...]
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
     mutated_buffers: list[torch.Tensor] = field(default_factory=list)
@@ -172,9 +179,8 @@ class ChainRun:
     in which autograd calls the nodes (last block first).
     """
 
-    def __init__(self, spec: ChainSpec, context: Sequence[torch.Tensor]) -> None:
+    def __init__(self, spec: ChainSpec) -> None:
         self.spec = spec
-        self.context = tuple(context)
         self.n = spec.gamma_num
         self.gamma = self.n / GAMMA_DENOM
         self.g = (GAMMA_DENOM - self.n) / GAMMA_DENOM
@@ -211,8 +217,13 @@ class ChainRun:
     def _scalar(self, value: float) -> torch.Tensor:
         return _scalar(value, self.work, self.device)
 
-    def forward_block(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        """Run block ``t`` on its input ``x`` (the decoded state); return the next input."""
+    def forward_block(
+        self, t: int, x: torch.Tensor, arguments: _Arguments, context: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Run block ``t`` on its input ``x`` (the decoded state); return the next input.
+
+        ``context`` holds the tensors of the block's extra ``arguments``.
+        """
         spec, stack, n, R = self.spec, self.stack, self.n, self.R
         block = spec.blocks[t]
         buffers = _buffers(block)
@@ -222,9 +233,13 @@ class ChainRun:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if x.is_cuda else None
 
-        f = spec.call(t, x, self.context)
+        args, kwargs = arguments.build(context)
+        f = spec.call(t, x, args, kwargs)
 
-        rec = _BlockRecord(shift=0, scale=self.s, checksum=self.checksum)
+        rec = _BlockRecord(
+            shift=0, scale=self.s, checksum=self.checksum, arguments=arguments,
+            context=tuple(context),
+        )
         if not torch.equal(cpu_rng, torch.get_rng_state()):
             rec.cpu_rng = cpu_rng
         if cuda_rng is not None and not torch.equal(cuda_rng, torch.cuda.get_rng_state(x.device)):
@@ -316,13 +331,15 @@ class ChainRun:
                 f"use_backprop=True for this chain."
             )
         x.requires_grad_(True)
-        wanted = [c for c in self.context if c.requires_grad]
+        context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
+        args, kwargs = rec.arguments.build(context)
+        wanted = [c for c in context if c.requires_grad]
         a = grad_out.to(self.acc) if grad_out is not None else torch.zeros_like(self.b)
         c = a + self.b
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
-                f = spec.call(t, x, self.context)
+                f = spec.call(t, x, args, kwargs)
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
             V, stack.head = backward_step(self.V, stack.head, f.detach(), scale, n)
             stack.undo_note()
@@ -335,7 +352,7 @@ class ChainRun:
         self.b = c * self.gamma
         grad_x = a if grads[0] is None else a + grads[0].to(self.acc)
         it = iter(grads[1 : 1 + len(wanted)])
-        grad_context = [next(it) if ci.requires_grad else None for ci in self.context]
+        grad_context = [next(it) if ci.requires_grad else None for ci in context]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
 
 
@@ -343,10 +360,10 @@ class _ReversibleBlock(torch.autograd.Function):
     """One block of a reversible chain: saves nothing but, for the last block, the output."""
 
     @staticmethod
-    def forward(ctx, run: ChainRun, t: int, n_params: int, x, v0, *tensors):  # type: ignore[override]
+    def forward(ctx, run: ChainRun, t: int, arguments: _Arguments, n_params: int, x, v0, *tensors):  # type: ignore[override]
         if t == 0:
             x = run.start(x, v0)
-        y = run.forward_block(t, x)
+        y = run.forward_block(t, x, arguments, tensors[: len(tensors) - n_params])
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(tensors) - n_params :]
         if t == len(run.spec.blocks) - 1:
@@ -369,7 +386,7 @@ class _ReversibleBlock(torch.autograd.Function):
             grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
         grad_x = grad_x.to(run.dtype)
         grad_v0 = run.b.to(run.dtype) if ctx.t == 0 and run.has_v0 else None
-        return (None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
+        return (None, None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
@@ -408,8 +425,9 @@ def _replay(run: ChainRun, rec: _BlockRecord, device: torch.device):
 def reversible_chain(
     spec: ChainSpec,
     x0: torch.Tensor,
-    v0: torch.Tensor | None,
-    context: Sequence[torch.Tensor],
+    v0: torch.Tensor | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Run a momentum chain whose backward rebuilds activations instead of storing them.
 
@@ -420,14 +438,14 @@ def reversible_chain(
     Parameters
     ----------
     spec : ChainSpec
-        Blocks, their kinds, ``gamma`` and extra arguments.
+        Blocks, their kinds and ``gamma``.
     x0 : torch.Tensor
         Chain input.
     v0 : torch.Tensor or None
         Initial velocity (``None`` means zero).
-    context : sequence of torch.Tensor
-        The tensors among ``spec.args``, in order: every block receives them, and their
-        gradients are returned.
+    args, kwargs
+        Extra arguments passed to every block; tensors among them (masks, embeddings) get
+        gradients.
 
     Returns
     -------
@@ -438,9 +456,19 @@ def reversible_chain(
     --------
     >>> blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
     >>> spec = ChainSpec(blocks, [True] * 3, gamma_num=58982)
-    >>> y = reversible_chain(spec, torch.randn(2, 4), None, [])
+    >>> y = reversible_chain(spec, torch.randn(2, 4, requires_grad=True))
     >>> y.sum().backward()
     """
+    run = start_run(spec, x0)
+    arguments = _Arguments(args, kwargs or {})
+    x = x0
+    for t in range(len(spec.blocks)):
+        x = run_block(run, t, x, v0 if t == 0 else None, arguments)
+    return x
+
+
+def start_run(spec: ChainSpec, x0: torch.Tensor) -> ChainRun:
+    """A new run of a reversible chain; feed it blocks in order with :func:`run_block`."""
     if spec.gamma_num == 0:
         raise ValueError(
             "gamma = 0 cannot be reversed (the inverse divides by gamma): use gamma > 0, or "
@@ -448,14 +476,14 @@ def reversible_chain(
         )
     if not x0.is_floating_point():
         raise TypeError(f"a momentum chain needs a floating-point input, got {x0.dtype}")
-    run = ChainRun(spec, context)
-    x = x0
-    for t, block in enumerate(spec.blocks):
-        params = _trainable(block)
-        x = _ReversibleBlock.apply(run, t, len(params), x, v0 if t == 0 else None,
-                                   *run.context, *params)
-    return x
+    return ChainRun(spec)
 
 
-def _trainable(block: object) -> list[torch.Tensor]:
-    return [p for p in _block_params(block) if p.requires_grad]
+def run_block(
+    run: ChainRun, t: int, x: torch.Tensor, v0: torch.Tensor | None, arguments: _Arguments
+) -> torch.Tensor:
+    """Apply block ``t`` of ``run`` as its own autograd node; return the next input."""
+    params = [p for p in _block_params(run.spec.blocks[t]) if p.requires_grad]
+    return _ReversibleBlock.apply(
+        run, t, arguments, len(params), x, v0, *arguments.tensors, *params
+    )
