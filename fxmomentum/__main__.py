@@ -1,0 +1,8 @@
+"""``python -m fxmomentum ...``: the same command line as ``fxmomentum ...``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
