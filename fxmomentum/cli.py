@@ -465,7 +465,7 @@ def _check_writable(option: str, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise CLIError(
-            f"cannot write {option} {path}: it is a directory; give a file name", EXIT_OUTPUT
+            f"cannot write {option} {path}: it is a directory; choose a file name", EXIT_OUTPUT
         )
     if not os.path.isdir(directory):
         raise CLIError(
@@ -545,8 +545,8 @@ def _uses_module(gm: torch.nn.Module, module_name: str) -> bool:
 
 # -- commands --------------------------------------------------------------------------------------
 def _run_inspect(args: argparse.Namespace) -> int:
-    api = _api()
     loaded = _load(args)
+    api = _api()
     options = _converter_options(args)
     try:
         report = api.inspect(loaded.model, loaded.example_inputs, gamma=args.gamma, **options)
@@ -577,7 +577,6 @@ def _run_convert(args: argparse.Namespace) -> int:
         )
     for option, path in outputs:
         _check_writable(option, path)
-    api = _api()
     loaded = _load(args)
     if (args.export or args.onnx) and loaded.example_inputs is None:
         option = "--export" if args.export else "--onnx"
@@ -587,6 +586,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             EXIT_INPUTS,
         )
 
+    api = _api()
     options = _converter_options(args)
     try:
         gm, report = api.convert(

@@ -1,0 +1,417 @@
+"""Tests of the command line: commands, bad-input cases, saved files in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxmomentum
+from fxmomentum import cli
+
+HAS_API = hasattr(fxmomentum, "convert") and hasattr(fxmomentum, "inspect")
+needs_api = pytest.mark.skipif(not HAS_API, reason="the converter (fxmomentum.convert) is missing")
+
+# A tiny ResNet-like model: stem, 3 pure residual blocks at 8 channels, a strided projection,
+# 2 pure residual blocks at 16 channels, head. Its chains have 3 and 2 blocks.
+TINY_RESNET = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage1 = nn.Sequential(*[Block(8) for _ in range(3)])
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.stage2 = nn.Sequential(*[Block(16) for _ in range(2)])
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+'''
+CHAIN_LENGTHS = [3, 2]
+
+
+def write_model(tmp_path, body: str = TINY_RESNET, extra: str = "", name: str = "model.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body) + textwrap.dedent(extra))
+    return str(path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fxmomentum: error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# -- help ------------------------------------------------------------------------------------------
+def test_python_m_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxmomentum", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "inspect" in proc.stdout and "convert" in proc.stdout
+    assert "exit codes:" in proc.stdout and "examples:" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_command_help_has_example_and_exit_codes(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"fxmomentum {command} " in out.split("examples:")[1]
+    for code in range(2, 9):
+        assert f"\n  {code}  " in out
+
+
+def test_exit_codes_are_distinct():
+    assert len(set(cli.EXIT_CODES)) == len(cli.EXIT_CODES) == 9
+
+
+# -- usage errors (exit 2) -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ([], ["required: COMMAND"]),
+        (["frobnicate", "m.py"], ["invalid choice"]),
+        (["inspect"], ["TARGET"]),
+        (["inspect", "m.py", "--format", "xml"], ["--format"]),
+        (["inspect", "m.py", "--gamma", "1.5"], ["--gamma", "outside [0, 1]"]),
+        (["inspect", "m.py", "--gamma", "-0.1"], ["outside [0, 1]"]),
+        (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1]"]),
+        (["inspect", "m.py", "--gamma", "abc"], ["not a number"]),
+        (["inspect", "m.py", "--input-shape", "2,x"], ["--input-shape", "commas"]),
+        (["inspect", "m.py", "--input-shape", "2,3", "--dtype", "floaty"], ["unknown dtype"]),
+        (["convert", "m.py", "--gamma", "0", "-o", "x.pt"], ["--use-backprop"]),
+        (["convert", "m.py"], ["-o OUT.pt"]),
+        (["convert", "m.py", "-o", "a.pt", "--onnx", "a.pt"], ["different files"]),
+        (["inspect", "m.py", "--min-blocks", "0"], ["positive"]),
+    ],
+)
+def test_usage_errors(capsys, argv, words):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert_one_line_error(err, *words)
+
+
+def test_dtype_without_input_shape(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", write_model(tmp_path), "--dtype", "float64")
+    assert code == 2
+    assert_one_line_error(err, "--input-shape")
+
+
+# -- target errors (3), model errors (4), input errors (6) -----------------------------------------
+BAD_TARGETS = {
+    "missing file": (None, "", 3, ["file not found", "check the path"]),
+    "syntax error": ("x = (\n", "", 3, ["syntax error in", "model.py:1", "fix the file"]),
+    "exception": ("import torch\n\nraise RuntimeError('no GPU here')\n", "", 3,
+                  ["RuntimeError: no GPU here", "model.py:3", "fix the model file"]),
+    "factory raises": ("def build_model():\n    return 1 / 0\n", "", 3,
+                       ["build_model() raised ZeroDivisionError", "model.py:2"]),
+    "nothing model-like": ("x = 1\n", "", 4, ["no model found", ":NAME"]),
+    "ambiguous": ("from torch import nn\na = nn.Linear(1, 1)\nb = nn.Linear(1, 1)\n", "", 4,
+                  ["several nn.Module instances", "a, b", ":NAME"]),
+    "unknown name": ("from torch import nn\nmodel = nn.Linear(1, 1)\n", ":other", 4,
+                     ["no attribute 'other'", "models found: model"]),
+    "wrong example inputs": (TINY_RESNET + "example_inputs = torch.randn(1, 4, 8, 8)\n", "", 6,
+                             ["1x4x8x8 float32", "example_inputs in", "--input-shape"]),
+    "example_inputs not tensors": (TINY_RESNET + "example_inputs = 'cat.jpg'\n", "", 6,
+                                   ["example_inputs in", "is a str"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_bad_targets(capsys, tmp_path, case, command):
+    body, suffix, expected, words = BAD_TARGETS[case]
+    path = str(tmp_path / "model.py") if body is None else write_model(tmp_path, body)
+    out_file = tmp_path / "out.pt"
+    extra = ["-o", str(out_file)] if command == "convert" else []
+    code, out, err = run_cli(capsys, command, path + suffix, *extra)
+    assert code == expected
+    assert out == ""
+    assert_one_line_error(err, *words)
+    assert sorted(os.listdir(tmp_path)) == ([] if body is None else ["model.py"])
+
+
+def test_wrong_input_shape_option(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", write_model(tmp_path), "--input-shape", "1,3")
+    assert code == 6
+    assert_one_line_error(err, "1x3 float32", "--input-shape")
+
+
+def test_import_target_not_found(capsys):
+    code, _, err = run_cli(capsys, "inspect", "no_such_pkg_zz.models:net")
+    assert code == 3
+    assert_one_line_error(err, "cannot import module 'no_such_pkg_zz.models'")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    path = write_model(tmp_path, "def build_model():\n    return 1 / 0\n")
+    code, _, err = run_cli(capsys, "inspect", path, "--debug")
+    assert code == 3
+    assert "Traceback" in err and "ZeroDivisionError" in err
+    assert err.strip().splitlines()[-1].startswith("fxmomentum: error: ")
+
+
+def test_error_in_a_subprocess_has_no_traceback(tmp_path):
+    path = write_model(tmp_path, "x = (\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxmomentum", "convert", path, "-o", str(tmp_path / "o.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    assert_one_line_error(proc.stderr, "syntax error")
+
+
+# -- output paths (7) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["-o", "--export", "--onnx"])
+@pytest.mark.parametrize("where", ["missing dir", "is a dir", "parent is a file"])
+def test_unwritable_outputs(capsys, tmp_path, option, where):
+    path = write_model(tmp_path, TINY_RESNET, "example_inputs = torch.randn(1, 3, 8, 8)\n")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    target = {
+        "missing dir": tmp_path / "nope" / "out.bin",
+        "is a dir": tmp_path / "adir",
+        "parent is a file": tmp_path / "afile" / "out.bin",
+    }[where]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run_cli(capsys, "convert", path, option, str(target))
+    assert code == 7
+    assert out == ""
+    assert_one_line_error(err, f"cannot write {option}", "choose")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_read_only_directory(capsys, tmp_path):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root can write into read-only directories")
+    path = write_model(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, "convert", path, "-o", str(ro / "out.pt"))
+    finally:
+        ro.chmod(0o700)
+    assert code == 7
+    assert_one_line_error(err, "cannot write -o")
+    assert os.listdir(ro) == []
+
+
+def test_export_needs_example_inputs(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys, "convert", write_model(tmp_path), "--export", str(tmp_path / "m.pt2")
+    )
+    assert code == 6
+    assert_one_line_error(err, "--export needs example inputs", "--input-shape")
+    assert not (tmp_path / "m.pt2").exists()
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+@needs_api
+@pytest.mark.parametrize("inputs", [True, False])
+def test_inspect_json(capsys, tmp_path, inputs):
+    extra = ["--input-shape", "2,3,16,16"] if inputs else []
+    code, out, err = run_cli(capsys, "inspect", write_model(tmp_path), "--format", "json", *extra)
+    assert code == 0, err
+    data = json.loads(out)
+    assert sorted(c["num_blocks"] for c in data["chains"]) == sorted(CHAIN_LENGTHS)
+    assert data["target"]["found"] == "class TinyResNet()"
+    assert data["shapes_verified"] is inputs
+    if inputs:
+        assert data["target"]["example_inputs"] == [{"shape": [2, 3, 16, 16], "dtype": "float32"}]
+
+
+@needs_api
+def test_inspect_table_and_markdown(capsys, tmp_path):
+    path = write_model(tmp_path)
+    code, table, err = run_cli(capsys, "inspect", path)
+    assert code == 0, err
+    assert "class TinyResNet()" in table
+    assert "shapes not verified" in table
+    code, md, err = run_cli(capsys, "inspect", path, "--format", "markdown", "--input-shape",
+                            "1,3,8,8")  # fmt: skip
+    assert code == 0, err
+    assert "|" in md and "shapes not verified" not in md
+    assert md != table
+
+
+@needs_api
+def test_inspect_diff(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "inspect", write_model(tmp_path), "--diff")
+    assert code == 0, err
+    assert "--- before" in out and "+++ after" in out
+    assert any(line.startswith("+") and "momentum" in line.lower() for line in out.splitlines())
+    code, out, _ = run_cli(capsys, "inspect", write_model(tmp_path), "--diff", "--format", "json")
+    assert "+++ after" in json.loads(out)["diff"]
+
+
+@needs_api
+def test_inspect_importable_target(capsys):
+    code, out, err = run_cli(
+        capsys, "inspect", "torchvision.models:resnet18", "--input-shape", "1,3,32,32",
+        "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert sum(c["num_blocks"] for c in json.loads(out)["chains"]) >= 4
+
+
+# -- convert ---------------------------------------------------------------------------------------
+LOAD_AND_TRAIN = """
+import sys, torch
+gm = torch.load(sys.argv[1], weights_only=False)
+x = torch.randn(4, 3, 16, 16)
+opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+gm.train()
+loss = gm(x).square().mean()
+loss.backward()
+grads = [p.grad for p in gm.parameters()]
+assert all(g is not None and torch.isfinite(g).all() for g in grads), "missing gradients"
+before = [p.detach().clone() for p in gm.parameters()]
+opt.step()
+assert any(not torch.equal(a, p) for a, p in zip(before, gm.parameters())), "no update"
+print("TRAINED", type(gm).__name__, len(grads), sep=" ")
+"""
+
+
+@needs_api
+def test_convert_then_load_and_train_in_a_fresh_process(capsys, tmp_path):
+    path = write_model(tmp_path, TINY_RESNET, "example_inputs = torch.randn(2, 3, 16, 16)\n")
+    out_file = tmp_path / "converted.pt"
+    code, _, err = run_cli(capsys, "convert", path, "--gamma", "0.9", "-o", str(out_file))
+    assert code == 0, err
+    assert out_file.exists()
+    assert f"wrote {out_file}" in err
+    assert sorted(os.listdir(tmp_path)) == ["converted.pt", "model.py"]
+    # A fresh process, elsewhere: only fxmomentum installed, the model file not importable.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_TRAIN, str(out_file)],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "TRAINED" in proc.stdout
+
+    # The state_dict keys are the original model's.
+    gm = torch.load(out_file, weights_only=False)
+    original = torch.nn.Module()
+    exec_ns: dict = {}
+    exec(compile(TINY_RESNET, "tiny", "exec"), exec_ns)
+    original = exec_ns["TinyResNet"]()
+    assert set(gm.state_dict()) == set(original.state_dict())
+
+
+@needs_api
+def test_convert_json_report(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "convert", write_model(tmp_path), "-o", str(tmp_path / "m.pt"), "--format", "json"
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert sorted(c["num_blocks"] for c in data["chains"]) == sorted(CHAIN_LENGTHS)
+
+
+@needs_api
+def test_convert_use_backprop_gamma_zero(capsys, tmp_path):
+    path = write_model(tmp_path, TINY_RESNET, "example_inputs = torch.randn(2, 3, 8, 8)\n")
+    code, _, err = run_cli(
+        capsys, "convert", path, "--gamma", "0", "--use-backprop", "-o", str(tmp_path / "m.pt")
+    )
+    assert code == 0, err
+    gm = torch.load(tmp_path / "m.pt", weights_only=False)
+    ns: dict = {}
+    exec(compile(TINY_RESNET, "tiny", "exec"), ns)
+    torch.manual_seed(0)
+    original = ns["TinyResNet"]().eval()
+    gm.load_state_dict(original.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), original(x), rtol=1e-5, atol=1e-6)
+
+
+@needs_api
+def test_convert_export_and_onnx(capsys, tmp_path):
+    pytest.importorskip("onnxscript")
+    path = write_model(tmp_path)
+    pt2, onnx_file = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    code, _, err = run_cli(
+        capsys, "convert", path, "--input-shape", "1,3,8,8", "--export", str(pt2),
+        "--onnx", str(onnx_file),
+    )  # fmt: skip
+    assert code == 0, err
+    assert pt2.exists() and onnx_file.exists()
+    assert f"wrote {pt2}" in err
+    if cli.export._importable("onnxruntime"):
+        assert "onnxruntime outputs match" in err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt2", "model.py"]
+    ep = torch.export.load(str(pt2))
+    assert ep.module()(torch.randn(1, 3, 8, 8)).shape == (1, 5)
+
+
+@needs_api
+def test_conversion_failure_is_exit_5(capsys, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(fxmomentum, "convert", broken)
+    path = write_model(tmp_path)
+    code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"))
+    assert code == 5 and out == ""
+    assert_one_line_error(err, "cannot convert the model", "cannot trace this", "--debug")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
+
+
+@needs_api
+def test_failed_save_leaves_no_file(capsys, tmp_path, monkeypatch):
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    path = write_model(tmp_path)
+    code, _, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"))
+    assert code == 7
+    assert_one_line_error(err, "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
