@@ -4,6 +4,13 @@ from .chain import MomentumChain
 from .exact import quantize_gamma
 from .momentum_net import MomentumNet
 from .reversible import NumericalError
+from .transform import transform_to_momentumnet
 
-__all__ = ["MomentumChain", "MomentumNet", "NumericalError", "quantize_gamma"]
+__all__ = [
+    "MomentumChain",
+    "MomentumNet",
+    "NumericalError",
+    "quantize_gamma",
+    "transform_to_momentumnet",
+]
 __version__ = "0.1.0"

@@ -141,20 +141,6 @@ class MomentumChain(nn.Module):
     def _forward_plain(
         self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
     ) -> torch.Tensor:
-        n = self._gamma_num
-        gamma = n / GAMMA_DENOM
-        g = (GAMMA_DENOM - n) / GAMMA_DENOM
         for t in range(len(spec.blocks)):
-            if n == 0 and not spec.residual[t]:
-                # gamma = 0 reproduces the original block exactly, without x + (y - x).
-                x = spec.blocks[t](x, *args)
-                continue
-            f = spec.call(t, x, args, {})
-            if n == 0:
-                v = f
-            elif v is None:
-                v = g * f
-            else:
-                v = gamma * v + g * f
-            x = x + v
+            x, v = spec.plain_step(t, x, v, args, {})
         return x

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
@@ -73,6 +72,23 @@ class ChainSpec:
                 f"{tuple(x.shape)}, got {got}"
             )
         return out if self.residual[t] else out - x
+
+    def plain_step(
+        self, t: int, x: torch.Tensor, v: torch.Tensor | None, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block of the chain in ordinary floating point (autograd records it as usual)."""
+        n = self.gamma_num
+        if n == 0 and not self.residual[t]:
+            # gamma = 0 reproduces the original block exactly, without x + (y - x).
+            return self.blocks[t](x, *args, **kwargs), v
+        f = self.call(t, x, args, kwargs)
+        if n == 0:
+            v = f
+        elif v is None:
+            v = ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
+        else:
+            v = (n / GAMMA_DENOM) * v + ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
+        return x + v, v
 
 
 class _Arguments:
@@ -139,11 +155,13 @@ def _signed_bits(a: torch.Tensor) -> int:
 
 
 def _buffers(block: object) -> list[torch.Tensor]:
-    return list(block.buffers()) if isinstance(block, nn.Module) else []
+    buffers = getattr(block, "buffers", None)
+    return list(buffers()) if callable(buffers) else []
 
 
 def _block_params(block: object) -> list[torch.Tensor]:
-    return list(block.parameters()) if isinstance(block, nn.Module) else []
+    parameters = getattr(block, "parameters", None)
+    return list(parameters()) if callable(parameters) else []
 
 
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:

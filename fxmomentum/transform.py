@@ -1,0 +1,251 @@
+"""transform_to_momentumnet: the official library's conversion, without breaking the parent.
+
+The official library replaces a list of layers by one MomentumNet module, which renames every
+``state_dict`` key and breaks parents that call their layers one by one (``nn.TransformerEncoder``
+reads ``self.layers[0].self_attn``; its loop passes masks to each layer). Here each layer stays
+where it is, under its own name and with its own attributes; only its class is swapped for a
+subclass whose ``forward`` advances a momentum chain shared by the layers of the list. Whatever
+calls the layers (``nn.Sequential``, a parent's ``for`` loop) keeps working, with its arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .chain import _validate_gamma
+from .reversible import ChainRun, ChainSpec, _Arguments, run_block, start_run
+
+__all__ = ["LayerChain", "transform_to_momentumnet"]
+
+
+class _OriginalForward:
+    """Calls a swapped layer's original ``forward``; exposes its parameters and buffers."""
+
+    def __init__(self, layer: nn.Module, base: type) -> None:
+        self.layer, self.base = layer, base
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base.forward(self.layer, *args, **kwargs)
+
+    def parameters(self):
+        return self.layer.parameters()
+
+    def buffers(self):
+        return self.layer.buffers()
+
+
+class LayerChain:
+    """The momentum chain formed by a list of layers that their parent calls one by one.
+
+    Layer ``t`` of the chain must be called after layer ``t - 1`` within one forward; calling
+    layer 0 starts a new pass. Not an ``nn.Module``: the layers stay registered in their
+    parent, so ``state_dict`` keys do not change.
+
+    Parameters
+    ----------
+    layers : sequence of nn.Module
+        The chain's layers, already swapped to their momentum classes.
+    gamma : float
+        Momentum in ``[0, 1]``.
+    use_backprop : bool
+        ``False`` trains through the reversible function.
+    is_residual : bool
+        ``True``: a layer returns ``f(x)``; ``False``: it returns ``x + f(x)`` (or a function of
+        it), and ``f(x) = layer(x) - x``.
+    name : str
+        Path of the layer list, for messages.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        gamma: float,
+        use_backprop: bool,
+        is_residual: bool,
+        name: str,
+    ) -> None:
+        self.use_backprop = bool(use_backprop)
+        self._gamma_num = _validate_gamma(gamma, self.use_backprop)
+        self._gamma = float(gamma)
+        self.name = name
+        self.blocks = [_OriginalForward(layer, _base_class(type(layer))) for layer in layers]
+        self.residual = [bool(is_residual)] * len(layers)
+        self.names = [f"{name}.{i}" for i in range(len(layers))]
+        self._reset()
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma_num = _validate_gamma(value, self.use_backprop)
+        self._gamma = float(value)
+
+    def _reset(self) -> None:
+        self._next = 0
+        self._run: ChainRun | None = None
+        self._v: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_next=0, _run=None, _v=None)
+        return state
+
+    def step(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Advance the chain through layer ``t``."""
+        if t == 0:
+            self._reset()
+        elif t != self._next:
+            expected = self._next
+            self._reset()
+            raise RuntimeError(
+                f"layer {t} of the momentum chain {self.name!r} was called after layer "
+                f"{expected - 1}: the layers of a momentum chain must run in order, each once "
+                f"per forward. Convert only lists whose layers the model calls in sequence."
+            )
+        spec = ChainSpec(self.blocks, self.residual, self._gamma_num, self.names)
+        if t == 0 and not self.use_backprop and _needs_backward(x, args, kwargs, self.blocks):
+            self._run = start_run(spec, x)
+        if self._run is not None:
+            y = run_block(self._run, t, x, None, _Arguments(args, kwargs))
+        else:
+            y, self._v = spec.plain_step(t, x, self._v, args, kwargs)
+        self._next = t + 1
+        if self._next == len(self.blocks):
+            self._reset()
+        return y
+
+
+def _needs_backward(x: torch.Tensor, args: tuple, kwargs: dict, blocks) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    leaves = [x, *args, *kwargs.values()]
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves):
+        return True
+    return any(p.requires_grad for b in blocks for p in b.parameters())
+
+
+class _MomentumLayer:
+    """Mixin placed before a layer's own class: routes ``forward`` through its LayerChain."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        chain: LayerChain = self.__dict__["_momentum_chain"]
+        return chain.step(self.__dict__["_momentum_index"], x, args, kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+_PREFIX = "MomentumLayer["
+
+
+def _momentum_class(base: type) -> type:
+    """The subclass ``(_MomentumLayer, base)``, created once and picklable by name."""
+    if issubclass(base, _MomentumLayer):
+        return base
+    if base not in _CLASSES:
+        # pickle looks classes up by dotted qualname, so the name must hold no dots.
+        module, qualname = base.__module__, base.__qualname__
+        name = f"{_PREFIX}{module.replace('.', '/')}:{qualname.replace('.', '/')}]"
+        cls = type(name, (_MomentumLayer, base), {"__module__": __name__, "__qualname__": name})
+        _CLASSES[base] = cls
+        globals()[name] = cls
+    return _CLASSES[base]
+
+
+def _base_class(cls: type) -> type:
+    return cls.__mro__[2] if issubclass(cls, _MomentumLayer) else cls
+
+
+def __getattr__(name: str) -> type:
+    # Unpickling in a fresh process: rebuild the momentum class from its name.
+    if name.startswith(_PREFIX) and name.endswith("]"):
+        module_path, qualname = name[len(_PREFIX) : -1].split(":")
+        obj: Any = importlib.import_module(module_path.replace("/", "."))
+        for part in qualname.split("/"):
+            obj = getattr(obj, part)
+        return _momentum_class(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def transform_to_momentumnet(
+    model: nn.Module,
+    sub_layers: Sequence[str] = ("layer1", "layer2", "layer3", "layer4"),
+    keep_first_layer: bool = True,
+    gamma: float = 0.9,
+    use_backprop: bool = False,
+    is_residual: bool = False,
+) -> nn.Module:
+    """Turn lists of layers into Momentum ResNet chains (the official library's API).
+
+    Each module of each named list is one block: ``f = layer(x) - x`` when ``is_residual`` is
+    False (the layer computes ``x + f(x)`` itself, as a torchvision block or a transformer layer
+    does), ``f = layer(x)`` when True. ``keep_first_layer`` leaves each list's first module out
+    of the chain (a stage's first ResNet block changes the shape). Everything else of the model
+    keeps working: its forward, the arguments it passes to each layer (masks, memory), its
+    attributes and its ``state_dict`` keys. The model itself is not modified.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    sub_layers : sequence of str
+        Paths of ``nn.Sequential`` / ``nn.ModuleList`` containers.
+    keep_first_layer : bool
+        Leave each container's first layer outside its chain.
+    gamma : float
+        Momentum in ``[0, 1]``.
+    use_backprop : bool
+        ``False`` trains through the reversible function (needs ``gamma > 0``).
+    is_residual : bool
+        See above.
+
+    Returns
+    -------
+    nn.Module
+        A converted copy of ``model``.
+
+    Examples
+    --------
+    >>> from torchvision.models import resnet18
+    >>> mresnet = transform_to_momentumnet(resnet18(), gamma=0.9, use_backprop=False)
+    >>> mresnet(torch.randn(1, 3, 64, 64)).shape
+    torch.Size([1, 1000])
+    """
+    _validate_gamma(gamma, use_backprop)
+    if isinstance(sub_layers, str):
+        sub_layers = [sub_layers]
+    model = copy.deepcopy(model)
+    for path in sub_layers:
+        try:
+            container = model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"sub_layers: the model has no submodule {path!r}") from err
+        if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+            raise TypeError(
+                f"sub_layers: {path!r} is a {type(container).__name__}; name an nn.Sequential or "
+                f"nn.ModuleList whose layers form the chain"
+            )
+        layers = list(container)[1 if keep_first_layer else 0 :]
+        if not layers:
+            continue
+        for layer in layers:
+            if not isinstance(layer, nn.Module):
+                raise TypeError(f"{path!r} holds a {type(layer).__name__}, not a module")
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError(
+                f"{path!r} holds the same module object twice; give each position its own "
+                f"module, or use fxmomentum.MomentumNet, which supports tied blocks"
+            )
+        for layer in layers:
+            layer.__class__ = _momentum_class(type(layer))
+        chain = LayerChain(layers, gamma, use_backprop, is_residual, path)
+        for i, layer in enumerate(layers):
+            layer.__dict__["_momentum_chain"] = chain
+            layer.__dict__["_momentum_index"] = i
+    return model

@@ -1,0 +1,168 @@
+"""transform_to_momentumnet: the official library's API and its README examples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import max_rel_err, rel_err
+from torch import nn
+from torchvision.models import resnet18, resnet101
+
+from fxmomentum import transform_to_momentumnet
+
+
+def weighted_loss(out: torch.Tensor) -> torch.Tensor:
+    # Not out.sum(): the sum of a LayerNorm's output has zero gradient.
+    w = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    return (out * w).sum()
+
+
+def grads(model: nn.Module, *inputs, seed: int = 3, **kwargs) -> tuple[torch.Tensor, list]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(*inputs, **kwargs)
+    weighted_loss(out).backward()
+    return out, [p.grad for p in model.parameters()]
+
+
+def test_seed_readme_examples_run_as_written():
+    from fxmomentum import MomentumNet
+
+    hidden = 8
+    d = 500
+    function = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
+    mresnet = MomentumNet([function] * 10, gamma=0.9)
+    assert mresnet(torch.randn(2, d)).shape == (2, d)
+
+    resnet = resnet101()
+    mresnet101 = transform_to_momentumnet(resnet, gamma=0.9, use_backprop=False)
+    out = mresnet101(torch.randn(1, 3, 64, 64))
+    out.sum().backward()
+    assert mresnet101.layer3[5].conv1.weight.grad is not None
+
+    transformer = torch.nn.Transformer(
+        num_encoder_layers=6, num_decoder_layers=6, d_model=64, nhead=4, dim_feedforward=128
+    )
+    mtransformer = transform_to_momentumnet(
+        transformer,
+        sub_layers=["encoder.layers", "decoder.layers"],
+        gamma=0.9,
+        use_backprop=False,
+        keep_first_layer=False,
+    )
+    out = mtransformer(torch.randn(5, 2, 64), torch.randn(4, 2, 64))
+    weighted_loss(out).backward()
+    assert mtransformer.encoder.layers[0].linear1.weight.grad is not None
+
+
+@pytest.fixture
+def transformer():
+    torch.manual_seed(0)
+    return nn.Transformer(
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=3,
+        num_decoder_layers=2,
+        dim_feedforward=64,
+        dropout=0.1,
+    ).double()
+
+
+def test_transformer_masks_memory_and_dropout(transformer):
+    src = torch.randn(10, 2, 32, dtype=torch.float64)
+    tgt = torch.randn(7, 2, 32, dtype=torch.float64)
+    tgt_mask = transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    kwargs = dict(tgt_mask=tgt_mask, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+    converted = {
+        (ub, gamma): transform_to_momentumnet(
+            transformer,
+            sub_layers=["encoder.layers", "decoder.layers"],
+            gamma=gamma,
+            use_backprop=ub,
+            keep_first_layer=False,
+        ).train()
+        for ub, gamma in [(True, 0.0), (True, 0.9), (False, 0.9)]
+    }
+    transformer.train()
+    out, _ = grads(transformer, src, tgt, **kwargs)
+    out0, _ = grads(converted[True, 0.0], src, tgt, **kwargs)
+    assert rel_err(out0, out) <= 1e-12
+    out_bp, g_bp = grads(converted[True, 0.9], src, tgt, **kwargs)
+    out_rev, g_rev = grads(converted[False, 0.9], src, tgt, **kwargs)
+    assert rel_err(out_bp, out) > 1e-3  # gamma = 0.9 is a different function
+    assert rel_err(out_rev, out_bp) < 1e-10
+    assert max_rel_err(g_rev, g_bp) < 1e-9
+
+
+def test_state_dict_keys_and_attributes_stay(transformer):
+    m = transform_to_momentumnet(transformer, sub_layers=["encoder.layers"], gamma=0.5)
+    assert list(m.state_dict()) == list(transformer.state_dict())
+    m.load_state_dict(transformer.state_dict(), strict=True)
+    transformer.load_state_dict(m.state_dict(), strict=True)
+    # What nn.TransformerEncoder reads from its first layer is still there.
+    assert m.encoder.layers[0].self_attn.batch_first is False
+    assert isinstance(m.encoder.layers[1], nn.TransformerEncoderLayer)
+    # The original is untouched.
+    assert type(transformer.encoder.layers[1]) is nn.TransformerEncoderLayer
+
+
+def test_resnet_sequential_chains_match_backprop():
+    torch.manual_seed(0)
+    model = resnet18().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    bp = transform_to_momentumnet(model, gamma=0.9, use_backprop=True)
+    rev = transform_to_momentumnet(model, gamma=0.9, use_backprop=False)
+    _, g_bp = grads(bp, x)
+    _, g_rev = grads(rev, x)
+    assert max_rel_err(g_rev, g_bp) < 1e-8
+    # BatchNorm statistics were updated once per forward in both.
+    assert rev.layer1[1].bn1.num_batches_tracked.item() == 1
+    assert rel_err(rev.layer1[1].bn1.running_var, bp.layer1[1].bn1.running_var) < 1e-12
+    gamma0 = transform_to_momentumnet(model, gamma=0.0, use_backprop=True).eval()
+    assert rel_err(gamma0(x), model.eval()(x)) == 0.0
+
+
+def test_layers_called_out_of_order_raise():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
+
+    class Skipper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = model
+
+        def forward(self, x):
+            return self.layers[2](self.layers[0](x))
+
+    m = transform_to_momentumnet(
+        Skipper(), sub_layers=["layers"], keep_first_layer=False, use_backprop=True
+    )
+    with pytest.raises(RuntimeError, match="must run in order"):
+        m(torch.randn(2, 4))
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="no submodule 'layer9'"):
+        transform_to_momentumnet(resnet18(), sub_layers=["layer9"])
+    with pytest.raises(TypeError, match=r"nn\.Sequential or nn\.ModuleList"):
+        transform_to_momentumnet(resnet18(), sub_layers=["layer1.0"])
+    with pytest.raises(ValueError, match="divides by gamma"):
+        transform_to_momentumnet(resnet18(), gamma=0.0, use_backprop=False)
+
+
+def test_pickled_model_loads_and_trains_in_a_fresh_process(tmp_path):
+    m = transform_to_momentumnet(resnet18(), gamma=0.9, use_backprop=False)
+    path = tmp_path / "m.pt"
+    torch.save(m, path)
+    code = (
+        "import torch\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        "m(torch.randn(1, 3, 64, 64)).sum().backward()\n"
+        "print(type(m.layer1[1]).__name__, m.layer1[1].conv1.weight.grad is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "BasicBlock] True" in out.stdout
