@@ -1,0 +1,209 @@
+"""Tests of fxmomentum.export: torch.export and ONNX of converted models, atomic outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+
+import fxmomentum
+from fxmomentum import MomentumChain, export
+from fxmomentum.export import (
+    ExportError,
+    atomic_output,
+    eval_no_grad,
+    export_onnx,
+    export_program,
+    output_leaves,
+    relative_error,
+    save_program,
+)
+
+HAS_API = hasattr(fxmomentum, "convert")
+needs_api = pytest.mark.skipif(not HAS_API, reason="the converter (fxmomentum.convert) is missing")
+
+
+# -- a converted-like GraphModule that does not need the converter ---------------------------------
+class _ChainNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)]
+        self.chain = MomentumChain(blocks, gamma=0.9)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.chain(self.stem(x))))
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, MomentumChain) or super().is_leaf_module(m, qualname)
+
+
+def chain_graph_module() -> fx.GraphModule:
+    torch.manual_seed(0)
+    net = _ChainNet()
+    return fx.GraphModule(net, _LeafTracer().trace(net))
+
+
+def test_export_program_runs_the_plain_chain_and_restores_modes():
+    gm = chain_graph_module()
+    x = torch.randn(4, 8)
+    ep = export_program(gm, x)
+    assert gm.training and gm.norm.training  # flags restored
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("autograd" in t or "Function" in t for t in targets)
+    with eval_no_grad(gm):
+        expected = gm(x)
+    assert relative_error(ep.module()(x), expected) < 1e-6
+
+
+def test_save_program_round_trip(tmp_path):
+    gm = chain_graph_module()
+    x = torch.randn(3, 8)
+    path = tmp_path / "m.pt2"
+    save_program(export_program(gm, (x,)), path)
+    assert os.listdir(tmp_path) == ["m.pt2"]
+    loaded = torch.export.load(str(path))
+    with eval_no_grad(gm):
+        torch.testing.assert_close(loaded.module()(x), gm(x))
+
+
+def test_export_program_error_is_export_error():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    with pytest.raises(ExportError, match=r"torch\.export failed"):
+        export_program(DataDependent(), (torch.randn(2),), strict=True)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.pt"]
+    with atomic_output(target) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)
+        with open(tmp, "wb") as fh:
+            fh.write(b"new")
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["out.pt"]
+
+
+def test_atomic_output_missing_directory(tmp_path):
+    with pytest.raises(OSError), atomic_output(tmp_path / "missing" / "out.pt"):
+        pass
+
+
+def test_output_leaves_and_relative_error():
+    a, b = torch.ones(3), torch.zeros(2)
+    assert [t.shape for t in output_leaves({"x": a, "y": [b, 3]})] == [(3,), (2,)]
+    assert relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.0
+    assert relative_error(torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])) == 1.0
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+def test_onnx_needs_onnx_and_onnxscript(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_importable", lambda name: name not in ("onnxscript",))
+    with pytest.raises(ExportError, match="pip install onnx onnxscript"):
+        export_onnx(chain_graph_module(), torch.randn(2, 8), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_onnx_export_and_check(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    gm = chain_graph_module()
+    path = tmp_path / "m.onnx"
+    result = export_onnx(gm, (torch.randn(4, 8),), path)
+    assert result.checked and result.max_relative_error < 1e-4
+    assert "onnxruntime outputs match" in str(result)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert gm.training
+
+
+def test_onnx_mismatch_writes_nothing(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ExportError, match="nothing was written"):
+        export_onnx(chain_graph_module(), torch.randn(4, 8), tmp_path / "m.onnx", tolerance=-1.0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_onnx_without_onnxruntime_is_not_checked(tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    real = export._importable
+    monkeypatch.setattr(export, "_importable", lambda name: name != "onnxruntime" and real(name))
+    result = export_onnx(chain_graph_module(), torch.randn(4, 8), tmp_path / "m.onnx")
+    assert not result.checked and "not installed" in str(result)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+# -- real converted models -------------------------------------------------------------------------
+def _resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64)
+
+
+def _small_vit():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+    return model, torch.randn(1, 3, 64, 64)
+
+
+MODELS = {"resnet18": _resnet18, "vit": _small_vit}
+
+
+@pytest.fixture(scope="module")
+def converted():
+    """The converted models (eval) and their inputs, built once for the module."""
+    if not HAS_API:
+        pytest.skip("the converter (fxmomentum.convert) is missing")
+    out = {}
+    for name, make in MODELS.items():
+        model, x = make()
+        gm, report = fxmomentum.convert(
+            model, gamma=0.9, example_inputs=(x,), return_report=True
+        )
+        assert any(getattr(c, "converted", True) for c in report.chains), name
+        out[name] = (gm.eval(), x)
+    return out
+
+
+@needs_api
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_export_of_converted_model(converted, name):
+    gm, x = converted[name]
+    ep = export_program(gm, (x,))
+    with torch.no_grad():
+        expected = gm(x)
+        got = ep.module()(x)
+    assert relative_error(got, expected) < 1e-5
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_api
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnx_of_converted_model(converted, name, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    gm, x = converted[name]
+    result = export_onnx(gm, (x,), tmp_path / f"{name}.onnx")
+    assert result.checked and result.max_relative_error <= 1e-4
+    assert os.listdir(tmp_path) == [f"{name}.onnx"]
