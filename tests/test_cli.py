@@ -415,3 +415,61 @@ def test_failed_save_leaves_no_file(capsys, tmp_path, monkeypatch):
     assert code == 7
     assert_one_line_error(err, "No space left on device")
     assert sorted(os.listdir(tmp_path)) == ["model.py"]
+
+
+# -- saving models that use classes of the model file ---------------------------------------------
+LEAFY = '''
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = Scale()
+
+    def forward(self, x):
+        return self.scale(self.fc(x))
+'''
+
+
+def test_saved_file_refers_to_the_file_module_by_its_file_name(tmp_path):
+    import torch.fx as fx
+
+    from fxmomentum import loader
+
+    path = write_model(tmp_path, LEAFY, name="leafy_model_for_cli_test.py")
+    loaded = loader.load_target(path + ":Net")
+    scale_cls = type(loaded.model.scale)
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, scale_cls) or super().is_leaf_module(m, qualname)
+
+    gm = fx.GraphModule(loaded.model, Tracer().trace(loaded.model))
+    written: list[str] = []
+    out_file = tmp_path / "gm.pt"
+    cli._save_graph_module(gm, loaded, str(out_file), written)
+    assert "importable as `leafy_model_for_cli_test`" in written[0]
+    assert scale_cls.__module__ == loaded.module.__name__  # restored
+    assert "leafy_model_for_cli_test" not in sys.modules
+    code = (
+        "import sys, torch; gm = torch.load(sys.argv[1], weights_only=False); "
+        "print(type(gm.scale).__module__, gm(torch.ones(1, 3)).shape)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out_file)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["leafy_model_for_cli_test", "torch.Size([1,", "3])"]
