@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .chain import _validate_gamma
+from .layers import split_layer
 from .reversible import ChainRun, ChainSpec, _Arguments, run_block, start_run
 
 __all__ = ["LayerChain", "transform_to_momentumnet"]
@@ -60,6 +61,9 @@ class LayerChain:
         it), and ``f(x) = layer(x) - x``.
     name : str
         Path of the layer list, for messages.
+    split_layers : bool
+        Layers of a known type (:func:`fxmomentum.layers.split_layer`: torch's transformer
+        layers) become their two or three residual blocks instead of one block each.
     """
 
     def __init__(
@@ -69,14 +73,31 @@ class LayerChain:
         use_backprop: bool,
         is_residual: bool,
         name: str,
+        split_layers: bool = False,
     ) -> None:
         self.use_backprop = bool(use_backprop)
         self._gamma_num = _validate_gamma(gamma, self.use_backprop)
         self._gamma = float(gamma)
         self.name = name
-        self.blocks = [_OriginalForward(layer, _base_class(type(layer))) for layer in layers]
-        self.residual = [bool(is_residual)] * len(layers)
-        self.names = [f"{name}.{i}" for i in range(len(layers))]
+        self.splits = [
+            split_layer(layer, _base_class(type(layer))) if split_layers else None
+            for layer in layers
+        ]
+        self.blocks: list = []
+        self.residual: list[bool] = []
+        self.names: list[str] = []
+        self.offsets: list[int] = []
+        for i, (layer, split) in enumerate(zip(layers, self.splits, strict=True)):
+            self.offsets.append(len(self.blocks))
+            if split is None:
+                self.blocks.append(_OriginalForward(layer, _base_class(type(layer))))
+                self.residual.append(bool(is_residual))
+                self.names.append(f"{name}.{i}")
+            else:
+                self.blocks.extend(split.blocks)
+                self.residual.extend(b.residual for b in split.blocks)
+                self.names.extend(f"{name}.{i} (block {j})" for j in range(len(split.blocks)))
+        self.num_layers = len(layers)
         self._reset()
 
     @property
@@ -98,29 +119,33 @@ class LayerChain:
         state.update(_next=0, _run=None, _v=None)
         return state
 
-    def step(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Advance the chain through layer ``t``."""
-        if t == 0:
+    def step(self, i: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Advance the chain through layer ``i``."""
+        if i == 0:
             self._reset()
-        elif t != self._next:
+        elif i != self._next:
             expected = self._next
             self._reset()
             raise RuntimeError(
-                f"layer {t} of the momentum chain {self.name!r} was called after layer "
+                f"layer {i} of the momentum chain {self.name!r} was called after layer "
                 f"{expected - 1}: the layers of a momentum chain must run in order, each once "
                 f"per forward. Convert only lists whose layers the model calls in sequence."
             )
         spec = ChainSpec(self.blocks, self.residual, self._gamma_num, self.names)
-        if t == 0 and not self.use_backprop and _needs_backward(x, args, kwargs, self.blocks):
+        if i == 0 and not self.use_backprop and _needs_backward(x, args, kwargs, self.blocks):
             self._run = start_run(spec, x)
-        if self._run is not None:
-            y = run_block(self._run, t, x, None, _Arguments(args, kwargs))
-        else:
-            y, self._v = spec.plain_step(t, x, self._v, args, kwargs)
-        self._next = t + 1
-        if self._next == len(self.blocks):
+        split = self.splits[i]
+        per_block = [(args, kwargs)] if split is None else split.arguments(x, *args, **kwargs)
+        for j, (a, k) in enumerate(per_block):
+            t = self.offsets[i] + j
+            if self._run is not None:
+                x = run_block(self._run, t, x, None, _Arguments(a, k))
+            else:
+                x, self._v = spec.plain_step(t, x, self._v, a, k)
+        self._next = i + 1
+        if self._next == self.num_layers:
             self._reset()
-        return y
+        return x
 
 
 def _needs_backward(x: torch.Tensor, args: tuple, kwargs: dict, blocks) -> bool:
@@ -180,6 +205,8 @@ def transform_to_momentumnet(
     gamma: float = 0.9,
     use_backprop: bool = False,
     is_residual: bool = False,
+    *,
+    split_layers: bool = False,
 ) -> nn.Module:
     """Turn lists of layers into Momentum ResNet chains (the official library's API).
 
@@ -204,6 +231,9 @@ def transform_to_momentumnet(
         ``False`` trains through the reversible function (needs ``gamma > 0``).
     is_residual : bool
         See above.
+    split_layers : bool
+        Make torch's transformer layers two (encoder) or three (decoder) residual blocks each
+        rather than one, so that backward recomputes less at a time. Not in the official API.
 
     Returns
     -------
@@ -244,7 +274,7 @@ def transform_to_momentumnet(
             )
         for layer in layers:
             layer.__class__ = _momentum_class(type(layer))
-        chain = LayerChain(layers, gamma, use_backprop, is_residual, path)
+        chain = LayerChain(layers, gamma, use_backprop, is_residual, path, split_layers)
         for i, layer in enumerate(layers):
             layer.__dict__["_momentum_chain"] = chain
             layer.__dict__["_momentum_index"] = i
