@@ -96,15 +96,9 @@ def test_sequential_of_encoder_layers():
     stack = nn.Sequential(
         *[nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, norm_first=True) for _ in range(4)]
     ).double()
-    m = (
-        convert(stack, "", 0.9, False)
-        if False
-        else transform_to_momentumnet(
-            nn.Sequential(stack), sub_layers=["0"], keep_first_layer=False, split_layers=True
-        )
-    )
+    wrapper = nn.Sequential(stack)  # the usual way of stacking layers, one level down
+    m = convert(wrapper, "0", 0.9, False)
     assert len(m[0][0].__dict__["_momentum_chain"].blocks) == 8
-    wrapper = nn.Sequential(stack)
     check(wrapper, "0", torch.randn(6, 2, 32, dtype=torch.float64))
 
 
