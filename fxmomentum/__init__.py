@@ -14,3 +14,9 @@ __all__ = [
     "transform_to_momentumnet",
 ]
 __version__ = "0.1.0"
+
+# The converter: capture -> match -> rewrite -> report.
+from .api import convert, inspect, set_gamma
+from .report import ConversionReport
+
+__all__ += ["ConversionReport", "convert", "inspect", "set_gamma"]

@@ -1,0 +1,507 @@
+"""Capture: a model as a torch.fx graph, with shapes, whatever the model.
+
+:func:`capture` traces a module with :class:`CaptureTracer`, a :class:`torch.fx.Tracer` that
+
+* turns a submodule that cannot be traced into a leaf (an opaque ``call_module`` node) and
+  traces again, instead of failing the whole model; each such leaf is recorded with the reason;
+* keeps :class:`~fxmomentum.MomentumChain` modules whole, so a converted model can be captured
+  (and converted) again;
+* traces into torch's transformer layers (``nn.TransformerEncoderLayer`` and friends, which
+  contain the residual connections), with torch's attention fast path turned off while tracing;
+* does not bake ``self.training`` into the graph: a traced module that passes ``self.training``
+  to a function (``F.dropout(x, p, self.training)``, torchvision's stochastic depth) reads it
+  at run time through a small :class:`TrainingFlag` submodule, so ``.train()`` and ``.eval()``
+  keep working; one that branches on ``self.training`` becomes a leaf.
+
+Shapes and dtypes come from torch.fx's own :class:`~torch.fx.passes.shape_prop.ShapeProp`
+run on example inputs (``node.meta["tensor_meta"]``), without changing the model's buffers or
+the global random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .chain import MomentumChain
+
+__all__ = [
+    "TRACE_INTO",
+    "Capture",
+    "CaptureError",
+    "CaptureTracer",
+    "LeafInfo",
+    "TrainingFlag",
+    "capture",
+    "propagate_shapes",
+]
+
+#: torch.nn modules that hold residual connections: traced into rather than kept whole.
+TRACE_INTO: tuple[type[nn.Module], ...] = (
+    nn.TransformerEncoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoder,
+    nn.TransformerDecoderLayer,
+)
+
+#: Attribute name of the :class:`TrainingFlag` added to a module that passes ``self.training``.
+FLAG_NAME = "_training_flag"
+
+
+class CaptureError(RuntimeError):
+    """The model's own ``forward`` (not a submodule's) cannot be traced."""
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """A submodule kept opaque in the graph.
+
+    Attributes
+    ----------
+    path : str
+        Module path, as in ``named_modules()``.
+    type : str
+        Class name of the module.
+    reason : str
+        Why it is a leaf.
+    """
+
+    path: str
+    type: str
+    reason: str
+
+
+class TrainingFlag(nn.Module):
+    """Reads the train / eval mode at run time, for a traced module that passes it on.
+
+    It is registered as a child of the module whose ``self.training`` it stands for, so
+    ``.train()`` and ``.eval()`` set it together with that module. It has no parameters and no
+    buffers (``state_dict`` keys do not change).
+
+    Examples
+    --------
+    >>> flag = TrainingFlag()
+    >>> flag.eval()()
+    False
+    """
+
+    def forward(self) -> bool:
+        return self.training
+
+
+class _TrainingRead:
+    """Stands in for ``module.training`` while the module's ``forward`` is traced."""
+
+    __slots__ = ("module", "path", "tracer", "value")
+
+    def __init__(self, tracer: CaptureTracer, module: nn.Module, path: str, value: bool):
+        self.tracer, self.module, self.path, self.value = tracer, module, path, value
+
+    def _branch(self) -> bool:
+        self.tracer.training_reads[self.path] = "control flow"
+        return self.value
+
+    def __bool__(self) -> bool:
+        return self._branch()
+
+    def __index__(self) -> int:
+        return int(self._branch())
+
+    def __eq__(self, other: object) -> bool:
+        return self._branch() == other
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class CaptureTracer(fx.Tracer):
+    """A :class:`torch.fx.Tracer` for conversion.
+
+    Parameters
+    ----------
+    leaves : mapping of str to str, optional
+        Module paths to keep as leaves, with the reason.
+    leaf_types : tuple of type
+        Module classes to keep as leaves.
+    autowrap_modules, autowrap_functions
+        As for :class:`torch.fx.Tracer`.
+
+    Attributes
+    ----------
+    failure : tuple or None
+        After a failed :meth:`trace`: the module paths being traced when the error was raised
+        (outermost first) and the exception.
+    training_reads : dict of str to str
+        Module paths whose ``forward`` read ``self.training``: ``"argument"`` (read at run time
+        through a :class:`TrainingFlag`) or ``"control flow"`` (baked into the graph).
+
+    Examples
+    --------
+    >>> tracer = CaptureTracer()
+    >>> graph = tracer.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    >>> [n.op for n in graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+
+    def __init__(
+        self,
+        leaves: Mapping[str, str] | None = None,
+        leaf_types: tuple[type, ...] = (),
+        autowrap_modules: tuple[Any, ...] = (math,),
+        autowrap_functions: tuple[Any, ...] = (),
+    ) -> None:
+        super().__init__(autowrap_modules=autowrap_modules, autowrap_functions=autowrap_functions)
+        self.leaves = dict(leaves or {})
+        self.leaf_types = tuple(leaf_types)
+        self.failure: tuple[tuple[str, ...], BaseException] | None = None
+        self.training_reads: dict[str, str] = {}
+        self._stack: list[str] = []
+        self._param_names: dict[int, str] = {}
+        self._buffer_names: dict[int, str] = {}
+
+    # -- leaves -------------------------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (MomentumChain, TrainingFlag)):
+            return True
+        if module_qualified_name in self.leaves or isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, TRACE_INTO):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    # -- tracing ------------------------------------------------------------------------------
+    def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.failure = None
+        self.training_reads = {}
+        self._stack = []
+        if isinstance(root, nn.Module):
+            self._param_names, self._buffer_names = {}, {}
+            for name, p in root.named_parameters():
+                self._param_names.setdefault(id(p), name)
+            for name, b in root.named_buffers():
+                self._buffer_names.setdefault(id(b), name)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_transformers_traceable())
+            if isinstance(root, nn.Module):
+                stack.enter_context(self._training_read(root, ""))
+            try:
+                return super().trace(root, concrete_args)
+            except Exception as e:
+                if self.failure is None:
+                    self.failure = ((), e)
+                raise
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        path = self.path_of_module(m)
+        self._stack.append(path)
+        try:
+            if self.is_leaf_module(m, path):
+                return super().call_module(m, forward, args, kwargs)
+            with self._training_read(m, path):
+                return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if self.failure is None:
+                self.failure = (tuple(self._stack), e)
+            raise
+        finally:
+            self._stack.pop()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # torch.fx searches all parameters for every access; a dictionary keeps tracing
+        # linear in the size of the model.
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            name = self._param_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, _TrainingRead):
+            return self._flag_node(a)
+        if isinstance(a, torch.Tensor):
+            names = self._param_names if isinstance(a, nn.Parameter) else self._buffer_names
+            name = names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    # -- self.training ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _training_read(self, m: nn.Module, path: str) -> Iterator[None]:
+        value = m.__dict__.get("training")
+        if not isinstance(value, bool):  # already stood in for (a module calling itself)
+            yield
+            return
+        m.__dict__["training"] = _TrainingRead(self, m, path, value)
+        try:
+            yield
+        finally:
+            m.__dict__["training"] = value
+
+    def _flag_node(self, read: _TrainingRead) -> fx.Node:
+        self.training_reads.setdefault(read.path, "argument")
+        flag = read.module._modules.get(FLAG_NAME)
+        if not isinstance(flag, TrainingFlag):
+            flag = TrainingFlag()
+            read.module.add_module(FLAG_NAME, flag)
+        flag.training = read.value
+        target = f"{read.path}.{FLAG_NAME}" if read.path else FLAG_NAME
+        return self.create_node("call_module", target, (), {})
+
+
+@contextlib.contextmanager
+def _transformers_traceable() -> Iterator[None]:
+    """Make torch's transformer layers traceable while tracing.
+
+    Their inference fast path (taken in eval mode without grad) tests the input in Python; it
+    is turned off, so the graph holds the regular path, which computes the same function.
+    ``nn.TransformerEncoder`` measures the sequence length only to test a mask for causality:
+    without a mask the length is not needed, and a proxy cannot be measured.
+    """
+    from torch.nn.modules import transformer
+
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    seq_len = getattr(transformer, "_get_seq_len", None)
+
+    def _seq_len(src: Any, batch_first: bool) -> int | None:
+        if isinstance(src, fx.Proxy):
+            return None
+        return seq_len(src, batch_first)
+
+    try:
+        if fastpath is not None:
+            mha.set_fastpath_enabled(False)
+        if seq_len is not None:
+            transformer._get_seq_len = _seq_len
+        yield
+    finally:
+        if seq_len is not None:
+            transformer._get_seq_len = seq_len
+        if fastpath is not None:
+            mha.set_fastpath_enabled(fastpath)
+
+
+@dataclass
+class Capture:
+    """The result of :func:`capture`.
+
+    Attributes
+    ----------
+    root : nn.Module
+        The traced module (with any :class:`TrainingFlag` children added).
+    graph : torch.fx.Graph
+        Its graph.
+    graph_module : torch.fx.GraphModule
+        ``GraphModule(root, graph)``, sharing the modules of ``root``.
+    leaves : list of LeafInfo
+        Submodules made opaque and why (torch.nn's own leaf modules are not listed).
+    shapes_verified : bool
+        Whether shapes and dtypes were propagated from example inputs.
+    notes : list of str
+        Things the report should say (shape propagation failures, mode specialisation).
+    """
+
+    root: nn.Module
+    graph: fx.Graph
+    graph_module: fx.GraphModule
+    leaves: list[LeafInfo] = field(default_factory=list)
+    shapes_verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    text = msg[0] if msg else ""
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _leaf_arguments(
+    model: nn.Module, leaf_modules: Iterable[str | type] | None
+) -> tuple[dict[str, str], tuple[type, ...]]:
+    paths: dict[str, str] = {}
+    types: list[type] = []
+    names = dict(model.named_modules())
+    for item in leaf_modules or ():
+        if isinstance(item, type):
+            types.append(item)
+        elif isinstance(item, str):
+            if item not in names:
+                raise ValueError(f"leaf_modules: {type(model).__name__} has no submodule {item!r}")
+            paths[item] = "requested (leaf_modules)"
+        else:
+            raise TypeError(f"leaf_modules items are module paths or classes, got {item!r}")
+    return paths, tuple(types)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    leaf_modules: Iterable[str | type] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> Capture:
+    """Trace ``model`` with torch.fx; make untraceable submodules leaves; propagate shapes.
+
+    ``model`` itself is traced: tracing may add :class:`TrainingFlag` children and tensor
+    constants to it, so pass a copy when the model must stay untouched
+    (:func:`fxmomentum.convert` does).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The module to trace.
+    example_inputs : Tensor or sequence of Tensor, optional
+        Positional inputs for shape propagation. Without them shapes stay unknown.
+    leaf_modules : iterable of str or type, optional
+        Module paths or classes to keep opaque.
+    concrete_args : dict, optional
+        Passed to :meth:`torch.fx.Tracer.trace` (for arguments that steer control flow).
+
+    Returns
+    -------
+    Capture
+
+    Raises
+    ------
+    CaptureError
+        If the model's own ``forward`` cannot be traced (a submodule's failure makes that
+        submodule a leaf instead).
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    >>> cap = capture(model, torch.randn(2, 8))
+    >>> [tuple(n.meta["tensor_meta"].shape) for n in cap.graph.nodes if n.op == "call_module"]
+    [(2, 8), (2, 8)]
+    """
+    leaves, leaf_types = _leaf_arguments(model, leaf_modules)
+    modules = dict(model.named_modules())
+    found: list[LeafInfo] = []
+    notes: list[str] = []
+    for _ in range(len(modules) + 1):
+        tracer = CaptureTracer(leaves, leaf_types)
+        try:
+            graph = tracer.trace(model, concrete_args)
+        except Exception as e:
+            stack = tracer.failure[0] if tracer.failure is not None else ()
+            culprit = next(
+                (p for p in reversed(stack) if not tracer.is_leaf_module(modules[p], p)), None
+            )
+            if culprit is None:
+                raise CaptureError(
+                    f"cannot trace {type(model).__name__}.forward itself ({_reason(e)}). "
+                    f"Convert a submodule instead, or pass concrete_args for arguments that "
+                    f"steer control flow."
+                ) from e
+            leaves[culprit] = f"not traceable: {_reason(e)}"
+            found.append(LeafInfo(culprit, type(modules[culprit]).__name__, leaves[culprit]))
+            continue
+        branching = [p for p, how in tracer.training_reads.items() if how == "control flow"]
+        redo = False
+        for path in branching:
+            if path == "":
+                notes.append(
+                    f"{type(model).__name__}.forward branches on self.training: the graph is "
+                    f"specialised to {'train' if model.training else 'eval'} mode"
+                )
+            elif path not in leaves:
+                leaves[path] = "branches on self.training (kept whole so that both modes work)"
+                found.append(LeafInfo(path, type(modules[path]).__name__, leaves[path]))
+                redo = True
+        if not redo:
+            break
+    else:  # pragma: no cover - every retry adds a leaf, so this cannot loop forever
+        raise CaptureError("tracing did not settle")
+
+    for path, m in model.named_modules():
+        if isinstance(m, MomentumChain) and path:
+            why = f"already a momentum chain ({len(m.residual)} blocks)"
+            found.append(LeafInfo(path, type(m).__name__, why))
+    for path, reason in leaves.items():
+        if reason.startswith("requested"):
+            found.append(LeafInfo(path, type(modules[path]).__name__, reason))
+
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    verified = False
+    if example_inputs is not None:
+        try:
+            propagate_shapes(gm, example_inputs, model)
+            verified = True
+        except Exception as e:
+            notes.append(f"shape propagation on example_inputs failed ({_reason(e)})")
+    return Capture(model, graph, gm, found, verified, notes)
+
+
+def _as_tuple(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    got = type(example_inputs).__name__
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {got}")
+
+
+def propagate_shapes(
+    gm: fx.GraphModule,
+    example_inputs: torch.Tensor | Sequence[Any],
+    owner: nn.Module | None = None,
+) -> None:
+    """Run :class:`~torch.fx.passes.shape_prop.ShapeProp` on ``gm`` without side effects.
+
+    Fills ``node.meta["tensor_meta"]``. Buffers (BatchNorm running statistics) are restored
+    and the global random state is left as it was.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        The graph to run.
+    example_inputs : Tensor or sequence
+        Its positional inputs.
+    owner : nn.Module, optional
+        Module whose buffers to restore (default: ``gm``).
+
+    Examples
+    --------
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 5)))
+    >>> propagate_shapes(gm, torch.randn(2, 3))
+    >>> list(gm.graph.nodes)[1].meta["tensor_meta"].shape
+    torch.Size([2, 5])
+    """
+    inputs = _as_tuple(example_inputs)
+    owner = gm if owner is None else owner
+    saved = [(b, b.detach().clone()) for b in owner.buffers()]
+    devices = sorted(
+        {t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda}
+    )
+    try:
+        # ShapeProp prints the traceback of a failing node itself; the caller reports it.
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(gm).propagate(*inputs)
+    finally:
+        with torch.no_grad():
+            for b, old in saved:
+                if b.shape == old.shape:
+                    b.copy_(old)

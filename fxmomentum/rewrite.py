@@ -1,0 +1,293 @@
+"""Rewrite: each chain of residual blocks becomes one call of a :class:`MomentumChain`.
+
+The top-level graph keeps every node outside the chains; a chain's nodes are replaced by a
+single ``call_module`` node (``momentum_chain_0(x, *context)``). Each block becomes a small
+:class:`torch.fx.GraphModule` built from its region of the graph, taking ``(x, *context)`` and
+calling the *original* submodules (shared objects: parameters are not copied).
+
+The converted module keeps every path of the original module tree (the blocks are not
+registered under the chain): the modules it calls are the original objects, the modules it
+traced through are plain holders of the same parameters and buffers, as in any GraphModule. So
+its ``state_dict`` has exactly the original keys, and ``.to()``, ``.half()``,
+``copy.deepcopy`` and pickling work as for any GraphModule.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from .chain import MomentumChain
+from .match import Block, Chain
+
+__all__ = ["CHAIN_PREFIX", "block_graph", "block_module", "chain_names", "rewrite", "top_graph"]
+
+#: Attribute names of the chains in a converted module: ``momentum_chain_0``, ...
+CHAIN_PREFIX = "momentum_chain_"
+
+
+def chain_names(root: nn.Module, count: int) -> list[str]:
+    """``count`` free attribute names ``momentum_chain_<k>`` on ``root``.
+
+    Examples
+    --------
+    >>> chain_names(nn.Module(), 2)
+    ['momentum_chain_0', 'momentum_chain_1']
+    """
+    names, k = [], 0
+    while len(names) < count:
+        name = f"{CHAIN_PREFIX}{k}"
+        if not hasattr(root, name):
+            names.append(name)
+        k += 1
+    return names
+
+
+def block_graph(block: Block, context: Sequence[fx.Node]) -> fx.Graph:
+    """The graph of one block: ``(x, *context) -> f(x)`` (pure) or ``-> y`` (generalized).
+
+    Parameters
+    ----------
+    block : Block
+        The block, from :func:`fxmomentum.match.find_chains`.
+    context : sequence of torch.fx.Node
+        The whole chain's context (every block takes all of it, in this order).
+
+    Returns
+    -------
+    torch.fx.Graph
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {block.entry: g.placeholder("x")}
+    for c in context:
+        # Every block takes the whole context; block 0 reads x_0 as x even when a later
+        # block reads it as context.
+        env.setdefault(c, g.placeholder(c.name))
+    for n in block.nodes:
+        if n is block.add:
+            if block.kind == "pure":
+                continue
+            env[n] = _out_of_place_add(g, n, env)
+            continue
+        env[n] = g.node_copy(n, env.__getitem__)
+        env[n].meta = dict(n.meta)
+    if block.kind == "pure":
+        out = env[block.branch]
+        if block.alpha is not None:
+            out = g.call_function(operator.mul, (out, block.alpha))
+    else:
+        out = env[block.exit]
+    g.output(out)
+    return g
+
+
+def _out_of_place_add(g: fx.Graph, add: fx.Node, env: Mapping[fx.Node, fx.Node]) -> fx.Node:
+    # The block must not change its input in place: the chain still needs x after the block.
+    args = fx.map_arg(add.args, env.__getitem__)
+    kwargs = fx.map_arg(add.kwargs, env.__getitem__)
+    if add.op == "call_method" and add.target == "add_":
+        node = g.call_method("add", args, kwargs)
+    elif add.op == "call_function" and add.target is operator.iadd:
+        node = g.call_function(operator.add, args, kwargs)
+    else:
+        node = g.node_copy(add, env.__getitem__)
+    node.meta = dict(add.meta)
+    return node
+
+
+def block_module(root: nn.Module, block: Block, context: Sequence[fx.Node]) -> fx.GraphModule:
+    """A GraphModule running ``block``, calling the submodules of ``root`` (not copies).
+
+    Examples
+    --------
+    >>> from fxmomentum.match import find_chains
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.f = nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return x + self.f(x)
+    >>> net = Net()
+    >>> gm = fx.symbolic_trace(net)
+    >>> chain = find_chains(gm.graph, dict(gm.named_modules())).chains[0]
+    >>> block = block_module(gm, chain.blocks[0], chain.context)
+    >>> block.f is gm.f
+    True
+    """
+    return fx.GraphModule(root, block_graph(block, context), class_name="Block")
+
+
+def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) -> fx.Graph:
+    """A copy of ``graph`` with each chain replaced by a ``call_module`` node ``names[i]``.
+
+    The node is placed where the chain's last block ended; it takes ``(x_0, *context)``.
+    """
+    removed = {n for c in chains for n in c.nodes}
+    at_exit = {c.exit: (c, name) for c, name in zip(chains, names, strict=True)}
+    new = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n in at_exit:
+            chain, name = at_exit[n]
+            args = (env[chain.entry], *(env[c] for c in chain.context))
+            node = new.create_node("call_module", name, args, {}, name=name)
+            for key in ("tensor_meta", "type"):
+                if key in n.meta:
+                    node.meta[key] = n.meta[key]
+            env[n] = node
+        elif n not in removed:
+            env[n] = new.node_copy(n, env.__getitem__)
+    return new
+
+
+def _adopt_tree(gm: fx.GraphModule, root: nn.Module, graphs: Sequence[fx.Graph]) -> None:
+    """Give ``gm`` the whole module tree of ``root``, path for path.
+
+    GraphModule keeps only the modules its graph names. Here every path of ``root`` stays, so
+    that ``state_dict`` keys, their order and buffer persistence are the original's: modules
+    the graphs call are the original objects; the others (modules traced through, or unused)
+    become plain ``nn.Module`` holders of the same parameters, buffers and children, as in any
+    GraphModule, so that loading a saved model needs only the classes of called modules.
+    """
+    called = {id(root.get_submodule(str(n.target)))
+              for g in graphs for n in g.nodes if n.op == "call_module"}  # fmt: skip
+    memo: dict[int, nn.Module] = {}
+    gm.__dict__["_modules"] = {
+        name: None if child is None else _plain_tree(child, called, memo)
+        for name, child in root._modules.items()
+    }
+    gm.__dict__["_parameters"] = dict(root._parameters)
+    gm.__dict__["_buffers"] = dict(root._buffers)
+    gm.__dict__["_non_persistent_buffers_set"] = set(root._non_persistent_buffers_set)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            _resolve(gm, str(node.target))
+        except AttributeError:
+            # A tensor constant the tracer stored on the root: keep it, out of state_dict.
+            value = _resolve(root, str(node.target))
+            owner, _, field = str(node.target).rpartition(".")
+            module = gm.get_submodule(owner)
+            if isinstance(value, torch.Tensor):
+                module.register_buffer(field, value, persistent=False)
+            else:
+                setattr(module, field, value)
+
+
+def _plain_tree(module: nn.Module, called: set[int], memo: dict[int, nn.Module]) -> nn.Module:
+    key = id(module)
+    if key in memo:  # a module registered at several paths stays one object
+        return memo[key]
+    if key in called or (type(module).__module__.startswith("torch.") and not module._modules):
+        memo[key] = module
+        return module
+    holder = nn.Module()
+    memo[key] = holder
+    holder.training = module.training
+    holder.__dict__["_parameters"] = dict(module._parameters)
+    holder.__dict__["_buffers"] = dict(module._buffers)
+    holder.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    holder.__dict__["_modules"] = {
+        name: None if child is None else _plain_tree(child, called, memo)
+        for name, child in module._modules.items()
+    }
+    return holder
+
+
+def _resolve(module: nn.Module, target: str) -> object:
+    obj: object = module
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def rewrite(
+    root: nn.Module,
+    graph: fx.Graph,
+    chains: Sequence[Chain],
+    gammas: Sequence[float],
+    *,
+    use_backprop: bool = False,
+) -> fx.GraphModule:
+    """Build the converted GraphModule.
+
+    Parameters
+    ----------
+    root : nn.Module
+        The traced module (its submodules become the converted module's, not copies).
+        The chains are added to it as ``momentum_chain_<k>``.
+    graph : torch.fx.Graph
+        Its graph (left unchanged).
+    chains : sequence of Chain
+        The chains to convert.
+    gammas : sequence of float
+        One momentum per chain.
+    use_backprop : bool
+        ``False``: reversible chains; ``True``: plain autograd.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        With the state_dict keys of ``root``.
+
+    Examples
+    --------
+    >>> from fxmomentum.match import find_chains
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fs = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    ...     def forward(self, x):
+    ...         for f in self.fs:
+    ...             x = x + f(x)
+    ...         return x
+    >>> net = Net()
+    >>> graph = fx.Tracer().trace(net)
+    >>> chains = find_chains(graph, dict(net.named_modules())).chains
+    >>> gm = rewrite(net, graph, chains, [0.9])
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'output']
+    """
+    if len(gammas) != len(chains):
+        raise ValueError(f"{len(gammas)} gammas for {len(chains)} chains")
+    names = chain_names(root, len(chains))
+    block_graphs: list[fx.Graph] = []
+    for chain, name, gamma in zip(chains, names, gammas, strict=True):
+        context = chain.context
+        blocks = [block_module(root, b, context) for b in chain.blocks]
+        block_graphs += [b.graph for b in blocks]
+        module = MomentumChain(
+            blocks,
+            gamma,
+            residual=[b.kind == "pure" for b in chain.blocks],
+            use_backprop=use_backprop,
+            register_blocks=False,
+            names=_block_names(chain.blocks),
+        )
+        root.add_module(name, module)
+    new = top_graph(graph, chains, names)
+    gm = fx.GraphModule(root, new, class_name=type(root).__name__)
+    _adopt_tree(gm, root, [new, *block_graphs])
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _block_names(blocks: Sequence[Block]) -> list[str]:
+    counts: dict[str, int] = {}
+    for b in blocks:
+        counts[b.name] = counts.get(b.name, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for b in blocks:
+        if counts[b.name] == 1:
+            names.append(b.name)
+        else:
+            k = seen.get(b.name, 0)
+            seen[b.name] = k + 1
+            names.append(f"{b.name}#{k}")
+    return names
