@@ -337,9 +337,12 @@ class ChainRun:
         shift = rec.shift
         low_v = stack.undo_push(1 << shift) if shift > 0 else None
         low_x = stack.undo_push(1 << shift) if shift > 0 else None
+        # References to superseded state are dropped at once: this runs while the block's
+        # recomputed activations are alive, at the peak of the step's memory.
         X = unadd(self.X, self.V)
         if shift:
             X = _unshifted(X, low_x, shift)
+        self.X = X
         x, checksum = decode(X, self._scalar(2.0 ** -(rec.scale + shift)), self.dtype)
         if not bool(checksum == rec.checksum):
             raise RuntimeError(
@@ -354,20 +357,23 @@ class ChainRun:
         wanted = [c for c in context if c.requires_grad]
         a = grad_out.to(self.acc) if grad_out is not None else torch.zeros_like(self.b)
         c = a + self.b
+        grad_f = c * self.g
+        self.b = c * self.gamma
+        del c
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
                 f = spec.call(t, x, args, kwargs)
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
-            V, stack.head = backward_step(self.V, stack.head, f.detach(), scale, n)
+            self.V, stack.head = backward_step(self.V, stack.head, f.detach(), scale, n)
             stack.undo_note()
             stack.undo_note()
+            if shift:
+                self.V = _unshifted(self.V, low_v, shift)
             grads = torch.autograd.grad(
-                f, [x, *wanted, *params], grad_outputs=(c * self.g).to(f.dtype), allow_unused=True
+                f, [x, *wanted, *params], grad_outputs=grad_f.to(f.dtype), allow_unused=True
             )
-        del f
-        self.X, self.V = X, (_unshifted(V, low_v, shift) if shift else V)
-        self.b = c * self.gamma
+        del f, grad_f
         grad_x = a if grads[0] is None else a + grads[0].to(self.acc)
         it = iter(grads[1 : 1 + len(wanted)])
         grad_context = [next(it) if ci.requires_grad else None for ci in context]
