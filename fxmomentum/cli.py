@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import json
 import math
@@ -158,6 +159,12 @@ def _common_options() -> argparse.ArgumentParser:
         help="momentum in [0, 1] (default 0.9; 0 is the original ResNet)",
     )
     conv.add_argument(
+        "--use-backprop",
+        action="store_true",
+        help="train the chains with plain autograd (stores activations) instead of the "
+        "reversible backward; needed for --gamma 0",
+    )
+    conv.add_argument(
         "--min-blocks",
         type=_positive_int,
         default=1,
@@ -186,7 +193,8 @@ def _common_options() -> argparse.ArgumentParser:
     out.add_argument(
         "--show-skipped",
         action="store_true",
-        help="also list the residual additions that were not converted, and why",
+        help="list the residual additions that were not converted, and why "
+        "(JSON always lists them)",
     )
     out.add_argument(
         "--debug", action="store_true", help="show Python tracebacks and warnings on errors"
@@ -242,12 +250,6 @@ def _add_convert(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--output",
         metavar="OUT.pt",
         help="write the converted GraphModule here with torch.save",
-    )
-    p.add_argument(
-        "--use-backprop",
-        action="store_true",
-        help="train the chains with plain autograd (stores activations) instead of the "
-        "reversible backward; needed for --gamma 0",
     )
     p.add_argument(
         "--export",
@@ -328,8 +330,19 @@ def _load(args: argparse.Namespace) -> loader.LoadedModel:
         raise CLIError(str(exc), exc.exit_code) from exc
 
 
+def _check_gamma(args: argparse.Namespace) -> None:
+    from .exact import quantize_gamma
+
+    if not args.use_backprop and quantize_gamma(args.gamma) == 0:
+        raise CLIError(
+            f"--gamma {args.gamma:g} cannot be reversed (the inverse divides by gamma); add "
+            f"--use-backprop, or use a gamma of at least 1e-5",
+            EXIT_USAGE,
+        )
+
+
 def _converter_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"use_backprop": args.use_backprop}
     if args.min_blocks != 1:
         options["min_blocks"] = args.min_blocks
     if args.include:
@@ -341,12 +354,15 @@ def _converter_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _conversion_failed(loaded: loader.LoadedModel, exc: BaseException) -> CLIError:
     text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
+    if len(text) > 400:
+        text = text[:397] + "..."
+    if type(exc).__name__ == "CaptureError":
+        # The capture error says what cannot be traced and what to do about it.
+        return CLIError(f"cannot capture the model from {loaded.source}: {text}", EXIT_CONVERT)
     what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return CLIError(
-        f"cannot convert the model from {loaded.source} ({what}); exclude the failing part "
-        f"with --exclude PATTERN, or rerun with --debug for the traceback",
+        f"converting the model from {loaded.source} failed ({what}); leave the failing chain "
+        f"out with --exclude PATTERN, or rerun with --debug for the traceback",
         EXIT_CONVERT,
     )
 
@@ -363,7 +379,7 @@ def _inputs_text(loaded: loader.LoadedModel) -> str:
 
 def _target_info(loaded: loader.LoadedModel) -> dict[str, Any]:
     return {
-        "target": loaded.target,
+        "spec": loaded.target,
         "source": loaded.source,
         "found": loaded.how,
         "model_class": type(loaded.model).__name__,
@@ -411,9 +427,6 @@ def _format_report(
     verified = _shapes_verified(report, loaded)
     if args.format == "json":
         data = {"target": _target_info(loaded), **_report_dict(report)}
-        if not args.show_skipped and "skipped" in data:
-            data["num_skipped"] = len(data["skipped"] or [])
-            del data["skipped"]
         data.setdefault("shapes_verified", verified)
         if show_diff:
             data["diff"] = _diff_text(report)
@@ -442,22 +455,20 @@ def _format_report(
 
 
 def _report_body(report: Any, fmt: str, show_skipped: bool) -> str:
-    body = report.format(fmt) if hasattr(report, "format") else str(report)
-    body = body.rstrip("\n")
-    skipped = list(getattr(report, "skipped", []) or [])
-    if show_skipped and skipped and not _mentions_skipped(body, skipped):
-        md = fmt == "markdown"
-        title = "residual additions not converted:"
-        body += "\n\n" + (f"**{title}**" if md else title)
-        for item in skipped:
-            body += f"\n{'- ' if md else '  '}{item}"
-    elif not show_skipped and skipped:
-        body += f"\n\n{len(skipped)} residual addition(s) not converted (see --show-skipped)"
-    return body
-
-
-def _mentions_skipped(body: str, skipped: Sequence[Any]) -> bool:
-    return all(str(item) in body for item in skipped)
+    """The report in ``fmt``; the skipped residual adds listed only with ``show_skipped``."""
+    skipped = list(getattr(report, "skipped", None) or [])
+    shown = report
+    if skipped and not show_skipped and dataclasses.is_dataclass(report):
+        shown = dataclasses.replace(report, skipped=[])
+    body = shown.format(fmt) if hasattr(shown, "format") else str(shown)
+    if shown is not report:
+        if hasattr(report, "summary"):  # keep the true count in the summary line
+            body = body.replace(shown.summary(), report.summary(), 1)
+        body = body.rstrip("\n") + (
+            f"\n\n{len(skipped)} residual add(s) not converted are not listed: "
+            f"add --show-skipped to see them and why"
+        )
+    return body.rstrip("\n")
 
 
 # -- output paths ----------------------------------------------------------------------------------
@@ -545,6 +556,7 @@ def _uses_module(gm: torch.nn.Module, module_name: str) -> bool:
 
 # -- commands --------------------------------------------------------------------------------------
 def _run_inspect(args: argparse.Namespace) -> int:
+    _check_gamma(args)
     loaded = _load(args)
     api = _api()
     options = _converter_options(args)
@@ -567,14 +579,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     paths = [os.path.abspath(p) for _, p in outputs]
     if len(set(paths)) != len(paths):
         raise CLIError("-o, --export and --onnx must be different files", EXIT_USAGE)
-    from .exact import quantize_gamma
-
-    if not args.use_backprop and quantize_gamma(args.gamma) == 0:
-        raise CLIError(
-            f"--gamma {args.gamma:g} cannot be reversed (the inverse divides by gamma); add "
-            f"--use-backprop, or use a gamma of at least 1e-5",
-            EXIT_USAGE,
-        )
+    _check_gamma(args)
     for option, path in outputs:
         _check_writable(option, path)
     loaded = _load(args)
@@ -593,7 +598,6 @@ def _run_convert(args: argparse.Namespace) -> int:
             loaded.model,
             args.gamma,
             example_inputs=loaded.example_inputs,
-            use_backprop=args.use_backprop,
             return_report=True,
             **options,
         )

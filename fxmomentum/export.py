@@ -142,16 +142,28 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    # Keep the extension: some writers (torch.export.save) look at it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _new_file_mode(path: str) -> int:
+    """The mode a plain ``open(path, "w")`` would give (mkstemp makes files 0600)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 # -- torch.export ----------------------------------------------------------------------------------

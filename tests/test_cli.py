@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxmomentum
+import fxmomentum.export
 from fxmomentum import cli
 
 HAS_API = hasattr(fxmomentum, "convert") and hasattr(fxmomentum, "inspect")
@@ -254,6 +255,7 @@ def test_inspect_json(capsys, tmp_path, inputs):
     data = json.loads(out)
     assert sorted(c["num_blocks"] for c in data["chains"]) == sorted(CHAIN_LENGTHS)
     assert data["target"]["found"] == "class TinyResNet()"
+    assert data["target"]["spec"] == str(tmp_path / "model.py")
     assert data["shapes_verified"] is inputs
     if inputs:
         assert data["target"]["example_inputs"] == [{"shape": [2, 3, 16, 16], "dtype": "float32"}]
@@ -284,13 +286,25 @@ def test_inspect_diff(capsys, tmp_path):
 
 
 @needs_api
-def test_inspect_importable_target(capsys):
-    code, out, err = run_cli(
-        capsys, "inspect", "torchvision.models:resnet18", "--input-shape", "1,3,32,32",
-        "--format", "json",
-    )  # fmt: skip
+def test_inspect_importable_target_and_show_skipped(capsys):
+    target = "torchvision.models:resnet18"
+    shape = ["--input-shape", "1,3,32,32"]
+    code, out, err = run_cli(capsys, "inspect", target, *shape, "--format", "json")
     assert code == 0, err
-    assert sum(c["num_blocks"] for c in json.loads(out)["chains"]) >= 4
+    data = json.loads(out)
+    assert sum(c["num_blocks"] for c in data["chains"]) >= 4
+    num_skipped = len(data["skipped"])
+    assert num_skipped >= 1  # the projection shortcuts
+    code, out, err = run_cli(capsys, "inspect", target, *shape)
+    assert code == 0, err
+    assert f"{num_skipped} residual add(s) skipped" in out  # the summary keeps the count
+    assert "add --show-skipped" in out
+    assert data["skipped"][0]["reason"] not in out
+    for fmt in ("table", "markdown"):
+        argv = ["inspect", target, *shape, "--show-skipped", "--format", fmt]
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        assert data["skipped"][0]["reason"] in out and "add --show-skipped" not in out
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -382,7 +396,7 @@ def test_convert_export_and_onnx(capsys, tmp_path):
     assert code == 0, err
     assert pt2.exists() and onnx_file.exists()
     assert f"wrote {pt2}" in err
-    if cli.export._importable("onnxruntime"):
+    if fxmomentum.export._importable("onnxruntime"):
         assert "onnxruntime outputs match" in err
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt2", "model.py"]
     ep = torch.export.load(str(pt2))
@@ -398,7 +412,35 @@ def test_conversion_failure_is_exit_5(capsys, tmp_path, monkeypatch):
     path = write_model(tmp_path)
     code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"))
     assert code == 5 and out == ""
-    assert_one_line_error(err, "cannot convert the model", "cannot trace this", "--debug")
+    assert_one_line_error(err, "converting the model", "cannot trace this", "--debug")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
+
+
+UNTRACEABLE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow in the top-level forward
+            return x + self.f(x)
+        return x
+"""
+
+
+@needs_api
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_model_that_cannot_be_captured(capsys, tmp_path, command):
+    path = write_model(tmp_path, UNTRACEABLE)
+    extra = ["-o", str(tmp_path / "m.pt")] if command == "convert" else []
+    code, out, err = run_cli(capsys, command, path, *extra)
+    assert code == 5 and out == ""
+    assert_one_line_error(err, "cannot capture the model from", "control flow")
     assert sorted(os.listdir(tmp_path)) == ["model.py"]
 
 

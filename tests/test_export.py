@@ -101,6 +101,12 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
             fh.write(b"new")
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["out.pt"]
+    fresh = tmp_path / "fresh.pt"
+    with atomic_output(fresh) as tmp:
+        open(tmp, "wb").close()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_atomic_output_missing_directory(tmp_path):
