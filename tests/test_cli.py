@@ -514,3 +514,36 @@ def test_saved_model_with_classes_of_the_file_loads_where_the_file_is_importable
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["leafy_model_for_cli_test"]
+
+
+# -- export failures (8) ---------------------------------------------------------------------------
+UNPICKLABLE = LEAFY.replace(
+    "        self.fc = nn.Linear(3, 3)\n",
+    "        self.fc = nn.Linear(3, 3)\n        self.post = lambda t: t  # pickle cannot save it\n",
+)
+
+
+@needs_api
+def test_unpicklable_model_is_exit_8_and_writes_nothing(capsys, tmp_path):
+    path = write_model(tmp_path, UNPICKLABLE)
+    code, out, err = run_cli(capsys, "convert", path + ":Net", "-o", str(tmp_path / "m.pt"))
+    assert code == 8 and out == ""
+    assert_one_line_error(err, "cannot save the converted model", "state_dict")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
+
+
+@needs_api
+@pytest.mark.parametrize("option", ["--export", "--onnx"])
+def test_export_failure_is_exit_8(capsys, tmp_path, monkeypatch, option):
+    def failing(*args, **kwargs):
+        raise fxmomentum.export.ExportError("torch.export failed: Unsupported: something")
+
+    monkeypatch.setattr(cli, "export_program" if option == "--export" else "export_onnx", failing)
+    path = write_model(tmp_path, TINY_RESNET, "example_inputs = torch.randn(1, 3, 8, 8)\n")
+    out_file = tmp_path / "out.bin"
+    code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"), option,
+                             str(out_file))  # fmt: skip
+    assert code == 8 and out == ""
+    assert_one_line_error(err, "Unsupported: something")
+    assert not out_file.exists()
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]  # -o was complete before
