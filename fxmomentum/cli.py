@@ -183,6 +183,18 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="do not convert chains whose module path matches PATTERN (repeatable)",
     )
+    conv.add_argument(
+        "--leaf",
+        action="append",
+        metavar="MODULE",
+        help="keep the submodule at this path whole (not traced into); repeatable",
+    )
+    conv.add_argument(
+        "--cost-model",
+        action="store_true",
+        help="convert a chain only if its estimated memory saving is positive "
+        "(needs example inputs)",
+    )
     out = common.add_argument_group("output")
     out.add_argument(
         "--format",
@@ -341,6 +353,21 @@ def _check_gamma(args: argparse.Namespace) -> None:
         )
 
 
+def _check_leaves(args: argparse.Namespace, loaded: loader.LoadedModel) -> None:
+    if not args.leaf:
+        return
+    paths = {name for name, _ in loaded.model.named_modules() if name}
+    for path in args.leaf:
+        if path not in paths:
+            close = difflib.get_close_matches(path, sorted(paths), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise CLIError(
+                f"--leaf {path}: {type(loaded.model).__name__} has no submodule {path!r}{hint}; "
+                f"give a module path such as those in the report's first/last columns",
+                EXIT_USAGE,
+            )
+
+
 def _converter_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"use_backprop": args.use_backprop}
     if args.min_blocks != 1:
@@ -349,6 +376,10 @@ def _converter_options(args: argparse.Namespace) -> dict[str, Any]:
         options["include"] = list(args.include)
     if args.exclude:
         options["exclude"] = list(args.exclude)
+    if args.leaf:
+        options["leaf_modules"] = list(args.leaf)
+    if args.cost_model:
+        options["cost_model"] = True
     return options
 
 
@@ -558,6 +589,7 @@ def _uses_module(gm: torch.nn.Module, module_name: str) -> bool:
 def _run_inspect(args: argparse.Namespace) -> int:
     _check_gamma(args)
     loaded = _load(args)
+    _check_leaves(args, loaded)
     api = _api()
     options = _converter_options(args)
     try:
@@ -591,6 +623,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             EXIT_INPUTS,
         )
 
+    _check_leaves(args, loaded)
     api = _api()
     options = _converter_options(args)
     try:

@@ -547,3 +547,31 @@ def test_export_failure_is_exit_8(capsys, tmp_path, monkeypatch, option):
     assert_one_line_error(err, "Unsupported: something")
     assert not out_file.exists()
     assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]  # -o was complete before
+
+
+# -- converter options -----------------------------------------------------------------------------
+@needs_api
+def test_converter_options_reach_the_converter(capsys, tmp_path):
+    path = write_model(tmp_path)
+
+    def chains(*options):
+        code, out, err = run_cli(capsys, "inspect", path, "--format", "json", *options)
+        assert code == 0, err
+        data = json.loads(out)
+        return [(c["first"], c["num_blocks"], c["converted"]) for c in data["chains"]], data
+
+    everything, _ = chains()
+    assert everything == [("stage1.0", 3, True), ("stage2.0", 2, True)]
+    assert chains("--min-blocks", "3")[0] == [("stage1.0", 3, True), ("stage2.0", 2, False)]
+    assert [c[2] for c in chains("--exclude", "stage2")[0]] == [True, False]
+    assert [c[2] for c in chains("--include", "stage2*")[0]] == [False, True]
+    _, data = chains("--leaf", "stage1.1")
+    assert [leaf["module"] for leaf in data["leaves"]] == ["stage1.1"]
+    _, data = chains("--gamma", "0", "--use-backprop")
+    assert data["use_backprop"] is True
+
+
+def test_unknown_leaf_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", write_model(tmp_path), "--leaf", "stage1.01")
+    assert code == 2
+    assert_one_line_error(err, "--leaf stage1.01", "did you mean stage1.1")
