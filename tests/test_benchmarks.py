@@ -1,0 +1,88 @@
+"""Smoke tests of benchmarks/: the measurement harness and the quick mode of the benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("harness", BENCH / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("harness", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+# Tensors of 256 x 256 float32 (256 KiB) lie above the mmap threshold, so the step shows in RSS.
+TINY = dict(kind="backprop", depth=3, width=256, hidden=16, batch=256)
+
+
+def test_measure_memory_fresh_process():
+    res = harness.measure_memory("tiny", "bench_momentumnet:build_chain", TINY, timeout=120)
+    assert res["config"] == "tiny"
+    assert res["device"] == "cpu"
+    assert res["peak_bytes"] > 0
+    assert res["hwm_bytes"] >= res["rss_before_bytes"]
+    # Three blocks keep at least their three 256 KiB inputs until backward.
+    assert res["peak_bytes"] >= 3 * 256 * 256 * 4
+
+
+def test_measure_memory_reports_child_failure():
+    with pytest.raises(RuntimeError, match="failed"):
+        harness.measure_memory("bad", "bench_momentumnet:no_such_builder", timeout=120)
+    with pytest.raises(ValueError, match="module:function"):
+        harness.load_builder("no_colon")
+
+
+def test_paired_time_returns_ratio():
+    calls = []
+    res = harness.paired_time(lambda: calls.append("a"), lambda: calls.append("b"), 5, 1)
+    ratio, ratios = res
+    assert ratio == res.ratio > 0
+    assert len(ratios) == 5 and all(r > 0 for r in ratios)
+    assert calls == ["a", "b"] * 6  # warm-up pair first, then interleaved
+    with pytest.raises(ValueError):
+        harness.paired_time(lambda: None, lambda: None, 0)
+
+
+def test_child_env():
+    env = harness.child_env(3, ["/some/where"])
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["PYTHONPATH"].split(":")[:2] == [str(BENCH), "/some/where"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    plots = importlib.util.find_spec("matplotlib") is not None
+    cmd = [sys.executable, str(BENCH / "bench_momentumnet.py"), "--quick", "--out", str(out)]
+    if not plots:
+        cmd.append("--no-plots")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_quick_mode_tables(quick_run):
+    text = (quick_run / "momentumnet.md").read_text()
+    for heading in ("Activation memory", "Time of a training step", "Gradient accuracy"):
+        assert heading in text
+    assert "| reversible |" in text  # time table row
+    assert (quick_run / "momentumnet.json").is_file()
+
+
+def test_quick_mode_plots(quick_run):
+    pytest.importorskip("matplotlib")
+    for name in ("memory_vs_depth.png", "grad_error_vs_depth.png"):
+        data = (quick_run / name).read_bytes()
+        assert data.startswith(b"\x89PNG")
