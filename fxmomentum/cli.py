@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from . import loader
+from . import api, loader
+from .exact import quantize_gamma
 from .export import ExportError, atomic_output, export_onnx, export_program, save_program
+from .report import ConversionReport
 
 __all__ = ["EXIT_CODES", "CLIError", "build_parser", "main"]
 
@@ -311,19 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _api() -> Any:
-    import fxmomentum
-
-    missing = [n for n in ("convert", "inspect") if not hasattr(fxmomentum, n)]
-    if missing:
-        raise CLIError(
-            f"this fxmomentum has no {'() or '.join(missing)}() (converter not installed); "
-            f"reinstall fxmomentum",
-            EXIT_INTERNAL,
-        )
-    return fxmomentum
-
-
 def _load(args: argparse.Namespace) -> loader.LoadedModel:
     if args.dtype and not args.input_shape:
         raise CLIError(
@@ -343,8 +332,6 @@ def _load(args: argparse.Namespace) -> loader.LoadedModel:
 
 
 def _check_gamma(args: argparse.Namespace) -> None:
-    from .exact import quantize_gamma
-
     if not args.use_backprop and quantize_gamma(args.gamma) == 0:
         raise CLIError(
             f"--gamma {args.gamma:g} cannot be reversed (the inverse divides by gamma); add "
@@ -423,17 +410,10 @@ def _target_info(loaded: loader.LoadedModel) -> dict[str, Any]:
     }
 
 
-def _shapes_verified(report: Any, loaded: loader.LoadedModel) -> bool:
-    verified = getattr(report, "shapes_verified", None)
-    return bool(loaded.example_inputs is not None if verified is None else verified)
-
-
-def _diff_text(report: Any) -> str:
-    before = getattr(report, "code_before", None) or ""
-    after = getattr(report, "code_after", None) or ""
+def _diff_text(report: ConversionReport) -> str:
     lines = difflib.unified_diff(
-        before.strip("\n").splitlines(),
-        after.strip("\n").splitlines(),
+        report.code_before.strip("\n").splitlines(),
+        report.code_after.strip("\n").splitlines(),
         fromfile="before (original graph)",
         tofile="after (converted graph)",
         lineterm="",
@@ -441,28 +421,15 @@ def _diff_text(report: Any) -> str:
     return "\n".join(lines) or "(no change: nothing was converted)"
 
 
-def _report_dict(report: Any) -> dict[str, Any]:
-    if hasattr(report, "as_dict"):
-        return dict(report.as_dict())
-    return json.loads(report.format("json"))
-
-
 def _format_report(
-    report: Any,
-    loaded: loader.LoadedModel,
-    args: argparse.Namespace,
-    extra: dict[str, Any] | None = None,
+    report: ConversionReport, loaded: loader.LoadedModel, args: argparse.Namespace
 ) -> str:
     """The text printed on stdout for a report, in the chosen format."""
     show_diff = bool(getattr(args, "diff", False))
-    verified = _shapes_verified(report, loaded)
     if args.format == "json":
-        data = {"target": _target_info(loaded), **_report_dict(report)}
-        data.setdefault("shapes_verified", verified)
+        data = {"target": _target_info(loaded), **report.as_dict()}
         if show_diff:
             data["diff"] = _diff_text(report)
-        if extra:
-            data.update(extra)
         return json.dumps(data, indent=2, default=str)
 
     md = args.format == "markdown"
@@ -470,11 +437,13 @@ def _format_report(
     header = f"{loaded.source}: {loaded.how} ({type(loaded.model).__name__})"
     lines.append(f"**{header}**" if md else header)
     lines.append(f"example inputs: {_inputs_text(loaded)}")
-    if not verified:
+    if loaded.example_inputs is None:
         lines.append(
             "shapes not verified: no example inputs, chains were found from the graph's "
             "structure only (give --input-shape or example_inputs to verify them)"
         )
+    elif not report.shapes_verified:
+        lines.append("shapes not verified: shape propagation failed (see the notes below)")
     lines.append("")
     lines.append(_report_body(report, args.format, args.show_skipped))
     if show_diff:
@@ -485,21 +454,17 @@ def _format_report(
     return "\n".join(lines).rstrip("\n")
 
 
-def _report_body(report: Any, fmt: str, show_skipped: bool) -> str:
+def _report_body(report: ConversionReport, fmt: str, show_skipped: bool) -> str:
     """The report in ``fmt``; the skipped residual adds listed only with ``show_skipped``."""
-    skipped = list(getattr(report, "skipped", None) or [])
-    shown = report
-    if skipped and not show_skipped and dataclasses.is_dataclass(report):
-        shown = dataclasses.replace(report, skipped=[])
-    body = shown.format(fmt) if hasattr(shown, "format") else str(shown)
-    if shown is not report:
-        if hasattr(report, "summary"):  # keep the true count in the summary line
-            body = body.replace(shown.summary(), report.summary(), 1)
-        body = body.rstrip("\n") + (
-            f"\n\n{len(skipped)} residual add(s) not converted are not listed: "
-            f"add --show-skipped to see them and why"
-        )
-    return body.rstrip("\n")
+    if show_skipped or not report.skipped:
+        return report.format(fmt).rstrip("\n")
+    shown = dataclasses.replace(report, skipped=[])
+    # Keep the true count in the summary line.
+    body = shown.format(fmt).replace(shown.summary(), report.summary(), 1).rstrip("\n")
+    return (
+        f"{body}\n\n{len(report.skipped)} residual add(s) not converted are not listed: "
+        f"add --show-skipped to see them and why"
+    )
 
 
 # -- output paths ----------------------------------------------------------------------------------
@@ -590,7 +555,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     _check_gamma(args)
     loaded = _load(args)
     _check_leaves(args, loaded)
-    api = _api()
     options = _converter_options(args)
     try:
         report = api.inspect(loaded.model, loaded.example_inputs, gamma=args.gamma, **options)
@@ -624,7 +588,6 @@ def _run_convert(args: argparse.Namespace) -> int:
         )
 
     _check_leaves(args, loaded)
-    api = _api()
     options = _converter_options(args)
     try:
         gm, report = api.convert(

@@ -23,9 +23,6 @@ from fxmomentum.export import (
     save_program,
 )
 
-HAS_API = hasattr(fxmomentum, "convert")
-needs_api = pytest.mark.skipif(not HAS_API, reason="the converter (fxmomentum.convert) is missing")
-
 
 # -- a converted-like GraphModule that does not need the converter ---------------------------------
 class _ChainNet(nn.Module):
@@ -179,8 +176,6 @@ MODELS = {"resnet18": _resnet18, "vit": _small_vit}
 @pytest.fixture(scope="module")
 def converted():
     """The converted models (eval) and their inputs, built once for the module."""
-    if not HAS_API:
-        pytest.skip("the converter (fxmomentum.convert) is missing")
     out = {}
     for name, make in MODELS.items():
         model, x = make()
@@ -192,7 +187,6 @@ def converted():
     return out
 
 
-@needs_api
 @pytest.mark.parametrize("name", list(MODELS))
 def test_torch_export_of_converted_model(converted, name):
     gm, x = converted[name]
@@ -204,7 +198,6 @@ def test_torch_export_of_converted_model(converted, name):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@needs_api
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_of_converted_model(converted, name, tmp_path):
     pytest.importorskip("onnxscript")
