@@ -14,6 +14,11 @@ same weights (``gamma`` rounded to a multiple of ``2**-16`` as in every mode), w
 semantics (BatchNorm uses its running statistics, dropout is off). An exported program is for
 inference; train the converted GraphModule itself.
 
+Eval mode alone is not enough: with grad enabled and trainable parameters, a reversible chain
+still takes the autograd-Function path, and calling ``torch.export.export`` (or
+``torch.onnx.export``) on it directly fails on a data-dependent guard inside the exact engine.
+Use these helpers, or wrap such calls in ``torch.no_grad()``.
+
 Saving and loading
 ------------------
 ``torch.save(gm, path)`` pickles the whole GraphModule (its generated code included); loading it
