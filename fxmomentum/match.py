@@ -316,9 +316,16 @@ class _Graph:
         self.shapes_known = any(_meta(n) is not None for n in self.nodes)
 
     def descendants_before(self, x: fx.Node, stop: int) -> set[fx.Node]:
-        """Nodes computed from ``x`` that come before position ``stop``."""
-        view = nx.subgraph_view(self.dg, filter_node=lambda n: self.index[n] < stop)
-        return nx.descendants(view, x)
+        """Nodes computed from ``x`` that come before position ``stop`` (visits only those)."""
+        succ, index = self.dg.succ, self.index
+        found: set[fx.Node] = set()
+        todo = [x]
+        while todo:
+            for u in succ[todo.pop()]:
+                if u not in found and index[u] < stop:
+                    found.add(u)
+                    todo.append(u)
+        return found
 
     def resolve_identity(self, node: fx.Node) -> fx.Node:
         """See through identity-like modules (``nn.Identity``, dropout with p = 0) that only
@@ -383,6 +390,14 @@ class _Graph:
                 return True  # a tensor from outside: an embedding, a mask, a weight
         return False
 
+    def is_parameter_like(self, node: fx.Node) -> bool:
+        """A ``get_attr`` (parameter, buffer, constant) or a train/eval flag."""
+        if node.op == "get_attr":
+            return True
+        return node.op == "call_module" and isinstance(
+            self.modules.get(str(node.target)), TrainingFlag
+        )
+
     def shape_preserving(self, node: fx.Node, prev: fx.Node, inside: set[fx.Node]) -> bool:
         """Whether ``node`` maps ``prev`` to a value of the same shape, per element / norm."""
         if not node.args or node.args[0] is not prev:
@@ -431,6 +446,9 @@ def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
         x = g.resolve_identity(skip)
         inner = g.descendants_before(x, stop)
         if branch in inner and (skip is x or skip in inner):
+            tx, ty = _meta(x), _meta(add)
+            if tx is not None and ty is not None and tx.shape != ty.shape:
+                return None  # the add broadcasts x to a larger shape: not a residual connection
             if alpha is not None and pos == 1:
                 return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
             return _Candidate(add, x, skip, branch, inner, alpha if pos == 0 else None)
@@ -442,6 +460,12 @@ def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
     if found is None:
         return None
     fork, side_a, side_b = found
+    # Both paths must start at the fork and read nothing else but parameters.
+    sides = {fork, *side_a, *side_b}
+    for n in sides - {fork}:
+        for i in n.all_input_nodes:
+            if i not in sides and not g.is_parameter_like(i):
+                return None
     short, long_ = (side_a, side_b) if len(side_a) <= len(side_b) else (side_b, side_a)
     if len(short) > 8 or not g.has_parameters(short, ()) or not g.has_parameters(long_, ()):
         return None
@@ -453,6 +477,16 @@ def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
 def _check(g: _Graph, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
     """Why a candidate cannot be a block, or None."""
     x, inner = c.entry, c.inner
+    if c.add.op == "call_method" and c.add.target == "add_":
+        # ``t.add_(u)`` changes ``t``: code that reads ``t`` afterwards expects the sum, and the
+        # graph shows no edge for that.
+        target = c.add.args[0]
+        later = [u for u in target.users if g.index[u] > g.index[c.add]]
+        if later:
+            return (
+                f"adds in place into `{target.name}`, which `{later[0].name}` reads afterwards "
+                f"(write `x = x.add_(...)` or `x = x + ...`)"
+            )
     tx = _meta(x)
     if g.shapes_known and tx is None:
         return f"the input `{x.name}` is not a tensor"

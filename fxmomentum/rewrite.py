@@ -14,6 +14,7 @@ its ``state_dict`` has exactly the original keys, and ``.to()``, ``.half()``,
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -62,10 +63,14 @@ def block_graph(block: Block, context: Sequence[fx.Node]) -> fx.Graph:
     """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {block.entry: g.placeholder("x")}
-    for c in context:
-        # Every block takes the whole context; block 0 reads x_0 as x even when a later
-        # block reads it as context.
-        env.setdefault(c, g.placeholder(c.name))
+    if context:
+        # Every block receives the chain's whole context and reads its own part of it.
+        pack = g.placeholder("*context")
+        position = {c: i for i, c in enumerate(context)}
+        for c in block.context:
+            env[c] = g.create_node(
+                "call_function", operator.getitem, (pack, position[c]), {}, name=c.name
+            )
     for n in block.nodes:
         if n is block.add:
             if block.kind == "pure":
@@ -149,8 +154,9 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module, graphs: Sequence[fx.Graph])
     GraphModule keeps only the modules its graph names. Here every path of ``root`` stays, so
     that ``state_dict`` keys, their order and buffer persistence are the original's: modules
     the graphs call are the original objects; the others (modules traced through, or unused)
-    become plain ``nn.Module`` holders of the same parameters, buffers and children, as in any
-    GraphModule, so that loading a saved model needs only the classes of called modules.
+    become holders of the same parameters, buffers and children (plain ``nn.Module``, or a
+    shallow copy for torch's containers such as ``nn.Sequential``), as in any GraphModule,
+    so that loading a saved model needs only the classes of called modules.
     """
     called = {id(root.get_submodule(str(n.target)))
               for g in graphs for n in g.nodes if n.op == "call_module"}  # fmt: skip
@@ -185,9 +191,13 @@ def _plain_tree(module: nn.Module, called: set[int], memo: dict[int, nn.Module])
     if key in called or (type(module).__module__.startswith("torch.") and not module._modules):
         memo[key] = module
         return module
-    holder = nn.Module()
+    if type(module).__module__.startswith("torch."):
+        # torch's own containers keep their class (``gm.layer1[0]`` still works).
+        holder = copy.copy(module)
+    else:
+        holder = nn.Module()
+        holder.training = module.training
     memo[key] = holder
-    holder.training = module.training
     holder.__dict__["_parameters"] = dict(module._parameters)
     holder.__dict__["_buffers"] = dict(module._buffers)
     holder.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)

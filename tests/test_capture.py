@@ -1,0 +1,206 @@
+"""Tests of fxmomentum.capture: tracing with automatic leaves, train/eval flags, shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import archs
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import max_rel_err
+from torch import fx, nn
+
+import fxmomentum
+from fxmomentum import MomentumChain
+from fxmomentum.capture import (
+    CaptureError,
+    CaptureTracer,
+    TrainingFlag,
+    capture,
+    propagate_shapes,
+)
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor value: cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class BranchesOnTraining(nn.Module):
+    """Branches on self.training: its graph would be fixed to one mode."""
+
+    def forward(self, x):
+        if self.training:
+            return x * 0.5
+        return x
+
+
+class PassesTraining(nn.Module):
+    """Passes self.training to a function: traced, with the mode read at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), 0.5, self.training)
+
+
+class WithParts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.bad = DataDependent()
+        self.branchy = BranchesOnTraining()
+        self.drop = PassesTraining()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = self.bad(self.a(x))
+        x = self.drop(self.branchy(x))
+        for b in self.blocks:
+            x = x + torch.tanh(b(x))
+        return x
+
+
+def test_plain_model_is_traced_with_shapes():
+    model = archs.MLPResNet()
+    cap = capture(copy.deepcopy(model), torch.randn(3, 8))
+    assert cap.shapes_verified and cap.leaves == [] and cap.notes == []
+    modules = [n for n in cap.graph.nodes if n.op == "call_module"]
+    assert [str(n.target) for n in modules[:3]] == ["stem", "blocks.0.0", "blocks.0.1"]
+    shapes = {str(n.target): tuple(n.meta["tensor_meta"].shape) for n in modules}
+    assert shapes["stem"] == (3, 16) and shapes["blocks.0.0"] == (3, 32)
+    assert shapes["head"] == (3, 3)
+
+
+def test_without_example_inputs_shapes_are_unverified():
+    cap = capture(archs.MLPResNet())
+    assert not cap.shapes_verified
+    assert all("tensor_meta" not in n.meta for n in cap.graph.nodes)
+
+
+def test_untraceable_submodule_becomes_a_leaf_and_the_rest_is_traced():
+    model = WithParts()
+    cap = capture(copy.deepcopy(model), torch.randn(2, 8))
+    leaves = {leaf.path: leaf for leaf in cap.leaves}
+    assert set(leaves) == {"bad", "branchy"}
+    assert leaves["bad"].type == "DataDependent"
+    assert "control flow" in leaves["bad"].reason and "not traceable" in leaves["bad"].reason
+    assert "self.training" in leaves["branchy"].reason
+    targets = [str(n.target) for n in cap.graph.nodes if n.op == "call_module"]
+    assert "bad" in targets and "bad.lin" not in targets  # opaque
+    assert "drop.lin" in targets  # traced into
+    assert "drop._training_flag" in targets  # mode read at run time
+
+
+def test_leaf_modules_option():
+    cap = capture(archs.MLPResNet(), leaf_modules=["blocks.1", nn.LayerNorm])
+    targets = {str(n.target) for n in cap.graph.nodes if n.op == "call_module"}
+    assert "blocks.1" in targets and "blocks.1.0" not in targets and "blocks.0.0" in targets
+    assert [(leaf.path, leaf.reason) for leaf in cap.leaves] == [
+        ("blocks.1", "requested (leaf_modules)")
+    ]
+    with pytest.raises(ValueError, match="no submodule"):
+        capture(archs.MLPResNet(), leaf_modules=["nope"])
+
+
+def test_training_flag_follows_train_and_eval_after_conversion():
+    torch.manual_seed(0)
+    model = WithParts()
+    gm = fxmomentum.convert(model, 0.0, use_backprop=True)
+    x = torch.randn(4, 8)
+    gm.eval()
+    model.eval()
+    assert torch.equal(gm(x), gm(x))  # no dropout in eval mode
+    assert max_rel_err([gm(x)], [model(x)]) < 1e-6
+    gm.train()
+    model.train()
+    torch.manual_seed(1)
+    a = gm(x)
+    torch.manual_seed(1)
+    assert max_rel_err([a], [model(x)]) < 1e-6
+    assert not torch.equal(a, gm(x))  # dropout active again
+    flag = gm.get_submodule("drop._training_flag")
+    assert isinstance(flag, TrainingFlag) and flag.training
+    gm.drop.eval()
+    assert not flag.training
+    # The original model got no flag: conversion works on a copy.
+    assert not hasattr(model.drop, "_training_flag")
+
+
+def test_model_own_forward_that_cannot_be_traced_raises():
+    with pytest.raises(CaptureError, match=r"DataDependent\.forward"):
+        capture(DataDependent())
+
+
+def test_root_branching_on_training_is_noted():
+    cap = capture(BranchesOnTraining().train())
+    assert any("specialised to train mode" in note for note in cap.notes)
+
+
+def test_momentum_chain_is_a_leaf():
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chain = MomentumChain([nn.Linear(4, 4) for _ in range(3)], 0.9)
+
+        def forward(self, x):
+            return self.chain(x) * 2
+
+    cap = capture(Holder(), torch.randn(2, 4))
+    assert [str(n.target) for n in cap.graph.nodes if n.op == "call_module"] == ["chain"]
+    assert [leaf.path for leaf in cap.leaves] == ["chain"]
+    assert "already a momentum chain" in cap.leaves[0].reason
+
+
+def test_torch_transformer_encoder_is_traced_into():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = nn.Sequential(nn.Linear(6, 16), encoder)
+    before = torch.backends.mha.get_fastpath_enabled()
+    cap = capture(model, torch.randn(2, 5, 6))
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    targets = {str(n.target) for n in cap.graph.nodes if n.op == "call_module"}
+    assert {"1.layers.0.self_attn", "1.layers.1.norm2"} <= targets
+    assert cap.leaves == []
+
+
+def test_shape_propagation_has_no_side_effects():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)).train()
+    gm = fx.symbolic_trace(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 4) + 3
+    rng = torch.get_rng_state()
+    propagate_shapes(gm, x, model)
+    assert torch.equal(rng, torch.get_rng_state())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert tuple(list(gm.graph.nodes)[-2].meta["tensor_meta"].shape) == (8, 4)
+
+
+def test_failed_shape_propagation_is_a_note():
+    cap = capture(archs.MLPResNet(), torch.randn(3, 5))  # wrong feature size
+    assert not cap.shapes_verified
+    assert any("shape propagation" in note for note in cap.notes)
+
+
+def test_example_inputs_type_is_checked():
+    with pytest.raises(TypeError, match="example_inputs"):
+        propagate_shapes(fx.symbolic_trace(nn.Linear(2, 2)), "bad")
+
+
+def test_tracer_reads_parameters_by_identity():
+    model = archs.Synthetic(5)
+    graph = CaptureTracer().trace(model)
+    attrs = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+    assert attrs == [f"scales.{i}" for i in range(5)]
