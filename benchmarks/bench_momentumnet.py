@@ -109,9 +109,7 @@ def make_model(kind: str, blocks: Sequence[nn.Module], gamma: float) -> nn.Modul
     if kind in ("official_reversible", "official_backprop"):
         from momentumnet import MomentumNet as OfficialMomentumNet
 
-        return OfficialMomentumNet(
-            list(blocks), gamma, use_backprop=kind == "official_backprop"
-        )
+        return OfficialMomentumNet(list(blocks), gamma, use_backprop=kind == "official_backprop")
     raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(LABELS)}")
 
 
@@ -247,7 +245,11 @@ def run_memory(s: Settings, device: str, log: Callable[[str], None]) -> list[dic
     def one(point: tuple[str, int]) -> dict[str, Any]:
         kind, depth = point
         kwargs = dict(
-            kind=kind, depth=depth, width=s.mem_width, hidden=s.mem_hidden, batch=s.mem_batch,
+            kind=kind,
+            depth=depth,
+            width=s.mem_width,
+            hidden=s.mem_hidden,
+            batch=s.mem_batch,
             gamma=GAMMA,
         )
         start = time.perf_counter()
@@ -275,9 +277,9 @@ def run_memory(s: Settings, device: str, log: Callable[[str], None]) -> list[dic
 def run_time(s: Settings, device: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Median ratio of paired train steps of each kind against backprop."""
     workloads = {
-        kind: build_chain(
-            kind, s.time_depth, s.time_width, s.time_hidden, s.time_batch, GAMMA
-        ).to(device)
+        kind: build_chain(kind, s.time_depth, s.time_width, s.time_hidden, s.time_batch, GAMMA).to(
+            device
+        )
         for kind in s.kinds
     }
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
@@ -311,8 +313,7 @@ def run_time(s: Settings, device: str, log: Callable[[str], None]) -> list[dict[
             }
         )
         log(
-            f"  time {kind:>20} / backprop: {res.ratio:.2f}x"
-            f"  ({time.perf_counter() - start:.1f} s)"
+            f"  time {kind:>20} / backprop: {res.ratio:.2f}x  ({time.perf_counter() - start:.1f} s)"
         )
     return rows
 
@@ -359,8 +360,12 @@ def run_grad(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
     ]
     if official:
         columns.append(
-            ("momentumnet reversible f32", "official_reversible", torch.float32,
-             "official_backprop")
+            (
+                "momentumnet reversible f32",
+                "official_reversible",
+                torch.float32,
+                "official_backprop",
+            )
         )
     rows = []
     for gamma in s.grad_gammas:
@@ -381,8 +386,10 @@ def run_grad(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
                 f"{c}: {row[c]:.1e}" if isinstance(row[c], float) else f"{c}: {row[c]}"
                 for c, *_ in columns
             )
-            log(f"  grad gamma {gamma} depth {depth:>4}: {shown}  "
-                f"({time.perf_counter() - start:.1f} s)")
+            log(
+                f"  grad gamma {gamma} depth {depth:>4}: {shown}  "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
     return rows
 
 
@@ -401,11 +408,15 @@ def _git_commit() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(HERE), "status", "--porcelain", "--", "../fxmomentum"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -440,8 +451,8 @@ def write_markdown(
     lines = [
         "# MomentumNet benchmark" + (" (quick smoke run, tiny sizes)" if quick else ""),
         "",
-        "Regenerate with `python benchmarks/bench_momentumnet.py`. Methods: \"How things are "
-        "measured\" in DESIGN.md (fresh process per memory point, `MALLOC_MMAP_THRESHOLD_=65536`,"
+        'Regenerate with `python benchmarks/bench_momentumnet.py`. Methods: "How things are '
+        'measured" in DESIGN.md (fresh process per memory point, `MALLOC_MMAP_THRESHOLD_=65536`,'
         " VmHWM - VmRSS of one step after a warm-up step; times are medians of paired ratios).",
         "",
         f"- fxmomentum commit {_git_commit()}, torch {torch.__version__}, python "
@@ -474,13 +485,14 @@ def write_markdown(
     if "reversible 128/16" in summary and not quick:
         ok = summary["reversible 128/16"] <= 1.15
         lines.append(
-            f"- target (reversible depth 128 within 15% of depth 16): "
-            f"{'met' if ok else 'NOT met'}"
+            f"- target (reversible depth 128 within 15% of depth 16): {'met' if ok else 'NOT met'}"
         )
     failed = [r for r in mem if "error" in r]
     for r in failed:
-        lines.append(f"- {LABELS[r['kind']]} depth {r['depth']} failed: "
-                     f"`{r['error'].strip().splitlines()[-1][:200]}`")
+        lines.append(
+            f"- {LABELS[r['kind']]} depth {r['depth']} failed: "
+            f"`{r['error'].strip().splitlines()[-1][:200]}`"
+        )
     if s.mem_backprop_max_depth < max(s.mem_depths):
         lines.append(f"- backprop measured up to depth {s.mem_backprop_max_depth} only.")
     if "official_reversible" in kinds and s.mem_official_max_depth < max(s.mem_depths):
@@ -512,8 +524,11 @@ def write_markdown(
         lines.append("")
         lines.append(f"- target (reversible <= 1.6x): {'met' if ok else 'NOT met'}")
 
-    grad_cols = [c for c in (grad[0] if grad else {}) if c not in ("gamma", "depth")
-                 and not c.endswith(" error")]
+    grad_cols = [
+        c
+        for c in (grad[0] if grad else {})
+        if c not in ("gamma", "depth") and not c.endswith(" error")
+    ]
     lines += [
         "",
         "## Gradient accuracy against depth",
@@ -531,14 +546,17 @@ def write_markdown(
     for r in grad:
         lines.append(
             f"| {r['gamma']} | {r['depth']} | "
-            + " | ".join(_fmt_err(r.get(c)) for c in grad_cols) + " |"
+            + " | ".join(_fmt_err(r.get(c)) for c in grad_cols)
+            + " |"
         )
     errors = [(r, c) for r in grad for c in grad_cols if f"{c} error" in r]
     if errors:
         lines.append("")
         for r, c in errors:
-            lines.append(f"- {c}, gamma {r['gamma']}, depth {r['depth']}: "
-                         f"`{r[c + ' error'].splitlines()[0][:200]}`")
+            lines.append(
+                f"- {c}, gamma {r['gamma']}, depth {r['depth']}: "
+                f"`{r[c + ' error'].splitlines()[0][:200]}`"
+            )
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
@@ -572,14 +590,21 @@ def make_plots(
     plt.close(fig)
     files.append("memory_vs_depth.png")
 
-    cols = [c for c in (grad[0] if grad else {}) if c not in ("gamma", "depth")
-            and not c.endswith(" error")]
-    fig, axes = plt.subplots(1, len(s.grad_gammas), figsize=(4 * len(s.grad_gammas), 3.8),
-                             squeeze=False, sharey=True)
+    cols = [
+        c
+        for c in (grad[0] if grad else {})
+        if c not in ("gamma", "depth") and not c.endswith(" error")
+    ]
+    fig, axes = plt.subplots(
+        1, len(s.grad_gammas), figsize=(4 * len(s.grad_gammas), 3.8), squeeze=False, sharey=True
+    )
     for ax, gamma in zip(axes[0], s.grad_gammas, strict=True):
         for c in cols:
-            pts = [(r["depth"], r[c]) for r in grad if r["gamma"] == gamma
-                   and isinstance(r[c], float) and math.isfinite(r[c])]
+            pts = [
+                (r["depth"], r[c])
+                for r in grad
+                if r["gamma"] == gamma and isinstance(r[c], float) and math.isfinite(r[c])
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=c)
         ax.set_xscale("log")
@@ -601,16 +626,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write the results; see ``--help``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default benchmarks/results, or a temp folder with --quick)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/results, or a temp folder with --quick)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--no-official", action="store_true", help="leave the official library out")
     p.add_argument("--time-repeats", type=int, default=None, help="timed pairs per comparison")
-    p.add_argument("--memory-repeats", type=int, default=None,
-                   help="fresh processes per memory point (median)")
-    p.add_argument("--only", default="memory,time,grad",
-                   help="comma-separated sections to run (memory, time, grad)")
+    p.add_argument(
+        "--memory-repeats", type=int, default=None, help="fresh processes per memory point (median)"
+    )
+    p.add_argument(
+        "--only",
+        default="memory,time,grad",
+        help="comma-separated sections to run (memory, time, grad)",
+    )
     args = p.parse_args(argv)
 
     device = args.device
@@ -640,8 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    log(f"bench_momentumnet: {'quick' if args.quick else 'full'} run, device {device}, "
-        f"official library: {official[1]}, output {out}")
+    log(
+        f"bench_momentumnet: {'quick' if args.quick else 'full'} run, device {device}, "
+        f"official library: {official[1]}, output {out}"
+    )
     t0 = time.perf_counter()
     mem = run_memory(s, device, log) if "memory" in sections else []
     tim = run_time(s, device, log) if "time" in sections else []
@@ -653,10 +688,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             plots = make_plots(out, s, device, mem, grad)
         except ImportError as exc:
             log(f"plots skipped: {exc}")
-    write_markdown(out / "momentumnet.md", s, device, mem, tim, grad, official, args.quick,
-                   plots)
-    raw = {"settings": asdict(s), "device": device, "official": list(official),
-           "memory": mem, "time": tim, "grad": grad, "summary": memory_summary(mem)}
+    write_markdown(out / "momentumnet.md", s, device, mem, tim, grad, official, args.quick, plots)
+    raw = {
+        "settings": asdict(s),
+        "device": device,
+        "official": list(official),
+        "memory": mem,
+        "time": tim,
+        "grad": grad,
+        "summary": memory_summary(mem),
+    }
     (out / "momentumnet.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     log(f"wrote {out / 'momentumnet.md'} in {time.perf_counter() - t0:.0f} s")
     return 0

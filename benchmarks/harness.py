@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,7 +64,6 @@ class Workload:
     model: nn.Module
     inputs: tuple[torch.Tensor, ...]
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: str | torch.device) -> Workload:
         """Move the model and inputs to ``device``; inputs stay leaves."""
