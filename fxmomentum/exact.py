@@ -117,16 +117,22 @@ class BitStack:
         self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
 
     # -- bookkeeping -------------------------------------------------------------------------
+    # In-place operations throughout: the stack works on tensors as large as the chain's
+    # activation, and every temporary counts in the step's peak memory.
     def _spill(self) -> None:
-        low = self.head & _WORD_MASK
-        # Store as int32 by two's complement; undone by masking after widening.
-        self.words.append((low - ((low >> 31) << _WORD_BITS)).to(torch.int32))
-        self.head = self.head >> _WORD_BITS
+        # The low word, sign-extended, fits int32 exactly; undone by masking after widening.
+        low = self.head << _WORD_BITS
+        low >>= _WORD_BITS
+        self.words.append(low.to(torch.int32))
+        del low
+        self.head >>= _WORD_BITS
         self.bound = -(-self.bound >> _WORD_BITS)
 
     def _unspill(self) -> None:
-        low = self.words.pop().to(torch.int64) & _WORD_MASK
-        self.head = (self.head << _WORD_BITS) | low
+        low = self.words.pop().to(torch.int64)
+        low &= _WORD_MASK
+        self.head <<= _WORD_BITS
+        self.head |= low
 
     def _make_room(self, base: int) -> int:
         spills = 0
@@ -170,9 +176,10 @@ class BitStack:
             return
         self.note_push(base)
         if base & (base - 1) == 0:
-            self.head = (self.head << (base.bit_length() - 1)) | r
+            self.head <<= base.bit_length() - 1
+            self.head |= r
         else:
-            self.head = self.head * base + r
+            self.head.mul_(base).add_(r)
 
     def undo_push(self, base: int) -> torch.Tensor:
         """Reverse the latest :meth:`push` with this ``base``; return its digits."""
@@ -180,7 +187,7 @@ class BitStack:
             return torch.zeros_like(self.head)
         if base & (base - 1) == 0:
             r = self.head & (base - 1)
-            self.head = self.head >> (base.bit_length() - 1)
+            self.head >>= base.bit_length() - 1
         else:
             self.head, r = floor_divmod(self.head, base)
         self._undo()
@@ -193,7 +200,7 @@ class BitStack:
         self.note_pop(base)
         if base & (base - 1) == 0:
             r = self.head & (base - 1)
-            self.head = self.head >> (base.bit_length() - 1)
+            self.head >>= base.bit_length() - 1
         else:
             self.head, r = floor_divmod(self.head, base)
         return r
@@ -203,19 +210,23 @@ class BitStack:
         if base <= 1:
             return
         if base & (base - 1) == 0:
-            self.head = (self.head << (base.bit_length() - 1)) | r
+            self.head <<= base.bit_length() - 1
+            self.head |= r
         else:
-            self.head = self.head * base + r
+            self.head.mul_(base).add_(r)
         self._undo()
 
     # -- signed values of many bits ----------------------------------------------------------
-    def push_signed(self, a: torch.Tensor, bits: int) -> None:
-        """Push signed values with ``|a| < 2**(bits - 1)`` as digits of at most 16 bits."""
-        u = a + (1 << (bits - 1))
+    def push_signed(self, a: torch.Tensor, bits: int, *, consume: bool = False) -> None:
+        """Push signed values with ``|a| < 2**(bits - 1)`` as digits of at most 16 bits.
+
+        With ``consume=True`` the int64 tensor ``a`` is used as scratch space (no copy).
+        """
+        u = a.add_(1 << (bits - 1)) if consume else a + (1 << (bits - 1))
         while bits > 0:
             k = min(bits, _MAX_DIGIT_BITS)
             self.push(u & ((1 << k) - 1), 1 << k)
-            u = u >> k
+            u >>= k
             bits -= k
 
     def undo_push_signed(self, bits: int) -> torch.Tensor:
@@ -228,8 +239,9 @@ class BitStack:
             remaining -= k
         u = torch.zeros_like(self.head)
         for k in reversed(digits):
-            u = (u << k) | self.undo_push(1 << k)
-        return u - (1 << (bits - 1))
+            u <<= k
+            u |= self.undo_push(1 << k)
+        return u.sub_(1 << (bits - 1))
 
     def freeze(self) -> None:
         """Spill the head into words so that only narrow int32 words stay in memory."""

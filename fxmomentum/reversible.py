@@ -130,7 +130,7 @@ def _scalar(value: float, work: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _from_float(x: torch.Tensor, s: int) -> torch.Tensor:
-    return torch.round(x.to(_work_dtype(x.dtype)) * (2.0**s)).to(torch.int64)
+    return (x.to(_work_dtype(x.dtype)) * (2.0**s)).round_().to(torch.int64)
 
 
 def _exponent(m: float) -> int:
@@ -151,7 +151,11 @@ def _shift_for(xm: float, vm: float, gm: float, R: int) -> int:
 
 
 def _signed_bits(a: torch.Tensor) -> int:
-    return int(a.abs().max().item()).bit_length() + 1 if a.numel() else 1
+    """Bits of a two's complement integer holding every element of ``a``."""
+    if not a.numel():
+        return 1
+    lo, hi = torch.aminmax(a)
+    return max(-int(lo.item()), int(hi.item())).bit_length() + 1
 
 
 def _buffers(block: object) -> list[torch.Tensor]:
@@ -301,13 +305,16 @@ class ChainRun:
     def _finish(self, y: torch.Tensor) -> None:
         if not torch.isfinite(y).all():
             raise _too_large(self.spec, len(self.spec.blocks) - 1, "the chain output", math.inf)
-        residual = self.X - _from_float(y, self.s)
-        self.bits_r, self.bits_v = _signed_bits(residual), _signed_bits(self.V)
-        self.stack.push_signed(residual, self.bits_r)
-        self.stack.push_signed(self.V, self.bits_v)
+        # What the output y does not hold of X, then V, go on the stack; y is the rest.
+        residual = _from_float(y, self.s).neg_().add_(self.X)
+        self.X = None
+        self.bits_r = _signed_bits(residual)
+        self.stack.push_signed(residual, self.bits_r, consume=True)
+        del residual
+        self.bits_v = _signed_bits(self.V)
+        self.stack.push_signed(self.V, self.bits_v, consume=True)
+        self.V = None
         self.stack.freeze()
-        # The output y (saved by the last node, and by whatever consumes it) is the state.
-        self.X = self.V = None
         self.checksum = None
 
     # -- backward -----------------------------------------------------------------------------
@@ -322,7 +329,8 @@ class ChainRun:
         self.consumed = True
         self.stack.thaw(y)
         self.V = self.stack.undo_push_signed(self.bits_v)
-        self.X = _from_float(y, self.s) + self.stack.undo_push_signed(self.bits_r)
+        self.X = _from_float(y, self.s)
+        self.X += self.stack.undo_push_signed(self.bits_r)
         acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         self.b = torch.zeros_like(y, dtype=acc)
         self.acc = acc
