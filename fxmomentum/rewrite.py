@@ -122,7 +122,7 @@ def block_module(root: nn.Module, block: Block, context: Sequence[fx.Node]) -> f
     >>> block.f is gm.f
     True
     """
-    return fx.GraphModule(root, block_graph(block, context), class_name="Block")
+    return _named(fx.GraphModule(root, block_graph(block, context), class_name="Block"))
 
 
 def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) -> fx.Graph:
@@ -284,6 +284,13 @@ def rewrite(
     _adopt_tree(gm, root, [new, *block_graphs])
     gm.graph.lint()
     gm.recompile()
+    return _named(gm)
+
+
+def _named(gm: fx.GraphModule) -> fx.GraphModule:
+    # torch.load rebuilds a GraphModule under this class name (torch.fx reads it from the
+    # module's __dict__; only torch.package writes it otherwise).
+    gm.__dict__["_graphmodule_cls_name"] = type(gm).__name__
     return gm
 
 
