@@ -219,7 +219,7 @@ def convert(
     ...         return x
     >>> gm = convert(MLP(), gamma=0.9)
     >>> print(gm.code.strip().splitlines()[-2].strip())
-    return momentum_chain_0
+    momentum_chain_0 = self.momentum_chain_0(x);  x = None
     """
     root = copy.deepcopy(model)
     plan = _plan(

@@ -78,6 +78,11 @@ class LeafInfo:
     type: str
     reason: str
 
+    @property
+    def module(self) -> str:
+        """The module path (same as :attr:`path`)."""
+        return self.path
+
 
 class TrainingFlag(nn.Module):
     """Reads the train / eval mode at run time, for a traced module that passes it on.

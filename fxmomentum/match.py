@@ -194,6 +194,11 @@ class SkippedAdd:
     path: str
     reason: str
 
+    @property
+    def module(self) -> str:
+        """The module path (same as :attr:`path`)."""
+        return self.path
+
     def __str__(self) -> str:
         return f"{self.node} ({self.path or 'root'}): {self.reason}"
 

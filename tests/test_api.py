@@ -10,6 +10,7 @@ model instead (:func:`grad_err`).
 from __future__ import annotations
 
 import copy
+import doctest
 import json
 import time
 
@@ -316,3 +317,10 @@ def test_conversion_time_is_linear_in_depth():
     assert elapsed < 10.0, elapsed
     with torch.no_grad():
         assert torch.isfinite(gm(torch.randn(4, 8))).all()
+
+
+@pytest.mark.parametrize("module", ["capture", "match", "rewrite", "report", "api"])
+def test_docstring_examples(module):
+    mod = __import__(f"fxmomentum.{module}", fromlist=[module])
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
