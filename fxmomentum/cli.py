@@ -4,6 +4,8 @@ Commands (``fxmomentum COMMAND --help`` for each)::
 
     fxmomentum inspect TARGET    list the residual chains the converter finds
     fxmomentum convert TARGET    convert and save (torch.save, torch.export, ONNX)
+    fxmomentum profile TARGET    measure the memory and time of a training step, original
+                                 against converted
 
 ``TARGET`` is ``model.py``, ``model.py:NAME`` or ``package.module:NAME``
 (see :mod:`fxmomentum.loader` for how the model is found).
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from . import api, loader
+from . import profile as profiling
 from .exact import quantize_gamma
 from .export import ExportError, atomic_output, export_onnx, export_program, save_program
 from .report import ConversionReport
@@ -279,6 +282,62 @@ def _add_convert(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_convert)
 
 
+def _add_profile(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        parents=[common],
+        formatter_class=_Formatter,
+        help="measure the activation memory and time of a training step, original vs converted",
+        description="How much would converting save on this model? Runs one training step "
+        "(forward, the sum of\nthe outputs as loss, backward) of the original and of the "
+        "converted model and reports their\nactivation memory (peak resident memory of the step "
+        "over the memory before it, one fresh\nprocess per configuration that loads TARGET "
+        "again, after a warm-up step) and their time\nratio (the two steps interleaved, the "
+        "median of --steps per-pair ratios), with each\nconverted chain's estimated share of "
+        "the saving.\n\n" + _TARGET_TEXT + "\n\nProfile needs example inputs. Progress goes "
+        "to stderr, the result to stdout.",
+        epilog="examples:\n"
+        "  fxmomentum profile model.py --input-shape 8,3,224,224\n"
+        "  fxmomentum profile torchvision.models:resnet50 --input-shape 1,3,128,128 --batch 16\n"
+        "  fxmomentum profile model.py --steps 20 --format json\n\n" + _EXIT_TEXT,
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        metavar="N",
+        help="replace the first dimension of every example input by N",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help="interleaved step pairs timed; the time ratio is their median (default 10)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        metavar="W",
+        help="untimed step pairs first; also the warm-up steps of the memory runs (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch threads for the measured steps (default: torch's current setting)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where to run the steps (default cpu; on cuda memory is "
+        "torch.cuda.max_memory_allocated)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.set_defaults(run=_run_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fxmomentum`` command.
 
@@ -309,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     _add_inspect(subparsers, common)
     _add_convert(subparsers, common)
+    _add_profile(subparsers, common)
     return parser
 
 
@@ -633,6 +693,107 @@ def _run_convert(args: argparse.Namespace) -> int:
     for line in written:
         print(line, file=sys.stderr)
     return EXIT_OK
+
+
+class _StderrProgress:
+    """Progress lines on stderr; transient ones overwrite each other on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.open_line = False
+
+    def __call__(self, message: str, transient: bool = False) -> None:
+        if self.quiet or (transient and not self.tty):
+            return
+        if transient:
+            sys.stderr.write(f"\rfxmomentum: {message}\033[K")
+            self.open_line = True
+        else:
+            self.close()
+            sys.stderr.write(f"fxmomentum: {message}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open_line = False
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    _check_gamma(args)
+    if args.warmup < 0:
+        raise CLIError(f"--warmup {args.warmup}: give 0 or more step pairs", EXIT_USAGE)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError(
+            "--device cuda: torch.cuda.is_available() is False; use --device cpu", EXIT_USAGE
+        )
+    torch.manual_seed(0)  # the measuring children load the target after the same seed
+    loaded = _load(args)
+    _check_leaves(args, loaded)
+    progress = _StderrProgress(args.quiet)
+    try:
+        result = profiling.profile_model(
+            loaded,
+            input_shapes=args.input_shape,
+            dtypes=args.dtype,
+            batch=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            gamma=args.gamma,
+            options=_converter_options(args),
+            threads=args.threads,
+            device=args.device,
+            seed=0,
+            progress=progress,
+        )
+    except loader.LoadError as exc:
+        raise CLIError(str(exc), exc.exit_code) from exc
+    except profiling.ProfileError as exc:
+        raise _profile_failed(loaded, exc) from exc
+    finally:
+        progress.close()
+    if args.format == "json":
+        print(json.dumps({"target": _target_info(loaded), **result.as_dict()}, indent=2))
+        return EXIT_OK
+    print(result.format(args.format))
+    report = result.report
+    if report is not None and report.skipped:
+        if args.show_skipped:
+            bullet = "- " if args.format == "markdown" else "  "
+            print("\nResidual adds not converted:")
+            print("\n".join(f"{bullet}{s}" for s in report.skipped))
+        else:
+            print(
+                f"\n{len(report.skipped)} residual add(s) were not converted: add "
+                f"--show-skipped to see them and why"
+            )
+    return EXIT_OK
+
+
+def _profile_failed(loaded: loader.LoadedModel, exc: profiling.ProfileError) -> CLIError:
+    cause = exc.__cause__
+    if exc.stage == "convert" and cause is not None:
+        return _conversion_failed(loaded, cause)
+    if exc.stage == "convert":
+        return CLIError(str(exc), EXIT_CONVERT)
+    if exc.stage == "original":
+        return CLIError(
+            f"{exc} on the example inputs ({_inputs_text(loaded)}); give inputs the model "
+            f"trains on (--input-shape), or make its output a tensor that depends on the "
+            f"parameters",
+            EXIT_INPUTS,
+        )
+    if exc.stage == "converted":
+        return CLIError(
+            f"{exc}; leave the failing chain out with --exclude PATTERN, or rerun with --debug",
+            EXIT_CONVERT,
+        )
+    return CLIError(
+        f"{exc}; the machine may be out of memory: try a smaller --batch, or rerun with --debug",
+        EXIT_INTERNAL,
+    )
 
 
 def _save_graph_module(
