@@ -446,6 +446,8 @@ def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
     if ops is None:
         return None
     a, b, alpha = ops
+    if a is b:
+        return None  # x + x
     stop = g.index[add]
     for skip, branch, pos in ((a, b, 0), (b, a, 1)):
         x = g.resolve_identity(skip)
