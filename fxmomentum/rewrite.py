@@ -47,15 +47,16 @@ def chain_names(root: nn.Module, count: int) -> list[str]:
     return names
 
 
-def block_graph(block: Block, context: Sequence[fx.Node]) -> fx.Graph:
+def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]) -> fx.Graph:
     """The graph of one block: ``(x, *context) -> f(x)`` (pure) or ``-> y`` (generalized).
 
     Parameters
     ----------
     block : Block
         The block, from :func:`fxmomentum.match.find_chains`.
-    context : sequence of torch.fx.Node
-        The whole chain's context (every block takes all of it, in this order).
+    context : sequence of torch.fx.Node, or mapping of torch.fx.Node to int
+        The whole chain's context (every block takes all of it, in this order), or each
+        context node's position in it.
 
     Returns
     -------
@@ -66,7 +67,7 @@ def block_graph(block: Block, context: Sequence[fx.Node]) -> fx.Graph:
     if context:
         # Every block receives the chain's whole context and reads its own part of it.
         pack = g.placeholder("*context")
-        position = {c: i for i, c in enumerate(context)}
+        position = context if isinstance(context, Mapping) else _positions(context)
         for c in block.context:
             env[c] = g.create_node(
                 "call_function", operator.getitem, (pack, position[c]), {}, name=c.name
@@ -89,6 +90,10 @@ def block_graph(block: Block, context: Sequence[fx.Node]) -> fx.Graph:
     return g
 
 
+def _positions(context: Sequence[fx.Node]) -> dict[fx.Node, int]:
+    return {c: i for i, c in enumerate(context)}
+
+
 def _out_of_place_add(g: fx.Graph, add: fx.Node, env: Mapping[fx.Node, fx.Node]) -> fx.Node:
     # The block must not change its input in place: the chain still needs x after the block.
     args = fx.map_arg(add.args, env.__getitem__)
@@ -103,7 +108,9 @@ def _out_of_place_add(g: fx.Graph, add: fx.Node, env: Mapping[fx.Node, fx.Node])
     return node
 
 
-def block_module(root: nn.Module, block: Block, context: Sequence[fx.Node]) -> fx.GraphModule:
+def block_module(
+    root: nn.Module, block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
+) -> fx.GraphModule:
     """A GraphModule running ``block``, calling the submodules of ``root`` (not copies).
 
     Examples
@@ -267,8 +274,8 @@ def rewrite(
     names = chain_names(root, len(chains))
     block_graphs: list[fx.Graph] = []
     for chain, name, gamma in zip(chains, names, gammas, strict=True):
-        context = chain.context
-        blocks = [block_module(root, b, context) for b in chain.blocks]
+        positions = _positions(chain.context)
+        blocks = [block_module(root, b, positions) for b in chain.blocks]
         block_graphs += [b.graph for b in blocks]
         module = MomentumChain(
             blocks,
