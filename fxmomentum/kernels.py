@@ -21,7 +21,14 @@ import torch
 
 from .exact import GAMMA_BITS, GAMMA_DENOM
 
-__all__ = ["COMPILE_MIN_NUMEL", "backward_step", "decode", "forward_step", "unadd"]
+__all__ = [
+    "COMPILE_MIN_NUMEL",
+    "abs_max",
+    "backward_step_",
+    "decode",
+    "forward_step_",
+    "unadd_",
+]
 
 #: Tensors smaller than this run the eager kernels (compiling would cost more than it saves).
 COMPILE_MIN_NUMEL = 1 << 15
@@ -36,31 +43,41 @@ def _decode(X: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype):
     return x, X.sum()
 
 
-def _forward_step(
+def _abs_max(f: torch.Tensor) -> torch.Tensor:
+    return f.detach().abs().amax().to(torch.float64)
+
+
+# The steps update the state in place (compiled, the fused loop stores straight into it):
+# the state is as large as the chain's activation and a copy would count in peak memory.
+def _forward_step_(
     X: torch.Tensor, V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int
-):
-    G = torch.round(f.to(c.dtype) * c)
+) -> torch.Tensor:
+    G = torch.round(f.to(c.dtype) * c).to(torch.int64)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
     T = (head << GAMMA_BITS) | (V & _LOW)
     q = torch.div(T, n, rounding_mode="floor")
-    V = (V >> GAMMA_BITS) * n + (T - q * n) + G.to(torch.int64)
-    X = X + ((V + _HALF) >> GAMMA_BITS)
-    stats = torch.stack(
-        [G.abs().amax().to(torch.float64), X.abs().amax().to(torch.float64),
-         V.abs().amax().to(torch.float64)]
+    V_new = (V >> GAMMA_BITS) * n + (T - q * n) + G
+    X_new = X + ((V_new + _HALF) >> GAMMA_BITS)
+    head.copy_(q)
+    V.copy_(V_new)
+    X.copy_(X_new)
+    return torch.stack(
+        [X_new.abs().amax().to(torch.float64), V_new.abs().amax().to(torch.float64)]
     )
-    return X, V, q, stats
 
 
-def _unadd(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    return X - ((V + _HALF) >> GAMMA_BITS)
+def _unadd_(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return X.sub_((V + _HALF) >> GAMMA_BITS)
 
 
-def _backward_step(V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int):
-    V = V - torch.round(f.to(c.dtype) * c).to(torch.int64)
-    V_hi = torch.div(V, n, rounding_mode="floor")
-    T = head * n + (V - V_hi * n)
-    return (V_hi << GAMMA_BITS) | (T & _LOW), T >> GAMMA_BITS
+def _backward_step_(
+    V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int
+) -> None:
+    V_f = V - torch.round(f.to(c.dtype) * c).to(torch.int64)
+    V_hi = torch.div(V_f, n, rounding_mode="floor")
+    T = head * n + (V_f - V_hi * n)
+    V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
+    head.copy_(T >> GAMMA_BITS)
 
 
 class _Kernel:
@@ -101,6 +118,7 @@ class _Kernel:
 
 
 decode = _Kernel(_decode)
-forward_step = _Kernel(_forward_step)
-unadd = _Kernel(_unadd)
-backward_step = _Kernel(_backward_step)
+abs_max = _Kernel(_abs_max)
+forward_step_ = _Kernel(_forward_step_)
+unadd_ = _Kernel(_unadd_)
+backward_step_ = _Kernel(_backward_step_)

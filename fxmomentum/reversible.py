@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
-from .kernels import backward_step, decode, forward_step, unadd
+from .kernels import abs_max, backward_step_, decode, forward_step_, unadd_
 
 __all__ = ["ChainRun", "ChainSpec", "NumericalError", "reversible_chain"]
 
@@ -176,22 +177,35 @@ def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalErr
     )
 
 
-def _shifted(X: torch.Tensor, V: torch.Tensor, shift: int):
-    """Move X and V to a grid ``shift`` bits coarser (>0, rounding) or finer (<0, exact).
+def _shift_(X: torch.Tensor, shift: int) -> torch.Tensor | None:
+    """Move X, in place, to a grid ``shift`` bits coarser (>0, rounding) or finer (<0, exact).
 
-    Returns the moved tensors and the digits that coarsening drops, each in ``[0, 2**shift)``.
+    Returns the digits that coarsening drops (each in ``[0, 2**shift)``, as int32 when they
+    fit), which the caller keeps on the bit stack.
     """
     if shift <= 0:
-        return X << -shift, V << -shift, None, None
-    half = 1 << (shift - 1)
-    Xs, Vs = (X + half) >> shift, (V + half) >> shift
-    return Xs, Vs, X - (Xs << shift) + half, V - (Vs << shift) + half
+        X <<= -shift
+        return None
+    X += 1 << (shift - 1)
+    low = X & ((1 << shift) - 1)
+    X >>= shift
+    return _narrow(low, shift)
 
 
-def _unshifted(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.Tensor:
+def _narrow(low: torch.Tensor, shift: int) -> torch.Tensor:
+    # Dropped digits wait through a whole block: keep them in int32 when they fit.
+    return low.to(torch.int32) if shift < 32 else low
+
+
+def _unshift_(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.Tensor:
+    """Reverse :func:`_shift_` in place."""
     if shift <= 0:
-        return X >> -shift
-    return (X << shift) + low - (1 << (shift - 1))
+        X >>= -shift
+        return X
+    X <<= shift
+    X += low
+    X -= 1 << (shift - 1)
+    return X
 
 
 class ChainRun:
@@ -271,30 +285,31 @@ class ChainRun:
         ]
         del before
 
-        s, X, V = self.s, self.X, self.V
+        # The grid for this step: room for x, v and (1 - gamma) * f(x) on it.
+        mf = float(abs_max(f).item())
+        if not math.isfinite(mf):
+            raise _too_large(spec, t, "its output f(x)", mf)
+        s = self.s
+        gm = self.g * mf * 2.0 ** (s + GAMMA_BITS)
+        shift = max(s - self.hi, min(_shift_for(self.xm, self.vm, gm, R), s - self.lo))
+        gm *= 2.0**-shift
+        if gm >= 2.0 ** (R + GAMMA_BITS):
+            raise _too_large(spec, t, "its output f(x)", mf)
+        low_x = _shift_(self.X, shift) if shift else None
+        if shift > 0:
+            # V's dropped digits go below this step's; X's on top, as backward needs them first.
+            stack.push(_shift_(self.V, shift).to(torch.int64), 1 << shift)
+        elif shift < 0:
+            _shift_(self.V, shift)
+        self.s = s - shift
+        c = self._scalar(self.g * 2.0 ** (self.s + GAMMA_BITS))
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(n)
-        shift = _shift_for(self.xm, self.vm, self.gm, R)
-        while True:
-            shift = max(s - self.hi, min(shift, s - self.lo))
-            Xs, Vs, low_x, low_v = _shifted(X, V, shift) if shift else (X, V, None, None)
-            c = self._scalar(self.g * 2.0 ** (s - shift + GAMMA_BITS))
-            X1, V1, head, stats = forward_step(Xs, Vs, stack.head, f, c, n)
-            gm, xm, vm = stats.tolist()
-            if not math.isfinite(gm):
-                raise _too_large(spec, t, "its output f(x)", gm)
-            if gm < 2.0 ** (R + GAMMA_BITS):
-                break
-            if s - shift <= self.lo:
-                raise _too_large(spec, t, "its output f(x)", gm * 2.0 ** -(s - shift + 16))
-            more = _shift_for(0.0, 0.0, gm, R)
-            shift += more
-        self.X, self.V, stack.head = X1, V1, head
-        self.xm, self.vm, self.gm = xm, vm, gm
-        self.s = s - shift
+        self.xm, self.vm = forward_step_(self.X, self.V, stack.head, f, c, n).tolist()
+        self.gm = gm
+        del f
         if shift > 0:
-            stack.push(low_x, 1 << shift)
-            stack.push(low_v, 1 << shift)
+            stack.push(low_x.to(torch.int64), 1 << shift)
         rec.shift, rec.scale = shift, self.s
         self.records.append(rec)
         x_next, self.checksum = decode(self.X, self._scalar(2.0**-self.s), self.dtype)
@@ -343,14 +358,13 @@ class ChainRun:
         spec, stack, n = self.spec, self.stack, self.n
         rec = self.records[t]
         shift = rec.shift
-        low_v = stack.undo_push(1 << shift) if shift > 0 else None
-        low_x = stack.undo_push(1 << shift) if shift > 0 else None
+        low_x = _narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
-        X = unadd(self.X, self.V)
+        X = unadd_(self.X, self.V)
         if shift:
-            X = _unshifted(X, low_x, shift)
-        self.X = X
+            _unshift_(X, low_x, shift)
+            del low_x
         x, checksum = decode(X, self._scalar(2.0 ** -(rec.scale + shift)), self.dtype)
         if not bool(checksum == rec.checksum):
             raise RuntimeError(
@@ -373,11 +387,13 @@ class ChainRun:
             with torch.enable_grad():
                 f = spec.call(t, x, args, kwargs)
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
-            self.V, stack.head = backward_step(self.V, stack.head, f.detach(), scale, n)
+            backward_step_(self.V, stack.head, f.detach(), scale, n)
             stack.undo_note()
             stack.undo_note()
             if shift:
-                self.V = _unshifted(self.V, low_v, shift)
+                low_v = stack.undo_push(1 << shift) if shift > 0 else None
+                _unshift_(self.V, low_v, shift)
+                del low_v
             grads = torch.autograd.grad(
                 f, [x, *wanted, *params], grad_outputs=grad_f.to(f.dtype), allow_unused=True
             )
@@ -454,6 +470,17 @@ def _replay(run: ChainRun, rec: _BlockRecord, device: torch.device):
                 b.copy_(old)
 
 
+# torch.compile must not trace into a reversible run: the forward would run blocks compiled by
+# Inductor while backward recomputes them eagerly (autograd calls it outside the compiled
+# region), and the two round differently, so the rebuilt activations would not be the forward's
+# bits. Each run is one graph break; the rest of the model is compiled as usual.
+_EAGER_ONLY = (
+    "a reversible momentum chain runs eagerly: backward recomputes its blocks outside the "
+    "compiled graph and must get the forward's bits (use_backprop=True chains compile whole)"
+)
+
+
+@torch.compiler.disable(reason=_EAGER_ONLY)
 def reversible_chain(
     spec: ChainSpec,
     x0: torch.Tensor,
@@ -508,9 +535,36 @@ def start_run(spec: ChainSpec, x0: torch.Tensor) -> ChainRun:
         )
     if not x0.is_floating_point():
         raise TypeError(f"a momentum chain needs a floating-point input, got {x0.dtype}")
+    sharded = _fsdp_module(spec)
+    if sharded is not None:
+        raise RuntimeError(
+            f"{sharded} is sharded by FSDP (fully_shard) inside a reversible momentum chain. "
+            f"FSDP gathers a module's parameters around its forward and hooks its backward onto "
+            f"the forward's autograd graph; a reversible chain records no graph and recomputes "
+            f"the block in backward, so the sharded parameters would get no gradient. Apply "
+            f"fully_shard to modules outside the chains and to the root (which keeps its "
+            f"parameters gathered from forward to backward), or convert with use_backprop=True."
+        )
     return ChainRun(spec)
 
 
+def _fsdp_module(spec: ChainSpec) -> str | None:
+    """The first submodule of a block managed by FSDP's ``fully_shard``, or None."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    kind = getattr(fsdp, "FSDPModule", None)
+    if not isinstance(kind, type):
+        return None
+    for t, block in enumerate(spec.blocks):
+        named_modules = getattr(block, "named_modules", None)
+        if not callable(named_modules):
+            continue
+        for name, module in named_modules():
+            if isinstance(module, kind):
+                return f"{spec.name(t)}" + (f" (module {name!r})" if name else "")
+    return None
+
+
+@torch.compiler.disable(reason=_EAGER_ONLY)
 def run_block(
     run: ChainRun, t: int, x: torch.Tensor, v0: torch.Tensor | None, arguments: _Arguments
 ) -> torch.Tensor:

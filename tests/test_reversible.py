@@ -130,8 +130,9 @@ def test_init_function_and_is_residual_false():
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(5)]
     init = nn.Linear(32, 32)
-    bp, rev = pair(blocks, 0.8, dtype=torch.float64, init_speed=True, init_function=init,
-                   is_residual=False)
+    bp, rev = pair(
+        blocks, 0.8, dtype=torch.float64, init_speed=True, init_function=init, is_residual=False
+    )
     x, w = inputs(4, 32, dtype=torch.float64)
     g_bp, g_rev = grads_of(bp, x, w), grads_of(rev, x, w)
     assert init.weight.grad is not None
@@ -328,17 +329,26 @@ def test_compiled_kernels_give_the_eager_bits():
     head = torch.randint(0, 2**36, (n_el,), generator=g)
     f = torch.randn(n_el, generator=g) * 100
     c = torch.tensor(0.1 * 2.0**40)
-    for kernel, args in [
-        (kernels.forward_step, (X, V, head, f, c, 58982)),
-        (kernels.backward_step, (V, head, f, c, 58982)),
-        (kernels.unadd, (X, V)),
-        (kernels.decode, (X, torch.tensor(2.0**-30), torch.float32)),
-    ]:
-        compiled, eager = kernel(*args), kernel.fn(*args)
-        compiled = compiled if isinstance(compiled, tuple) else (compiled,)
-        eager = eager if isinstance(eager, tuple) else (eager,)
-        for a, b in zip(compiled, eager, strict=True):
-            assert torch.equal(a, b), kernel.__name__
+    cases = [
+        (kernels.forward_step_, lambda: (X.clone(), V.clone(), head.clone(), f, c, 58982)),
+        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, c, 58982)),
+        (kernels.unadd_, lambda: (X.clone(), V)),
+        (kernels.decode, lambda: (X, torch.tensor(2.0**-30), torch.float32)),
+        (kernels.abs_max, lambda: (f,)),
+    ]
+    for kernel, make_args in cases:
+        compiled_args, eager_args = make_args(), make_args()
+        compiled, eager = kernel(*compiled_args), kernel.fn(*eager_args)
+        assert kernel._compiled is not None, kernel.__name__
+        outputs = [compiled, *compiled_args], [eager, *eager_args]
+        for a, b in zip(*outputs, strict=True):
+            for x, y in zip(
+                a if isinstance(a, tuple) else (a,),
+                b if isinstance(b, tuple) else (b,),
+                strict=True,
+            ):
+                if isinstance(x, torch.Tensor):
+                    assert torch.equal(x, y), kernel.__name__
 
 
 def test_momentum_chain_context_and_v0():
