@@ -1,0 +1,68 @@
+"""Smoke test of benchmarks/bench_models.py: the quick mode runs every path and writes results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_models")
+    cmd = [sys.executable, str(BENCH), "--quick", "--out", str(out)]
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        cmd.append("--no-plots")
+    env = dict(os.environ, FXMOMENTUM_COMPILE="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, proc, plots
+
+
+def test_quick_tables(quick_run):
+    out, proc, _ = quick_run
+    text = (out / "models.md").read_text()
+    assert text.strip() == proc.stdout.strip()  # the tables are also printed
+    for heading in ("## ResNet", "## Pre-norm nn.TransformerEncoderLayer stack", "## torchvision"):
+        assert heading in text
+    assert "memory ratio" in text and "time ratio" in text
+    assert "| fxmomentum.convert (reversible) |" in text
+    assert "| torch.utils.checkpoint per block |" in text
+
+
+def test_quick_json(quick_run):
+    out, _, _ = quick_run
+    data = json.loads((out / "models.json").read_text())
+    resnet = data["resnet"]
+    # Memory measured in fresh processes for the quick mode's two ResNet configurations.
+    assert resnet["memory"]["original"]["peak_bytes"] > 0
+    assert resnet["memory"]["reversible"]["peak_bytes"] > 0
+    assert data["ratios"]["resnet"]["reversible"]["memory"] > 0
+    # Every configuration built and timed: a positive median ratio with its per-pair ratios.
+    for bench in ("resnet", "transformer", "vit"):
+        times = data[bench]["time"]
+        if bench == "resnet":
+            times = next(iter(times.values()))
+        for kind in data[bench]["kinds"]:
+            if kind == "original":
+                continue
+            assert times[kind]["ratio"] > 0, (bench, kind, times[kind])
+            assert len(times[kind]["ratios"]) == data["sizes"]["time_repeats"]
+    assert data["transformer"]["method"] in ("convert", "transform")
+    assert data["vit"]["chains"] == [2 * data["sizes"]["vit_layers"]]
+
+
+def test_quick_plots(quick_run):
+    out, _, plots = quick_run
+    if not plots:
+        pytest.skip("matplotlib is not installed")
+    for name in ("models_resnet101.png", "models_transformer.png", "models_vit.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
