@@ -101,7 +101,7 @@ class Sizes:
     vit_batch: int
     time_repeats: int
     time_warmup: int
-    #: Steps of a configuration alone before its interleaved pairs.
+    #: Steps of the reversible configuration alone before its interleaved pairs.
     solo_warmup: int = 2
     memory_jobs: int = 1
     #: Threads of every step (None: ``--threads``).
@@ -386,9 +386,9 @@ def _time(
             continue
         start = time.perf_counter()
         try:
-            # Two solo steps first: the reversible kernels compile (torch.compile) on the first
-            # steps, once per process, and would otherwise spoil the first pairs.
-            for _ in range(s.solo_warmup):
+            # Solo steps first for the reversible chains: their kernels compile (torch.compile)
+            # on the first steps, once per process and shape, and would spoil the first pairs.
+            for _ in range(s.solo_warmup if kind == "reversible" else 0):
                 step_of(w)()
             res = paired_time(base, step_of(w), s.time_repeats, s.time_warmup)
         except Exception as exc:
@@ -699,8 +699,9 @@ def write_markdown(path: Path, results: dict[str, Any], s: Sizes, argv: list[str
         "process per configuration, `MALLOC_MMAP_THRESHOLD_=65536`, one warm-up step, then "
         "`VmHWM` of one step (forward, `output.sum()`, backward) minus `VmRSS` before it; "
         "weights and gradients are not in it. Time ratio: the configuration's training step "
-        f"against the original's, interleaved after {s.solo_warmup} warm-up step(s) of the "
-        f"configuration and {s.time_warmup} warm-up pair(s), the median "
+        f"against the original's, interleaved after {s.time_warmup} warm-up pair(s) (and "
+        f"{s.solo_warmup} solo warm-up step(s) of the reversible configuration, whose kernels "
+        f"compile on first use), the median "
         f"of {s.time_repeats} per-pair ratios (every ratio is in `models.json`); no absolute "
         "times, the machine is shared. Random weights; gamma = 0.9.",
         "",
