@@ -481,6 +481,49 @@ def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
     return f"projection shortcut: {via} maps the input `{fork.name}` (the skip is not the identity)"
 
 
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
+_META_METHODS = frozenset({"size", "dim", "numel"})
+_META_ARITHMETIC = frozenset(
+    {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv,
+     operator.truediv, operator.mod, operator.neg}
+)  # fmt: skip
+
+
+def _release_metadata(g: _Graph, c: _Candidate) -> None:
+    """Leave outside the block the shape metadata of ``x`` that code after the block reads.
+
+    ``b, n, d = x.shape`` written before a loop of blocks is computed right after ``x``, so it
+    falls between ``x`` and the first add; it depends on ``x`` alone and stays in the outer
+    graph (later blocks read it as context).
+    """
+    inner = c.inner
+    meta: set[fx.Node] = set()
+    order = sorted(inner, key=g.index.__getitem__)
+    for n in order:
+        inputs = [i for i in n.all_input_nodes if i in inner]
+        if not all(i in meta for i in inputs):
+            continue
+        if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+            if n.args[1] in _META_ATTRS:
+                meta.add(n)
+        elif n.op == "call_method" and n.target in _META_METHODS:
+            meta.add(n)
+        elif n.op == "call_function" and n.target in _META_ARITHMETIC and inputs:
+            meta.add(n)
+    escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
+    if not escaping:
+        return
+    released: set[fx.Node] = set()
+    todo = list(escaping)
+    while todo:
+        n = todo.pop()
+        if n in released:
+            continue
+        released.add(n)
+        todo.extend(i for i in n.all_input_nodes if i in meta)
+    c.inner = inner - released
+
+
 def _check(g: _Graph, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
     """Why a candidate cannot be a block, or None."""
     x, inner = c.entry, c.inner
@@ -510,6 +553,8 @@ def _check(g: _Graph, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
             f"encloses {len(nested)} other residual block(s) (converted on their own): "
             f"an outer skip connection, not a chain element"
         )
+    _release_metadata(g, c)
+    inner = c.inner
     for n in sorted(inner, key=g.index.__getitem__):
         for u in n.users:
             if u not in inner and u is not c.add:

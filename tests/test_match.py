@@ -299,6 +299,34 @@ class InPlaceAdd(nn.Module):
         return torch.relu(x)
 
 
+class ShapeOnce(nn.Module):
+    """Reads the sequence length once, before the blocks, from the chain's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.fs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, d = x.shape
+        for f in self.fs:
+            x = x + f(x).reshape(b, n, d)
+        return x
+
+
+def test_shape_read_before_the_blocks_stays_outside():
+    model = ShapeOnce()
+    x = torch.randn(2, 5, 3)
+    gm, report = fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=x,
+                                    return_report=True)  # fmt: skip
+    (chain,) = report.chains
+    assert chain.num_blocks == 3 and report.skipped == []
+    assert all("getitem_1" in b.context for b in chain.blocks)
+    assert "getattr_1 = embed.shape" in gm.code
+    assert torch.equal(gm(x), model(x))
+
+
 def test_identity_shortcut_is_seen_through():
     (chain,) = chains_of(Identity(), torch.randn(2, 4)).chains
     assert chain.num_blocks == 1 and chain.blocks[0].entry == "x"
