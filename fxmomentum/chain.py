@@ -24,7 +24,28 @@ def _validate_gamma(gamma: float, use_backprop: bool) -> int:
     return n
 
 
-class MomentumChain(nn.Module):
+class GammaSetting:
+    """``gamma`` as given, validated for the mode, and the numerator every mode computes with.
+
+    Needs ``use_backprop`` set before ``gamma`` is.
+    """
+
+    use_backprop: bool
+    _gamma: float
+    _gamma_num: int
+
+    @property
+    def gamma(self) -> float:
+        """The momentum term as given; the chain computes with :attr:`effective_gamma`."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma_num = _validate_gamma(value, self.use_backprop)
+        self._gamma = float(value)
+
+
+class MomentumChain(GammaSetting, nn.Module):
     """Blocks ``f_t`` run as a momentum chain.
 
     ``v <- gamma * v + (1 - gamma) * f_t(x); x <- x + v``, with ``v`` starting at ``v0``
@@ -75,8 +96,7 @@ class MomentumChain(nn.Module):
         if len(residual) != len(blocks):
             raise ValueError(f"{len(residual)} residual flags for {len(blocks)} blocks")
         self.use_backprop = bool(use_backprop)
-        self._gamma_num = _validate_gamma(gamma, self.use_backprop)
-        self._gamma = float(gamma)
+        self.gamma = gamma
         self.residual = [bool(r) for r in residual]
         default_names = [f"block {t}" for t in range(len(blocks))]
         self.names = list(names) if names is not None else default_names
@@ -85,17 +105,6 @@ class MomentumChain(nn.Module):
         else:
             # A plain list: the owner of the blocks registers them under their own names.
             self.__dict__["_unregistered_blocks"] = blocks
-
-    # -- gamma --------------------------------------------------------------------------------
-    @property
-    def gamma(self) -> float:
-        """The momentum term as given; the chain computes with :attr:`effective_gamma`."""
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self._gamma_num = _validate_gamma(value, self.use_backprop)
-        self._gamma = float(value)
 
     @property
     def effective_gamma(self) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .chain import _validate_gamma
+from .chain import GammaSetting, _validate_gamma
 from .layers import split_layer
 from .reversible import ChainRun, ChainSpec, _Arguments, run_block, start_run
 
@@ -41,7 +41,7 @@ class _OriginalForward:
         return self.layer.buffers()
 
 
-class LayerChain:
+class LayerChain(GammaSetting):
     """The momentum chain formed by a list of layers that their parent calls one by one.
 
     Layer ``t`` of the chain must be called after layer ``t - 1`` within one forward; calling
@@ -76,8 +76,7 @@ class LayerChain:
         split_layers: bool = False,
     ) -> None:
         self.use_backprop = bool(use_backprop)
-        self._gamma_num = _validate_gamma(gamma, self.use_backprop)
-        self._gamma = float(gamma)
+        self.gamma = gamma
         self.name = name
         self.splits = [
             split_layer(layer, _base_class(type(layer))) if split_layers else None
@@ -99,15 +98,6 @@ class LayerChain:
                 self.names.extend(f"{name}.{i} (block {j})" for j in range(len(split.blocks)))
         self.num_layers = len(layers)
         self._reset()
-
-    @property
-    def gamma(self) -> float:
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self._gamma_num = _validate_gamma(value, self.use_backprop)
-        self._gamma = float(value)
 
     def _reset(self) -> None:
         self._next = 0
