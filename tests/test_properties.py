@@ -11,8 +11,8 @@ dropout, or be the module of an earlier block (tied weights). For each model:
 * ``gamma = 0`` with ``use_backprop=True`` gives exactly the original outputs (same operations,
   same random numbers, in train mode);
 * reversible gradients (``gamma`` drawn from 0.9, 0.5, 0.99, 1e-3) equal plain backprop's in
-  float64 (1e-6), for the
-  parameters and both inputs, and the BatchNorm statistics agree after the step.
+  float64 (1e-6), for the parameters and both inputs, and the BatchNorm statistics agree
+  after the step.
 
 Derandomized, with no example database, so CI runs the same 200 examples every time.
 """
