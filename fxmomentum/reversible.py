@@ -535,6 +535,13 @@ def start_run(spec: ChainSpec, x0: torch.Tensor) -> ChainRun:
         )
     if not x0.is_floating_point():
         raise TypeError(f"a momentum chain needs a floating-point input, got {x0.dtype}")
+    if x0.is_meta:
+        raise NotImplementedError(
+            "a reversible momentum chain cannot run on the meta device: it keeps an exact "
+            "integer copy of its state, built from the values, which meta tensors do not have. "
+            "Run meta models under torch.no_grad() (the chain then computes shapes as plain "
+            "autograd would), or convert with use_backprop=True."
+        )
     sharded = _fsdp_module(spec)
     if sharded is not None:
         raise RuntimeError(
