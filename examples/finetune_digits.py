@@ -51,7 +51,7 @@ class Block(nn.Module):
 class SmallResNet(nn.Module):
     """A stem, ``depth`` residual blocks at 8x8, global pooling and a linear classifier."""
 
-    def __init__(self, channels: int = 32, depth: int = 6, num_classes: int = 10) -> None:
+    def __init__(self, channels: int = 16, depth: int = 6, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few epochs, a few seconds")
     args = parser.parse_args(argv)
-    epochs, finetune, mem_batch, steps = (2, 1, 96, 2) if args.quick else (15, 5, 256, 5)
+    epochs, finetune, mem_batch, steps = (2, 1, 96, 2) if args.quick else (10, 3, 256, 3)
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = load_data()
     print(f"digits: {len(y_train)} training and {len(y_test)} test images, 8x8")
