@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import textwrap
@@ -165,6 +166,9 @@ def test_result_formats():
     table = result.format("table")
     assert _row(table, "converted (reversible)")[1:] == ["10.0 MiB", "0.25x", "1.30x"]
     assert "measured saving: 30.0 MiB (75% of the original's activation memory)" in table
+    assert "no saving" not in table
+    worse = dataclasses.replace(result, memory={"original": 10 << 20, "converted": 11 << 20})
+    assert "no saving on this model" in worse.format("table")
     md = result.format("markdown")
     assert "| converted (reversible) |" in md.replace("  ", " ")
     with pytest.raises(ValueError):
