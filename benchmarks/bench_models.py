@@ -230,7 +230,7 @@ def build(bench: str, kind: str, method: str = "convert", **sizes: Any) -> Workl
 
     Examples
     --------
-    >>> w = build("resnet", "checkpoint", layers=[1, 1, 1, 1], batch=1, size=32)
+    >>> w = build("resnet", "checkpoint", layers=[1, 1, 1, 1], batch=2, size=32)
     >>> train_step(w)
     """
     if bench == "resnet":
