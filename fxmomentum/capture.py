@@ -39,8 +39,10 @@ __all__ = [
     "CaptureError",
     "CaptureTracer",
     "LeafInfo",
+    "ShapePropagationError",
     "TrainingFlag",
     "capture",
+    "clear_shapes",
     "propagate_shapes",
 ]
 
@@ -455,7 +457,15 @@ def capture(
             propagate_shapes(gm, example_inputs, model)
             verified = True
         except Exception as e:
-            notes.append(f"shape propagation on example_inputs failed ({_reason(e)})")
+            # The nodes that ran before the failure have shapes and the rest have none, which
+            # matching would read as "not a tensor" for every block after the failure: the
+            # whole graph is matched as without example inputs instead.
+            clear_shapes(graph)
+            notes.append(
+                f"shape propagation on example_inputs failed ({_reason(e)}); shapes are "
+                f"unverified for the whole graph and chains were matched from its structure "
+                f"only, as without example_inputs"
+            )
     return Capture(model, graph, gm, found, verified, notes)
 
 
@@ -487,6 +497,12 @@ def propagate_shapes(
     owner : nn.Module, optional
         Module whose buffers to restore (default: ``gm``).
 
+    Raises
+    ------
+    ShapePropagationError
+        Naming the node that failed; the nodes before it keep the metadata they got (see
+        :func:`clear_shapes`).
+
     Examples
     --------
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 5)))
@@ -496,15 +512,83 @@ def propagate_shapes(
     """
     inputs = _as_tuple(example_inputs)
     owner = gm if owner is None else owner
+    prop = _ShapeProp(gm)
+    try:
+        with _no_side_effects(owner, inputs):
+            # ShapeProp prints the traceback of a failing node itself; the caller reports it.
+            with contextlib.redirect_stderr(io.StringIO()):
+                prop.propagate(*inputs)
+    except Exception as e:
+        node = prop.current
+        if node is None:
+            raise
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise ShapePropagationError(
+            f"at node `{node.name}` ({_describe_target(node)}): {_reason(cause)}", node.name
+        ) from cause
+
+
+def clear_shapes(graph: fx.Graph) -> None:
+    """Remove what shape propagation wrote (``tensor_meta``, ``type``) from every node.
+
+    Examples
+    --------
+    >>> gm = fx.symbolic_trace(nn.Linear(2, 2))
+    >>> propagate_shapes(gm, torch.randn(1, 2))
+    >>> clear_shapes(gm.graph)
+    >>> any("tensor_meta" in n.meta for n in gm.graph.nodes)
+    False
+    """
+    for node in graph.nodes:
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("type", None)
+
+
+class ShapePropagationError(RuntimeError):
+    """Shape propagation failed at a node of the graph.
+
+    Attributes
+    ----------
+    node : str
+        Name of the node that raised.
+    """
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running (to name it when it fails)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        result = super().run_node(n)
+        self.current = None
+        return result
+
+
+def _describe_target(node: fx.Node) -> str:
+    if node.op in ("call_module", "call_method", "get_attr"):
+        return f"{node.op} {node.target}"
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    return f"{node.op} {name}"
+
+
+@contextlib.contextmanager
+def _no_side_effects(owner: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
+    """No grad, the global random state forked, and the buffers of ``owner`` restored."""
     saved = [(b, b.detach().clone()) for b in owner.buffers()]
     devices = sorted(
         {t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda}
     )
     try:
-        # ShapeProp prints the traceback of a failing node itself; the caller reports it.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            with contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(gm).propagate(*inputs)
+            yield
     finally:
         with torch.no_grad():
             for b, old in saved:
