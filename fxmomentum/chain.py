@@ -130,22 +130,18 @@ class MomentumChain(GammaSetting, nn.Module):
             return self._forward_plain(spec, x, v0, args)
         return reversible_chain(spec, x, v0, args)
 
-    def _trainable_parameters(self) -> list[torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-        for block in self.block_list():
-            if isinstance(block, nn.Module):
-                for p in block.parameters():
-                    if p.requires_grad:
-                        seen.setdefault(id(p), p)
-        return list(seen.values())
-
     def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
         if not torch.is_grad_enabled():
             return False
         tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
         if any(t is not None and t.requires_grad for t in tensors):
             return True
-        return bool(self._trainable_parameters())
+        return any(
+            p.requires_grad
+            for block in self.block_list()
+            if isinstance(block, nn.Module)
+            for p in block.parameters()
+        )
 
     def _forward_plain(
         self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple

@@ -23,11 +23,12 @@ from .exact import GAMMA_BITS, GAMMA_DENOM
 
 __all__ = [
     "COMPILE_MIN_NUMEL",
-    "abs_max",
     "backward_step_",
     "decode",
     "forward_step_",
+    "split_grad_",
     "unadd_",
+    "unadd_decode_",
 ]
 
 #: Tensors smaller than this run the eager kernels (compiling would cost more than it saves).
@@ -43,41 +44,77 @@ def _decode(X: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype):
     return x, X.sum()
 
 
-def _abs_max(f: torch.Tensor) -> torch.Tensor:
-    return f.detach().abs().amax().to(torch.float64)
+def _floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Exact floor division by 1 <= n <= 2**16 for |a| < 2**62, without an integer divide
+    # (int64 division does not vectorise and cost more than the rest of a step together). The
+    # float64 quotient is within 2**11 of the true one; a second round on the remainder, exact
+    # in float64, leaves it off by at most one, which the comparisons correct.
+    inv = 1.0 / n
+    q = torch.floor(a.to(torch.float64) * inv).to(torch.int64)
+    r = a - q * n
+    q2 = torch.floor(r.to(torch.float64) * inv).to(torch.int64)
+    q = q + q2
+    r = r - q2 * n
+    below = (r < 0).to(torch.int64)
+    r = r + below * n
+    above = (r >= n).to(torch.int64)
+    return q - below + above, r - above * n
 
 
 # The steps update the state in place (compiled, the fused loop stores straight into it):
 # the state is as large as the chain's activation and a copy would count in peak memory.
 def _forward_step_(
-    X: torch.Tensor, V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int
-) -> torch.Tensor:
+    X: torch.Tensor,
+    V: torch.Tensor,
+    head: torch.Tensor,
+    f: torch.Tensor,
+    c: torch.Tensor,
+    n: int,
+    inv_scale: torch.Tensor,
+    dtype: torch.dtype,
+):
+    """One step in place; returns the next input decoded, its checksum and max |X|, max |V|."""
     G = torch.round(f.to(c.dtype) * c).to(torch.int64)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
-    T = (head << GAMMA_BITS) | (V & _LOW)
-    q = torch.div(T, n, rounding_mode="floor")
-    V_new = (V >> GAMMA_BITS) * n + (T - q * n) + G
+    q, r = _floor_divmod((head << GAMMA_BITS) | (V & _LOW), n)
+    V_new = (V >> GAMMA_BITS) * n + r + G
     X_new = X + ((V_new + _HALF) >> GAMMA_BITS)
     head.copy_(q)
     V.copy_(V_new)
     X.copy_(X_new)
-    return torch.stack(
+    x, checksum = _decode(X_new, inv_scale, dtype)
+    stats = torch.stack(
         [X_new.abs().amax().to(torch.float64), V_new.abs().amax().to(torch.float64)]
     )
+    return x, checksum, stats
 
 
 def _unadd_(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return X.sub_((V + _HALF) >> GAMMA_BITS)
 
 
+def _unadd_decode_(X: torch.Tensor, V: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype):
+    """:func:`_unadd_` then :func:`_decode` in one pass."""
+    X_new = X - ((V + _HALF) >> GAMMA_BITS)
+    X.copy_(X_new)
+    return _decode(X_new, inv_scale, dtype)
+
+
 def _backward_step_(
     V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int
 ) -> None:
-    V_f = V - torch.round(f.to(c.dtype) * c).to(torch.int64)
-    V_hi = torch.div(V_f, n, rounding_mode="floor")
-    T = head * n + (V_f - V_hi * n)
+    V_hi, V_lo = _floor_divmod(V - torch.round(f.to(c.dtype) * c).to(torch.int64), n)
+    T = head * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
+
+
+def _split_grad_(grad_out: torch.Tensor, b: torch.Tensor, g: float, gamma: float) -> torch.Tensor:
+    """Backward of ``v <- gamma v + g f``: with ``c`` the gradient reaching ``v``, ``c = out + b``,
+    return ``g c`` (the gradient of ``f``) and set ``b`` to ``gamma c`` in place."""
+    c = grad_out.to(b.dtype) + b
+    b.copy_(c * gamma)
+    return c * g
 
 
 class _Kernel:
@@ -118,7 +155,8 @@ class _Kernel:
 
 
 decode = _Kernel(_decode)
-abs_max = _Kernel(_abs_max)
 forward_step_ = _Kernel(_forward_step_)
 unadd_ = _Kernel(_unadd_)
+unadd_decode_ = _Kernel(_unadd_decode_)
 backward_step_ = _Kernel(_backward_step_)
+split_grad_ = _Kernel(_split_grad_)

@@ -21,7 +21,14 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
-from .kernels import abs_max, backward_step_, decode, forward_step_, unadd_
+from .kernels import (
+    backward_step_,
+    decode,
+    forward_step_,
+    split_grad_,
+    unadd_,
+    unadd_decode_,
+)
 
 __all__ = ["ChainRun", "ChainSpec", "NumericalError", "reversible_chain"]
 
@@ -270,10 +277,14 @@ class ChainRun:
         cuda_rng = torch.cuda.get_rng_state(self.device) if x.is_cuda else None
 
         args, kwargs = arguments.build(context)
-        f = spec.call(t, x, args, kwargs)
+        with _same_path_as_backward():
+            f = spec.call(t, x, args, kwargs)
 
         rec = _BlockRecord(
-            shift=0, scale=self.s, checksum=self.checksum, arguments=arguments,
+            shift=0,
+            scale=self.s,
+            checksum=self.checksum,
+            arguments=arguments,
             context=tuple(context),
         )
         if not torch.equal(cpu_rng, torch.get_rng_state()):
@@ -286,7 +297,8 @@ class ChainRun:
         del before
 
         # The grid for this step: room for x, v and (1 - gamma) * f(x) on it.
-        mf = float(abs_max(f).item())
+        lo, hi = torch.aminmax(f.detach())
+        mf = max(-float(lo), float(hi))
         if not math.isfinite(mf):
             raise _too_large(spec, t, "its output f(x)", mf)
         s = self.s
@@ -305,14 +317,16 @@ class ChainRun:
         c = self._scalar(self.g * 2.0 ** (self.s + GAMMA_BITS))
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(n)
-        self.xm, self.vm = forward_step_(self.X, self.V, stack.head, f, c, n).tolist()
+        x_next, self.checksum, stats = forward_step_(
+            self.X, self.V, stack.head, f, c, n, self._scalar(2.0**-self.s), self.dtype
+        )
+        self.xm, self.vm = stats.tolist()
         self.gm = gm
         del f
         if shift > 0:
             stack.push(low_x.to(torch.int64), 1 << shift)
         rec.shift, rec.scale = shift, self.s
         self.records.append(rec)
-        x_next, self.checksum = decode(self.X, self._scalar(2.0**-self.s), self.dtype)
         if t == len(spec.blocks) - 1:
             self._finish(x_next)
         return x_next
@@ -361,11 +375,13 @@ class ChainRun:
         low_x = _narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
-        X = unadd_(self.X, self.V)
+        inv_scale = self._scalar(2.0 ** -(rec.scale + shift))
         if shift:
-            _unshift_(X, low_x, shift)
+            _unshift_(unadd_(self.X, self.V), low_x, shift)
             del low_x
-        x, checksum = decode(X, self._scalar(2.0 ** -(rec.scale + shift)), self.dtype)
+            x, checksum = decode(self.X, inv_scale, self.dtype)
+        else:
+            x, checksum = unadd_decode_(self.X, self.V, inv_scale, self.dtype)
         if not bool(checksum == rec.checksum):
             raise RuntimeError(
                 f"A reversible momentum chain could not rebuild the input of {spec.name(t)} bit "
@@ -377,11 +393,9 @@ class ChainRun:
         context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
         args, kwargs = rec.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
-        a = grad_out.to(self.acc) if grad_out is not None else torch.zeros_like(self.b)
-        c = a + self.b
-        grad_f = c * self.g
-        self.b = c * self.gamma
-        del c
+        if grad_out is None:
+            grad_out = torch.zeros_like(self.b)
+        grad_f = split_grad_(grad_out, self.b, self.g, self.gamma)
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
@@ -398,7 +412,9 @@ class ChainRun:
                 f, [x, *wanted, *params], grad_outputs=grad_f.to(f.dtype), allow_unused=True
             )
         del f, grad_f
-        grad_x = a if grads[0] is None else a + grads[0].to(self.acc)
+        grad_x = grad_out.to(self.acc)
+        if grads[0] is not None:
+            grad_x = grad_x + grads[0]
         it = iter(grads[1 : 1 + len(wanted)])
         grad_context = [next(it) if ci.requires_grad else None for ci in context]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
@@ -445,6 +461,26 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
         torch.is_autocast_enabled(device_type),
         torch.get_autocast_dtype(device_type),
     )
+
+
+@contextlib.contextmanager
+def _same_path_as_backward():
+    """Keep torch's attention inference fast path off while a block runs without grad.
+
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take a fused kernel in eval
+    mode when grad is off, which is the case inside the chain's forward but not in the
+    recomputation; the two round differently, so the rebuilt activations would differ.
+    """
+    mha = torch.backends.mha
+    enabled = mha.get_fastpath_enabled()
+    if not enabled:
+        yield
+        return
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(True)
 
 
 @contextlib.contextmanager

@@ -329,12 +329,16 @@ def test_compiled_kernels_give_the_eager_bits():
     head = torch.randint(0, 2**36, (n_el,), generator=g)
     f = torch.randn(n_el, generator=g) * 100
     c = torch.tensor(0.1 * 2.0**40)
+    inv = torch.tensor(2.0**-30)
     cases = [
-        (kernels.forward_step_, lambda: (X.clone(), V.clone(), head.clone(), f, c, 58982)),
+        (
+            kernels.forward_step_,
+            lambda: (X.clone(), V.clone(), head.clone(), f, c, 58982, inv, torch.float32),
+        ),
         (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, c, 58982)),
         (kernels.unadd_, lambda: (X.clone(), V)),
-        (kernels.decode, lambda: (X, torch.tensor(2.0**-30), torch.float32)),
-        (kernels.abs_max, lambda: (f,)),
+        (kernels.unadd_decode_, lambda: (X.clone(), V, inv, torch.float32)),
+        (kernels.decode, lambda: (X, inv, torch.float32)),
     ]
     for kernel, make_args in cases:
         compiled_args, eager_args = make_args(), make_args()
@@ -364,3 +368,24 @@ def test_momentum_chain_context_and_v0():
         (chain(xx, v0=v0) * w).sum().backward()
         outs.append([xx.grad, v0.grad])
     assert max_rel_err(outs[1], outs[0]) < 1e-8
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_eval_mode_attention_with_grad_rebuilds_exactly(norm_first):
+    # In eval mode torch's attention takes a fused fast path whenever grad is off, which it is
+    # inside the chain's forward but not in the recomputation: the engine must keep both on
+    # the same path, or the rebuilt inputs differ from the forward's bits.
+    torch.manual_seed(0)
+    layers = [
+        nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first
+        ).double()
+        for _ in range(3)
+    ]
+    bp, rev = pair(layers, 0.9, torch.float64, is_residual=False)
+    bp.eval(), rev.eval()
+    x, w = inputs(2, 5, 32, dtype=torch.float64)
+    assert torch.backends.mha.get_fastpath_enabled()
+    g_rev, g_bp = grads_of(rev, x, w), grads_of(bp, x, w)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is left as it was
+    assert max_rel_err(g_rev, g_bp) < 1e-9
