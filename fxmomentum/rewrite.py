@@ -2,21 +2,25 @@
 
 The top-level graph keeps every node outside the chains; a chain's nodes are replaced by a
 single ``call_module`` node (``momentum_chain_0(x, *context)``). Each block becomes a small
-:class:`torch.fx.GraphModule` built from its region of the graph, taking ``(x, *context)`` and
-calling the *original* submodules (shared objects: parameters are not copied).
+:class:`ChainBlock` (a :class:`torch.fx.GraphModule`) built from its region of the graph, taking
+``(x, *context)``.
 
-The converted module keeps every path of the original module tree (the blocks are not
-registered under the chain): the modules it calls are the original objects, the modules it
-traced through are plain holders of the same parameters and buffers, as in any GraphModule. So
-its ``state_dict`` has exactly the original keys, and ``.to()``, ``.half()``,
-``copy.deepcopy`` and pickling work as for any GraphModule.
+The converted module (a :class:`ConvertedModule`) keeps every path of the original module tree
+(the blocks are not registered under the chain): the modules it calls are the original objects,
+the modules it traced through are plain holders of the same parameters and buffers, as in any
+GraphModule. So its ``state_dict`` has exactly the original keys. The blocks own no modules: they
+look up the modules they call by path in the converted module's tree at each call, so there is
+one tree, and replacing a submodule of the converted module (``gm.layer1[0].conv1 = conv``,
+``nn.SyncBatchNorm.convert_sync_batchnorm(gm)``) changes what the chains run. ``.to()``,
+``.half()``, ``copy.deepcopy``, pickling and ``torch.save`` keep that sharing.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -24,7 +28,16 @@ from torch import fx, nn
 from .chain import MomentumChain
 from .match import Block, Chain
 
-__all__ = ["CHAIN_PREFIX", "block_graph", "block_module", "chain_names", "rewrite", "top_graph"]
+__all__ = [
+    "CHAIN_PREFIX",
+    "ChainBlock",
+    "ConvertedModule",
+    "block_graph",
+    "block_module",
+    "chain_names",
+    "rewrite",
+    "top_graph",
+]
 
 #: Attribute names of the chains in a converted module: ``momentum_chain_0``, ...
 CHAIN_PREFIX = "momentum_chain_"
@@ -108,10 +121,157 @@ def _out_of_place_add(g: fx.Graph, add: fx.Node, env: Mapping[fx.Node, fx.Node])
     return node
 
 
+class ChainBlock(fx.GraphModule):
+    """One block of a chain: a graph that calls the modules of the model it was cut from.
+
+    The block owns no submodules. Each module its graph calls is looked up by path in
+    ``namespace`` (the ``_modules`` dict of the converted model) when the block runs, so
+    replacing a submodule of the model changes what the block runs. :meth:`named_modules`,
+    and so ``parameters()`` and ``buffers()``, list the modules the graph calls (with their
+    submodules) under their paths in the model; the modules only traced through are not
+    listed. Move or cast the model, not the block: ``.to()`` and ``.train()`` on the block
+    reach none of the modules. Copying or pickling a block alone copies the whole model it
+    reads from.
+
+    Parameters
+    ----------
+    namespace : dict of str to nn.Module
+        The top-level modules of the model, by name: the model's own ``_modules`` dict, so
+        that assignments to the model are seen.
+    graph : torch.fx.Graph
+        The block's graph; it reads parameters and buffers as context (``get_attr`` nodes
+        are refused).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    >>> g = fx.Graph()
+    >>> g.output(g.call_module("1", (g.call_module("0", (g.placeholder("x"),)),)))
+    output
+    >>> block = ChainBlock(net._modules, g)
+    >>> net[0] = nn.Identity()
+    >>> [name for name, _ in block.named_modules()]
+    ['', '0', '1']
+    >>> block(torch.zeros(1, 4)).abs().sum().item()
+    0.0
+    """
+
+    def __init__(self, namespace: dict[str, nn.Module], graph: fx.Graph) -> None:
+        # An empty graph first: GraphModule would copy the called modules into holders.
+        super().__init__(nn.Module(), fx.Graph(), class_name="Block")
+        self.__dict__["_namespace"] = namespace
+        self.graph = graph
+
+    def recompile(self) -> Any:
+        """Regenerate the code, and the paths of the modules it calls, from the graph."""
+        paths: dict[str, None] = {}
+        for n in self.graph.nodes:
+            if n.op == "get_attr":
+                raise ValueError(
+                    f"a chain block reads parameters and buffers as context, not by get_attr "
+                    f"({n.target!r})"
+                )
+            if n.op == "call_module":
+                paths.setdefault(str(n.target), None)
+        self.__dict__["_paths"] = tuple(paths)
+        self.__dict__["_roots"] = frozenset(p.split(".")[0] for p in paths)
+        return super().recompile()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only names the graph starts a call path with resolve to the model's modules.
+        if name in self.__dict__.get("_roots", ()):
+            module = self.__dict__["_namespace"].get(name)
+            if module is not None:
+                return module
+        return super().__getattr__(name)
+
+    def named_modules(
+        self,
+        memo: set[nn.Module] | None = None,
+        prefix: str = "",
+        remove_duplicate: bool = True,
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """The block, then each module its graph calls (and their submodules), by path.
+
+        Parameters and buffers of the block are those of these modules.
+        """
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        yield prefix, self
+        for path in self.__dict__["_paths"]:
+            module = self.get_submodule(path)
+            full = f"{prefix}.{path}" if prefix else path
+            yield from module.named_modules(memo, full, remove_duplicate)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainBlock:
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res  # before the namespace: the model holds this block
+        namespace = copy.deepcopy(self.__dict__["_namespace"], memo)
+        ChainBlock.__init__(res, namespace, copy.deepcopy(self.graph, memo))
+        res.training = self.training
+        res.meta = copy.deepcopy(self.meta, memo)
+        return _named(res)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # GraphModule's pickle (code, re-traced on load) with the namespace kept by reference.
+        # Unpickling may build the block before the namespace dict is filled, so the code is
+        # re-traced against the top-level modules it reads, saved alongside.
+        _, (body, import_block) = super().__reduce__()
+        namespace = body.pop("_namespace")
+        body["_modules"] = {name: namespace[name] for name in self._roots if name in namespace}
+        return (_restore_block, (namespace, body, import_block))
+
+
+def _restore_block(namespace: dict[str, nn.Module], body: dict[str, Any], import_block: str):
+    traced = fx.graph_module.reduce_graph_module(body, import_block)
+    block = ChainBlock(namespace, traced.graph)
+    block.training = bool(body.get("training", True))
+    return _named(block)
+
+
+class ConvertedModule(fx.GraphModule):
+    """The converted model: a GraphModule whose chains' blocks read its own module tree.
+
+    Its ``_modules`` dict is the namespace of every :class:`ChainBlock` of its chains;
+    ``copy.deepcopy`` and pickling keep it so (GraphModule alone would rebuild the dict).
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConvertedModule:
+        res = super().__deepcopy__(memo)
+        # GraphModule rebuilt ``_modules`` with the same children; the copied blocks read the
+        # copy of the original dict: make it the model's.
+        res.__dict__["_modules"] = memo[id(self.__dict__["_modules"])]
+        return res
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, (body, import_block) = super().__reduce__()
+        return (_restore_converted, (body, import_block))
+
+
+_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def _restore_converted(body: dict[str, Any], import_block: str) -> ConvertedModule:
+    plain = fx.graph_module.reduce_graph_module(body, import_block)
+    gm = ConvertedModule(plain, plain.graph, class_name=type(plain).__name__)
+    for key in _TREE:
+        gm.__dict__[key] = body[key]  # the dicts the blocks read, not copies
+    for key, value in plain.__dict__.items():
+        gm.__dict__.setdefault(key, value)
+    return _named(gm)
+
+
 def block_module(
     root: nn.Module, block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
-) -> fx.GraphModule:
-    """A GraphModule running ``block``, calling the submodules of ``root`` (not copies).
+) -> ChainBlock:
+    """A :class:`ChainBlock` running ``block`` on the submodules of ``root`` (not copies).
+
+    It looks them up in ``root`` when it runs: replacing one in ``root`` replaces it in the
+    block.
 
     Examples
     --------
@@ -128,8 +288,11 @@ def block_module(
     >>> block = block_module(gm, chain.blocks[0], chain.context)
     >>> block.f is gm.f
     True
+    >>> gm.f = nn.Linear(4, 4)
+    >>> block.f is gm.f
+    True
     """
-    return _named(fx.GraphModule(root, block_graph(block, context), class_name="Block"))
+    return _named(ChainBlock(root.__dict__["_modules"], block_graph(block, context)))
 
 
 def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) -> fx.Graph:
@@ -155,8 +318,10 @@ def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) ->
     return new
 
 
-def _adopt_tree(gm: fx.GraphModule, root: nn.Module, graphs: Sequence[fx.Graph]) -> None:
-    """Give ``gm`` the whole module tree of ``root``, path for path.
+def _adopt_tree(
+    gm: fx.GraphModule, root: nn.Module, graphs: Sequence[fx.Graph], namespace: dict[str, Any]
+) -> None:
+    """Give ``gm`` the whole module tree of ``root``, path for path, in the dict ``namespace``.
 
     GraphModule keeps only the modules its graph names. Here every path of ``root`` stays, so
     that ``state_dict`` keys, their order and buffer persistence are the original's: modules
@@ -168,10 +333,12 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module, graphs: Sequence[fx.Graph])
     called = {id(root.get_submodule(str(n.target)))
               for g in graphs for n in g.nodes if n.op == "call_module"}  # fmt: skip
     memo: dict[int, nn.Module] = {}
-    gm.__dict__["_modules"] = {
-        name: None if child is None else _plain_tree(child, called, memo)
+    namespace.clear()
+    namespace.update(
+        (name, None if child is None else _plain_tree(child, called, memo))
         for name, child in root._modules.items()
-    }
+    )
+    gm.__dict__["_modules"] = namespace
     gm.__dict__["_parameters"] = dict(root._parameters)
     gm.__dict__["_buffers"] = dict(root._buffers)
     gm.__dict__["_non_persistent_buffers_set"] = set(root._non_persistent_buffers_set)
@@ -248,8 +415,8 @@ def rewrite(
 
     Returns
     -------
-    torch.fx.GraphModule
-        With the state_dict keys of ``root``.
+    ConvertedModule
+        A :class:`torch.fx.GraphModule` with the state_dict keys of ``root``.
 
     Examples
     --------
@@ -272,10 +439,12 @@ def rewrite(
     if len(gammas) != len(chains):
         raise ValueError(f"{len(gammas)} gammas for {len(chains)} chains")
     names = chain_names(root, len(chains))
+    # The converted module's ``_modules``: the blocks look their modules up in it.
+    namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
     for chain, name, gamma in zip(chains, names, gammas, strict=True):
         positions = _positions(chain.context)
-        blocks = [block_module(root, b, positions) for b in chain.blocks]
+        blocks = [_named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
         block_graphs += [b.graph for b in blocks]
         module = MomentumChain(
             blocks,
@@ -287,8 +456,8 @@ def rewrite(
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)
-    gm = fx.GraphModule(root, new, class_name=type(root).__name__)
-    _adopt_tree(gm, root, [new, *block_graphs])
+    gm = ConvertedModule(root, new, class_name=type(root).__name__)
+    _adopt_tree(gm, root, [new, *block_graphs], namespace)
     gm.graph.lint()
     gm.recompile()
     return _named(gm)

@@ -435,18 +435,19 @@ def test_convert_sync_batchnorm_before_conversion_reaches_the_chains():
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rewrite.py: each block GraphModule of a chain gets its own holder modules for the "
-    "paths it traced through (blocks, blocks.0), distinct from the converted model's; swapping "
-    "a submodule on the converted model (convert_sync_batchnorm, setattr) changes its "
-    "state_dict but not what the chain calls, silently. Swap before converting.",
-)
 def test_convert_sync_batchnorm_after_conversion_reaches_the_chains():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(build(batch_norm=True))
     assert isinstance(synced.blocks[0][1], nn.SyncBatchNorm)  # the converted model's tree
     called = modules_called_by_chains(synced)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in called) == 3  # what the chain calls
+    assert not any(type(m) is nn.BatchNorm1d for m in called)
+    # Outside a process group SyncBatchNorm is BatchNorm: one training step, same results.
+    reference_model = build(batch_norm=True)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    synced(x).sum().backward()
+    reference_model(x).sum().backward()
+    state, ref = synced.state_dict(), reference_model.state_dict()
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
 
 
 def test_sync_batch_norm_is_refused_on_cpu_by_torch_converted_or_not(runs):

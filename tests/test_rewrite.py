@@ -129,6 +129,34 @@ def test_deepcopy_keeps_blocks_on_the_copy():
     assert gm.get_submodule(path).weight.abs().sum() > 0
 
 
+def test_replacing_a_submodule_after_conversion_reaches_the_chain(tmp_path):
+    # One module tree: the blocks look their modules up in the converted model when they run,
+    # after a copy or a save and load too.
+    model, x = resnet18()
+    gm = fxmomentum.convert(model, 0.0, use_backprop=True)  # computes what the model does
+    twin = copy.deepcopy(gm)
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    for converted in (gm, twin, loaded):
+        reference = copy.deepcopy(model)
+        block = converted.momentum_chain_0.block_list()[1]
+        conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        converted.layer1[1].conv1 = conv  # deep in the tree
+        reference.layer1[1].conv1 = conv
+        assert block.get_submodule("layer1.1.conv1") is conv
+        assert {id(p) for p in block.parameters()} >= {id(conv.weight)}
+        with torch.no_grad():
+            assert max_rel_err([converted(x)], [reference(x)]) < 1e-6
+        layer = copy.deepcopy(converted.layer1)
+        layer[0].bn1 = nn.BatchNorm2d(64).eval()
+        reference.layer1[0].bn1 = layer[0].bn1
+        converted.layer1 = layer  # at the top
+        assert converted.momentum_chain_0.block_list()[0].layer1 is layer
+        with torch.no_grad():
+            assert max_rel_err([converted(x)], [reference(x)]) < 1e-6
+        assert list(converted.state_dict()) == list(model.state_dict())
+
+
 def test_tensor_constants_stay_out_of_the_state_dict():
     class WithConstant(nn.Module):
         def __init__(self):
