@@ -17,16 +17,28 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .capture import Capture, capture
+from .capture import (
+    TRACE_INTO,
+    CallRecord,
+    Capture,
+    CaptureError,
+    LeafInfo,
+    _leaf_arguments,
+    _reason,
+    capture,
+    drop_new_flags,
+    flag_owners,
+    record_calls,
+)
 from .chain import MomentumChain
 from .exact import quantize_gamma
-from .match import Chain, MatchResult, find_chains
+from .match import Chain, MatchResult, SkippedAdd, find_chains
 from .report import ChainInfo, ConversionReport, chain_info, estimate_saved_bytes
 from .rewrite import chain_names, rewrite, top_graph
 
@@ -67,13 +79,255 @@ def _lookup(table: Mapping[Any, Any], index: int, name: str, paths: Sequence[str
 
 
 @dataclass
-class _Plan:
+class _Unit:
+    """One module captured as a graph: the model itself (path ``""``) or a submodule."""
+
+    path: str
+    module: nn.Module
     capture: Capture
     match: MatchResult
-    infos: list[ChainInfo]
-    chosen: list[Chain]
-    gammas: list[float]
-    names: list[str]
+    infos: list[ChainInfo] = field(default_factory=list)
+    chosen: list[Chain] = field(default_factory=list)
+    gammas: list[float] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    flags: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Plan:
+    root: nn.Module
+    units: list[_Unit]
+    leaves: list[LeafInfo]
+    notes: list[str]
+
+    @property
+    def whole(self) -> bool:
+        """Whether the model itself was captured as one graph."""
+        return bool(self.units) and self.units[0].path == ""
+
+    @property
+    def infos(self) -> list[ChainInfo]:
+        return [i for u in self.units for i in u.infos]
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+def _is_container(m: nn.Module) -> bool:
+    """``nn.ModuleList`` / ``nn.ModuleDict`` and the like: modules without a forward."""
+    return getattr(type(m), "forward", None) is nn.Module.forward
+
+
+def _may_hold_chains(m: nn.Module) -> bool:
+    """Whether capturing ``m`` can find anything: it has parameters, and is not one of
+    torch.nn's own layers (``nn.Linear``, ``nn.LayerNorm``...), which hold no residual add."""
+    if isinstance(m, MomentumChain) or next(m.parameters(), None) is None:
+        return False
+    torch_layer = type(m).__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
+    return not torch_layer or isinstance(m, TRACE_INTO) or _is_container(m)
+
+
+def _children(path: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(_join(path, n), c) for n, c in m.named_children() if c is not None]
+
+
+def _relative_leaves(paths: Iterable[str], types: Sequence[type], prefix: str) -> list[str | type]:
+    inside = [p[len(prefix) + 1 :] for p in paths if p.startswith(prefix + ".")]
+    return [*inside, *types]
+
+
+def _prefixed(info: ChainInfo, prefix: str) -> ChainInfo:
+    """``info`` with module paths of the whole model (the unit at ``prefix``)."""
+    if not prefix:
+        return info
+    for b in info.blocks:
+        b.name = _join(prefix, b.name)
+        b.path = _join(prefix, b.path)
+    info.first = info.blocks[0].name
+    info.last = info.blocks[-1].name
+    return info
+
+
+def _select(
+    chains: Sequence[Chain],
+    prefix: str,
+    include: Any,
+    exclude: Any,
+    min_blocks: int,
+) -> list[Chain]:
+    """``include`` / ``exclude`` / ``min_blocks`` on full module paths, as find_chains does
+    on the paths of its graph: a left-out block splits its chain."""
+    inc = [include] if isinstance(include, str) else None if include is None else list(include)
+    exc = [exclude] if isinstance(exclude, str) else None if exclude is None else list(exclude)
+
+    def selected(path: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) or path == p or path.startswith(p + ".")
+                   for p in patterns)  # fmt: skip
+
+    def wanted(b: Any) -> str:
+        path = _join(prefix, b.path)
+        if inc is not None and not selected(path, inc):
+            return "not in include"
+        if exc is not None and selected(path, exc):
+            return "excluded"
+        return ""
+
+    out: list[Chain] = []
+    for chain in chains:
+        run: list[Any] = []
+        reason = ""
+        for b in [*chain.blocks, None]:
+            why = wanted(b) if b is not None else None
+            if run and (b is None or why != reason):
+                out.append(Chain(run, not reason, reason))
+                run = []
+            if b is not None:
+                run.append(b)
+                reason = why or ""
+    for c in out:
+        if c.selected and len(c.blocks) < min_blocks:
+            c.selected = False
+            c.reason = f"{len(c.blocks)} block(s) < min_blocks={min_blocks}"
+    return out
+
+
+def _match(unit: _Unit, include: Any, exclude: Any, min_blocks: int) -> None:
+    modules = dict(unit.module.named_modules())
+    if unit.path:
+        result = find_chains(unit.capture.graph, modules)
+        result.chains = _select(result.chains, unit.path, include, exclude, min_blocks)
+        result.skipped = [
+            SkippedAdd(s.node, _join(unit.path, s.path), s.reason) for s in result.skipped
+        ]
+    else:
+        result = find_chains(
+            unit.capture.graph, modules, include=include, exclude=exclude, min_blocks=min_blocks
+        )
+    unit.match = result
+    unit.infos = [_prefixed(chain_info(c, modules), unit.path) for c in result.chains]
+
+
+def _capture_tree(
+    root: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable[str | type] | None,
+    concrete_args: dict[str, Any] | None,
+) -> _Plan:
+    """Capture ``root`` whole, or else every capturable subtree of it.
+
+    A module whose ``forward`` cannot be traced, or that its traced parent keeps opaque (not
+    traceable, branches on ``self.training``), keeps its Python code; its children are
+    captured one by one, each called as the recorded run of the whole model called it.
+    """
+    leaf_modules = list(leaf_modules or ())
+    requested = {p for p in leaf_modules if isinstance(p, str)}
+    types = tuple(t for t in leaf_modules if isinstance(t, type))
+    units: list[_Unit] = []
+    leaves: list[LeafInfo] = []
+    notes: list[str] = []
+    frontier: list[tuple[str, nn.Module]] = []
+    name = type(root).__name__
+    failure: CaptureError | None = None
+
+    def take(path: str, m: nn.Module, cap: Capture) -> None:
+        units.append(_Unit(path, m, cap, MatchResult()))
+        for leaf in cap.leaves:
+            full = _join(path, leaf.path)
+            leaves.append(LeafInfo(full, leaf.type, leaf.reason, leaf.automatic))
+            if leaf.automatic:
+                frontier.extend(_children(full, m.get_submodule(leaf.path)))
+        notes.extend(f"`{path}`: {n}" if path else n for n in cap.notes)
+
+    try:
+        take("", root, capture(root, example_inputs, leaf_modules=leaf_modules,
+                               concrete_args=concrete_args))  # fmt: skip
+    except CaptureError as e:
+        if leaf_modules:
+            _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
+        failure = e
+        reason = _cause(e)
+        leaves.append(LeafInfo("", name, _descended(reason), True))
+        notes.append(
+            f"{name}.forward cannot be traced ({reason}): it stays Python code, and its "
+            f"submodules were captured one by one; convert returns a {name}, not a GraphModule"
+        )
+        frontier = _children("", root)
+    seen: set[int] = {id(root)}
+    recorded = example_inputs is not None
+    while frontier:
+        todo = []
+        for path, m in frontier:
+            if id(m) in seen or path in requested or isinstance(m, types):
+                continue
+            seen.add(id(m))
+            if _may_hold_chains(m):
+                todo.append((path, m))
+        frontier = []
+        records: dict[int, CallRecord] = {}
+        to_call = [m for _, m in todo if not _is_container(m)]
+        if recorded and to_call:
+            try:
+                records = record_calls(root, example_inputs, to_call)
+            except Exception as e:
+                recorded = False
+                notes.append(
+                    f"running {name} on example_inputs failed ({_reason(e)}): its submodules "
+                    f"were captured from their structure only"
+                )
+        for path, m in todo:
+            if _is_container(m):
+                frontier.extend(_children(path, m))
+                continue
+            call = records.get(id(m))
+            if recorded and call is None:
+                notes.append(f"`{path}` was not called on example_inputs: left as it is")
+                continue
+            flags = flag_owners(m)
+            try:
+                cap = capture(m, leaf_modules=_relative_leaves(requested, types, path),
+                              call=call)  # fmt: skip
+            except CaptureError as e:
+                leaves.append(LeafInfo(path, type(m).__name__, _descended(_cause(e)), True))
+                frontier.extend(_children(path, m))
+                continue
+            take(path, m, cap)
+            units[-1].flags = flags
+    # Chains in the order of the modules: the model's own graph first, then the submodules.
+    order = {id(m): i for i, m in enumerate(root.modules())}
+    units.sort(key=lambda u: (u.path != "", order.get(id(u.module), 0)))
+    if failure is not None and not units:
+        raise CaptureError(
+            f"{failure} No submodule of it (other than torch.nn's own layers) can be "
+            f"captured either."
+        ) from failure
+    if example_inputs is None and any(u.path for u in units):
+        notes.append(
+            "without example_inputs, submodules were traced with every argument of their "
+            "forward as a graph input (none fixed to None or a flag): pass example_inputs "
+            "to capture them as their parent calls them"
+        )
+    return _Plan(root, units, leaves, notes)
+
+
+def _cause(e: CaptureError) -> str:
+    """The reason inside a CaptureError, without its advice."""
+    text = str(e)
+    start = text.find("(")
+    if text.startswith("cannot trace") and start >= 0:
+        depth, end = 0, -1
+        for i in range(start, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                end = i
+                break
+        if end > start:
+            return text[start + 1 : end]
+    return text
+
+
+def _descended(reason: str) -> str:
+    return f"forward not traceable ({reason}): kept as Python code, submodules captured one by one"
 
 
 def _plan(
@@ -98,59 +352,90 @@ def _plan(
     elif not (isinstance(gamma, Mapping) or callable(gamma)):
         raise TypeError(f"gamma must be a number, a dict or a callable, got {type(gamma).__name__}")
 
-    cap = capture(root, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    modules = dict(root.named_modules())
-    result = find_chains(
-        cap.graph, modules, include=include, exclude=exclude, min_blocks=min_blocks
-    )
-    infos = [chain_info(c, modules) for c in result.chains]
-    selected = [(c, i) for c, i in zip(result.chains, infos, strict=True) if c.selected]
-    names = chain_names(root, len(selected))
-    chosen, gammas, chosen_names = [], [], []
-    if cost_model and not cap.shapes_verified:
-        cap.notes.append("cost_model needs shapes (example_inputs): every chain is converted")
-    for k, (chain, info) in enumerate(selected):
-        name = names[k]
-        paths = [b.path for b in info.blocks]
-        if isinstance(gamma, Mapping):
-            value = _lookup(gamma, k, name, paths)
-        elif callable(gamma) and not isinstance(gamma, (int, float)):
-            value = gamma(info)
-        else:
-            value = gamma
-        if value is None:
-            info.reason = "no gamma given for this chain"
-            continue
-        value = _check_gamma(value, use_backprop, f"for chain {k} ({info.first})")
-        saved = estimate_saved_bytes(chain, value, use_backprop)
-        info.saved_bytes = saved
-        if cost_model and saved is not None and saved <= 0 and not use_backprop:
-            info.reason = "cost model: the reversible state would not be smaller than what it saves"
-            continue
-        info.name = name
-        info.converted = True
-        info.gamma = value
-        chosen.append(chain)
-        gammas.append(value)
-        chosen_names.append(info.name)
-    return _Plan(cap, result, infos, chosen, gammas, chosen_names)
+    plan = _capture_tree(root, example_inputs, leaf_modules, concrete_args)
+    k = 0
+    for unit in plan.units:
+        _match(unit, include, exclude, min_blocks)
+        selected = [
+            (c, i) for c, i in zip(unit.match.chains, unit.infos, strict=True) if c.selected
+        ]
+        names = chain_names(unit.module, len(selected))
+        if cost_model and not unit.capture.shapes_verified and selected:
+            where = f"`{unit.path}`: " if unit.path else ""
+            plan.notes.append(
+                f"{where}cost_model needs shapes (example_inputs): every chain is converted"
+            )
+        for local, (chain, info) in enumerate(selected):
+            name = _join(unit.path, names[local])
+            paths = [b.path for b in info.blocks]
+            if isinstance(gamma, Mapping):
+                value = _lookup(gamma, k, name, paths)
+            elif callable(gamma) and not isinstance(gamma, (int, float)):
+                value = gamma(info)
+            else:
+                value = gamma
+            k += 1
+            if value is None:
+                info.reason = "no gamma given for this chain"
+                continue
+            value = _check_gamma(value, use_backprop, f"for chain {k - 1} ({info.first})")
+            saved = estimate_saved_bytes(chain, value, use_backprop)
+            info.saved_bytes = saved
+            if cost_model and saved is not None and saved <= 0 and not use_backprop:
+                info.reason = (
+                    "cost model: the reversible state would not be smaller than what it saves"
+                )
+                continue
+            info.name = name
+            info.converted = True
+            info.gamma = value
+            unit.chosen.append(chain)
+            unit.gammas.append(value)
+            unit.names.append(names[local])
+        if unit.path:
+            blocks = sum(len(c.blocks) for c in unit.match.chains)
+            chains = len(unit.match.chains)
+            found = f"{chains} chain(s), {blocks} block(s)" if blocks else "no residual chain"
+            plan.notes.append(
+                f"`{unit.path}` ({type(unit.module).__name__}): captured as one graph, {found}"
+            )
+    return plan
 
 
-def _report(plan: _Plan, use_backprop: bool, nodes_after: int, code_after: str) -> ConversionReport:
-    cap = plan.capture
+def _code(plan: _Plan, codes: Sequence[str]) -> str:
+    if plan.whole and len(plan.units) == 1:
+        return codes[0]
+    parts = []
+    for unit, code in zip(plan.units, codes, strict=True):
+        parts.append(f"# {unit.path or '(model)'} ({type(unit.module).__name__})\n{code}")
+    return "\n".join(parts)
+
+
+def _report(
+    plan: _Plan, use_backprop: bool, nodes_after: int, codes_after: Sequence[str]
+) -> ConversionReport:
+    units = plan.units
     return ConversionReport(
-        model=type(cap.root).__name__,
+        model=type(plan.root).__name__,
         chains=plan.infos,
-        skipped=list(plan.match.skipped),
-        leaves=list(cap.leaves),
-        nodes_before=len(cap.graph.nodes),
+        skipped=[s for u in units for s in u.match.skipped],
+        leaves=list(plan.leaves),
+        nodes_before=sum(len(u.capture.graph.nodes) for u in units),
         nodes_after=nodes_after,
-        shapes_verified=cap.shapes_verified,
-        code_before=cap.graph_module.code,
-        code_after=code_after,
+        shapes_verified=bool(units) and all(u.capture.shapes_verified for u in units),
+        code_before=_code(plan, [u.capture.graph_module.code for u in units]),
+        code_after=_code(plan, codes_after),
         use_backprop=use_backprop,
-        notes=list(cap.notes),
+        notes=list(plan.notes),
     )
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered under ``root``."""
+    for m in list(root.modules()):
+        for key, child in m._modules.items():
+            if child is old:
+                m._modules[key] = new
 
 
 def convert(
@@ -166,7 +451,7 @@ def convert(
     return_report: bool = False,
     leaf_modules: Iterable[str | type] | None = None,
     concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule | tuple[fx.GraphModule, ConversionReport]:
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Turn the residual chains of ``model`` into momentum chains.
 
     Each chain ``x <- x + f_t(x)`` becomes ``v <- gamma * v + (1 - gamma) * f_t(x);
@@ -174,10 +459,19 @@ def convert(
     result works on a deep copy, keeps its module tree and ``state_dict`` keys, and loads the
     original's weights (``gm.load_state_dict(model.state_dict())``) and vice versa.
 
+    When torch.fx cannot trace ``model.forward`` itself (shape unpacking, data-dependent
+    control flow, einops), its code stays as it is and conversion descends: each child is
+    captured as a graph if it can be, else its own children, and so on; the same happens
+    inside submodules that a captured graph keeps opaque. The result is then a copy of
+    ``model``'s own class with converted GraphModules in place of the submodules whose graphs
+    hold chains. With ``example_inputs``, the whole model runs once first and each submodule
+    is traced as its parent called it: arguments that were None, flags or numbers are fixed
+    (the graph checks them at run time), and the graph must return what the module returned.
+
     Parameters
     ----------
     model : nn.Module
-        Any module torch.fx can trace; untraceable submodules are kept whole.
+        Any module; the parts torch.fx cannot trace are kept whole (see above).
     gamma : float, dict or callable
         Momentum in ``[0, 1]``. A dict gives it per chain, keyed by chain index, attribute
         name (``"momentum_chain_0"``) or module path / glob pattern (``"layer3"``); chains it
@@ -204,7 +498,15 @@ def convert(
 
     Returns
     -------
-    torch.fx.GraphModule, or (GraphModule, ConversionReport) with ``return_report=True``.
+    torch.fx.GraphModule, or a copy of ``model``'s class when its ``forward`` cannot be
+    traced; with ``return_report=True``, a tuple (module, ConversionReport). The report's
+    chains and opaque modules carry full module paths of ``model``; its notes say which
+    submodules were captured as graphs.
+
+    Raises
+    ------
+    fxmomentum.capture.CaptureError
+        If neither ``model.forward`` nor any submodule that may hold a chain can be traced.
 
     Examples
     --------
@@ -220,6 +522,21 @@ def convert(
     >>> gm = convert(MLP(), gamma=0.9)
     >>> print(gm.code.strip().splitlines()[-2].strip())
     momentum_chain_0 = self.momentum_chain_0(x);  x = None
+
+    A model whose own ``forward`` torch.fx cannot trace:
+
+    >>> class Wrapper(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = MLP()
+    ...     def forward(self, x):
+    ...         if x.dim() == 3:  # control flow on a traced value
+    ...             x = x.flatten(0, 1)
+    ...         return self.body(x)
+    >>> net, report = convert(Wrapper(), gamma=0.9, example_inputs=torch.randn(2, 8),
+    ...                       return_report=True)
+    >>> type(net).__name__, type(net.body).__name__, report.chains[0].name
+    ('Wrapper', 'MLP', 'body.momentum_chain_0')
     """
     root = copy.deepcopy(model)
     plan = _plan(
@@ -234,11 +551,29 @@ def convert(
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
     )
-    gm = rewrite(root, plan.capture.graph, plan.chosen, plan.gammas, use_backprop=use_backprop)
+    result: nn.Module = root
+    graphs: list[fx.Graph] = []
+    # Innermost first: a unit inside an opaque module of another is replaced in that module,
+    # which the outer graph calls as it is.
+    for unit in reversed(plan.units):
+        if unit.path and not unit.chosen:
+            drop_new_flags(unit.module, unit.flags)
+            graphs.append(unit.capture.graph)
+            continue
+        gm = rewrite(
+            unit.module, unit.capture.graph, unit.chosen, unit.gammas, use_backprop=use_backprop
+        )
+        graphs.append(gm.graph)
+        if unit.path:
+            _replace(root, unit.module, gm)
+        else:
+            result = gm
+    graphs.reverse()
     if not return_report:
-        return gm
-    report = _report(plan, use_backprop, len(gm.graph.nodes), gm.code)
-    return gm, report
+        return result
+    codes = [g.python_code(root_module="self").src for g in graphs]
+    report = _report(plan, use_backprop, sum(len(g.nodes) for g in graphs), codes)
+    return result, report
 
 
 def inspect(
@@ -276,9 +611,9 @@ def inspect(
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
     )
-    graph = top_graph(plan.capture.graph, plan.chosen, plan.names)
-    code = graph.python_code(root_module="self").src
-    return _report(plan, use_backprop, len(graph.nodes), code)
+    graphs = [top_graph(u.capture.graph, u.chosen, u.names) for u in plan.units]
+    codes = [g.python_code(root_module="self").src for g in graphs]
+    return _report(plan, use_backprop, sum(len(g.nodes) for g in graphs), codes)
 
 
 def set_gamma(model: nn.Module, gamma: GammaSpec) -> dict[str, float]:
@@ -316,7 +651,9 @@ def set_gamma(model: nn.Module, gamma: GammaSpec) -> dict[str, float]:
     changed: dict[str, float] = {}
     for k, (name, chain) in enumerate(chains):
         if isinstance(gamma, Mapping):
-            value = _lookup(gamma, k, name, [p.split("#")[0] for p in chain.names])
+            owner = name.rpartition(".")[0]  # block names are relative to the chain's owner
+            paths = [_join(owner, p.split("#")[0]) for p in chain.names]
+            value = _lookup(gamma, k, name, paths)
         elif callable(gamma):
             value = gamma(name, chain)
         else:

@@ -21,6 +21,7 @@ the global random state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ from .chain import MomentumChain
 
 __all__ = [
     "TRACE_INTO",
+    "CallRecord",
     "Capture",
     "CaptureError",
     "CaptureTracer",
@@ -43,7 +45,11 @@ __all__ = [
     "TrainingFlag",
     "capture",
     "clear_shapes",
+    "drop_new_flags",
+    "flag_owners",
     "propagate_shapes",
+    "record_calls",
+    "specialise",
 ]
 
 #: torch.nn modules that hold residual connections: traced into rather than kept whole.
@@ -74,11 +80,15 @@ class LeafInfo:
         Class name of the module.
     reason : str
         Why it is a leaf.
+    automatic : bool
+        Made a leaf because tracing it failed or it branches on ``self.training`` (not
+        requested, not a momentum chain): its own submodules may still be captured.
     """
 
     path: str
     type: str
     reason: str
+    automatic: bool = False
 
     @property
     def module(self) -> str:
@@ -368,12 +378,19 @@ def capture(
     *,
     leaf_modules: Iterable[str | type] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    call: CallRecord | None = None,
 ) -> Capture:
     """Trace ``model`` with torch.fx; make untraceable submodules leaves; propagate shapes.
 
     ``model`` itself is traced: tracing may add :class:`TrainingFlag` children and tensor
     constants to it, so pass a copy when the model must stay untouched
     (:func:`fxmomentum.convert` does).
+
+    With ``call`` (a submodule's call recorded by :func:`record_calls`), the arguments that
+    were None, a bool, a number or a string are fixed to their recorded values (the graph
+    checks them at run time and raises a clear error on another value), shapes are propagated
+    from the recorded call, and the graph must return what the module returned, or
+    :class:`CaptureError` is raised: such a graph would not work where the parent calls it.
 
     Parameters
     ----------
@@ -385,6 +402,9 @@ def capture(
         Module paths or classes to keep opaque.
     concrete_args : dict, optional
         Passed to :meth:`torch.fx.Tracer.trace` (for arguments that steer control flow).
+    call : CallRecord, optional
+        A recorded call to trace and check against (instead of ``example_inputs`` and
+        ``concrete_args``).
 
     Returns
     -------
@@ -394,7 +414,7 @@ def capture(
     ------
     CaptureError
         If the model's own ``forward`` cannot be traced (a submodule's failure makes that
-        submodule a leaf instead).
+        submodule a leaf instead), or its graph does not reproduce ``call``.
 
     Examples
     --------
@@ -403,7 +423,53 @@ def capture(
     >>> [tuple(n.meta["tensor_meta"].shape) for n in cap.graph.nodes if n.op == "call_module"]
     [(2, 8), (2, 8)]
     """
+    if call is not None:
+        if example_inputs is not None or concrete_args is not None:
+            raise ValueError("capture: pass either call or example_inputs / concrete_args")
+        concrete_args, example_inputs = specialise(model, call)
     leaves, leaf_types = _leaf_arguments(model, leaf_modules)
+    owners = flag_owners(model)
+    try:
+        return _capture(model, example_inputs, leaves, leaf_types, concrete_args, call)
+    except CaptureError:
+        # Flags added by the failed attempts would stay in a module whose Python forward
+        # keeps running (harmless, but a change to the module tree): take them out.
+        drop_new_flags(model, owners)
+        raise
+
+
+def flag_owners(module: nn.Module) -> set[int]:
+    """``id`` of the modules under ``module`` that hold a :class:`TrainingFlag`."""
+    return {id(m) for m in module.modules() if isinstance(m._modules.get(FLAG_NAME), TrainingFlag)}
+
+
+def drop_new_flags(module: nn.Module, owners: set[int]) -> None:
+    """Remove the :class:`TrainingFlag` children tracing added, except those of ``owners``.
+
+    For a module that was traced but keeps its Python ``forward`` (which never reads them).
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Dropout())
+    >>> before = flag_owners(model)
+    >>> model[0].add_module(FLAG_NAME, TrainingFlag())
+    >>> drop_new_flags(model, before)
+    >>> FLAG_NAME in model[0]._modules
+    False
+    """
+    for m in module.modules():
+        if id(m) not in owners and isinstance(m._modules.get(FLAG_NAME), TrainingFlag):
+            del m._modules[FLAG_NAME]
+
+
+def _capture(
+    model: nn.Module,
+    example_inputs: Any,
+    leaves: dict[str, str],
+    leaf_types: tuple[type, ...],
+    concrete_args: dict[str, Any] | None,
+    call: CallRecord | None,
+) -> Capture:
     modules = dict(model.named_modules())
     found: list[LeafInfo] = []
     notes: list[str] = []
@@ -423,7 +489,7 @@ def capture(
                     f"steer control flow."
                 ) from e
             leaves[culprit] = f"not traceable: {_reason(e)}"
-            found.append(LeafInfo(culprit, type(modules[culprit]).__name__, leaves[culprit]))
+            found.append(LeafInfo(culprit, type(modules[culprit]).__name__, leaves[culprit], True))
             continue
         branching = [p for p, how in tracer.training_reads.items() if how == "control flow"]
         redo = False
@@ -435,7 +501,7 @@ def capture(
                 )
             elif path not in leaves:
                 leaves[path] = "branches on self.training (kept whole so that both modes work)"
-                found.append(LeafInfo(path, type(modules[path]).__name__, leaves[path]))
+                found.append(LeafInfo(path, type(modules[path]).__name__, leaves[path], True))
                 redo = True
         if not redo:
             break
@@ -450,23 +516,259 @@ def capture(
         if reason.startswith("requested"):
             found.append(LeafInfo(path, type(modules[path]).__name__, reason))
 
+    _keep_argument_names(graph, concrete_args)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     verified = False
     if example_inputs is not None:
         try:
-            propagate_shapes(gm, example_inputs, model)
+            out = propagate_shapes(gm, example_inputs, model)
             verified = True
         except Exception as e:
             # The nodes that ran before the failure have shapes and the rest have none, which
             # matching would read as "not a tensor" for every block after the failure: the
             # whole graph is matched as without example inputs instead.
             clear_shapes(graph)
+            if call is not None:
+                raise CaptureError(
+                    f"the graph of {type(model).__name__}.forward fails on the arguments its "
+                    f"parent passes ({_reason(e)})"
+                ) from e
             notes.append(
                 f"shape propagation on example_inputs failed ({_reason(e)}); shapes are "
                 f"unverified for the whole graph and chains were matched from its structure "
                 f"only, as without example_inputs"
             )
+        if call is not None and _structure(out) != call.output:
+            raise CaptureError(
+                f"the graph of {type(model).__name__}.forward returns "
+                f"{_describe_structure(_structure(out))} where the module returns "
+                f"{_describe_structure(call.output)}"
+            )
     return Capture(model, graph, gm, found, verified, notes)
+
+
+def _keep_argument_names(graph: fx.Graph, concrete_args: Mapping[str, Any] | None) -> None:
+    """Give the placeholders of fixed arguments their names back.
+
+    torch.fx names the placeholder of a fixed argument ``mask`` ``mask_1``, so the graph
+    module would no longer accept ``mask=...`` by keyword, as the parent may pass it.
+    """
+    if not concrete_args:
+        return
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name, sep, count = str(node.target).rpartition("_")
+        if sep and count == "1" and name in concrete_args and name not in taken:
+            node.target = name
+            taken.add(name)
+
+
+# -- recorded calls ------------------------------------------------------------------------------
+_FIXED_TYPES = (bool, int, float, str)
+_UNSET = object()
+
+
+@dataclass(eq=False)
+class CallRecord:
+    """A module's first call while the whole model ran on example inputs.
+
+    Attributes
+    ----------
+    args : tuple
+        Positional arguments of the first call (the tensors themselves, not copies).
+    kwargs : dict
+        Keyword arguments of the first call.
+    output : tuple
+        What it returned: types, and shapes and dtypes of tensors (see :func:`record_calls`).
+    calls : int
+        How many times it was called.
+    differing : bool
+        Whether a later call, or a call in the other mode (train / eval), passed other
+        non-tensor values (None, flags, numbers, strings), or arguments of other kinds.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any = _UNSET
+    calls: int = 1
+    differing: bool = False
+    key: tuple[Any, ...] = ()
+
+
+def _structure(value: Any) -> Any:
+    """Types, and shapes and dtypes of tensors, of a (nested) value."""
+    if isinstance(value, torch.Tensor):
+        return ("Tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_structure(v) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((k, _structure(v)) for k, v in value.items()))
+    return (type(value),)
+
+
+def _describe_structure(struct: Any) -> str:
+    if struct is _UNSET:
+        return "nothing (it did not return)"
+    kind = struct[0]
+    if kind == "Tensor":
+        return f"a {'x'.join(map(str, struct[1])) or 'scalar'} tensor"
+    if len(struct) == 1:
+        return kind.__name__
+    if kind in (tuple, list) or issubclass(kind, (tuple, list)):
+        inner = ", ".join(_describe_structure(s) for s in struct[1])
+    else:
+        inner = ", ".join(f"{k}: {_describe_structure(s)}" for k, s in struct[1])
+    return f"{kind.__name__}({inner})"
+
+
+def _argument_kind(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return "Tensor"
+    if value is None or type(value) in _FIXED_TYPES:
+        return (type(value), value)
+    return type(value)
+
+
+def _call_key(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        tuple(_argument_kind(a) for a in args),
+        tuple(sorted((k, _argument_kind(v)) for k, v in kwargs.items())),
+    )
+
+
+def record_calls(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[Any],
+    modules: Iterable[nn.Module],
+) -> dict[int, CallRecord]:
+    """Run ``model`` on ``example_inputs`` and record how ``modules`` are called.
+
+    Hooks record each module's first call (arguments and output structure) in the model's
+    current mode, and whether later calls differ, also in a second run in the other mode
+    (train / eval): a parent that passes ``0.0 if not self.training else p`` calls its child
+    differently in each mode. The runs have no side effects: no grad, the global random
+    state forked, the buffers and modes restored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The whole model.
+    example_inputs : Tensor or sequence
+        Its positional inputs.
+    modules : iterable of nn.Module
+        Submodules of ``model`` to record.
+
+    Returns
+    -------
+    dict
+        ``id(module)`` to :class:`CallRecord`, for the modules that were called.
+
+    Raises
+    ------
+    Exception
+        Whatever ``model`` raises on ``example_inputs``.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    >>> records = record_calls(model, torch.randn(2, 3), [model[1]])
+    >>> record = records[id(model[1])]
+    >>> tuple(record.args[0].shape), record.calls
+    ((2, 4), 1)
+    """
+    inputs = _as_tuple(example_inputs)
+    records: dict[int, CallRecord] = {}
+    first_run = True
+
+    def before(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        key = _call_key(args, kwargs)
+        record = records.get(id(m))
+        if record is None and first_run:
+            records[id(m)] = CallRecord(tuple(args), dict(kwargs), key=key)
+        elif record is not None:
+            record.calls += first_run
+            record.differing = record.differing or key != record.key
+
+    def after(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        record = records[id(m)]
+        if record.output is _UNSET:
+            record.output = _structure(out)
+
+    handles = []
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in {id(m): m for m in modules}.values():
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(m.register_forward_hook(after, with_kwargs=True))
+        with _no_side_effects(model, inputs):
+            model(*inputs)
+            first_run = False
+            model.train(not model.training)
+            # The other mode may refuse these inputs (train-mode BatchNorm on a batch of
+            # one); then a graph fixed to this mode's values still checks them at run time.
+            with contextlib.suppress(Exception):
+                model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return records
+
+
+def specialise(module: nn.Module, call: CallRecord) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """``concrete_args`` and positional inputs that trace and run ``module`` as ``call`` did.
+
+    Arguments that were None, a bool, a number or a string are fixed (``concrete_args``);
+    tensors and other values stay graph inputs. The inputs list every argument of ``forward``
+    in the order of the graph's placeholders, defaults filled in.
+
+    Raises
+    ------
+    CaptureError
+        If the module was called in several ways, or through ``*args`` / ``**kwargs``.
+
+    Examples
+    --------
+    >>> class Masked(nn.Module):
+    ...     def forward(self, x, mask=None, scale=1.0):
+    ...         return x * scale if mask is None else x.masked_fill(mask, 0.0) * scale
+    >>> call = CallRecord((torch.ones(2),), {})
+    >>> concrete, inputs = specialise(Masked(), call)
+    >>> concrete, len(inputs)
+    ({'mask': None, 'scale': 1.0}, 3)
+    """
+    name = type(module).__name__
+    if call.differing:
+        raise CaptureError(
+            f"{name} is called with different non-tensor arguments (in several calls, or in "
+            f"train and eval mode): one graph cannot serve every call"
+        )
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError) as e:
+        raise CaptureError(f"cannot match the recorded call of {name} ({_reason(e)})") from e
+    bound.apply_defaults()
+    concrete: dict[str, Any] = {}
+    positional: list[Any] = []
+    keyword_only: list[Any] = []
+    for pname, param in sig.parameters.items():
+        value = bound.arguments.get(pname)
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if value:
+                raise CaptureError(
+                    f"{name} is called with arguments through "
+                    f"{'*' if param.kind is param.VAR_POSITIONAL else '**'}{pname}, which "
+                    f"torch.fx cannot fix to the recorded values"
+                )
+            continue
+        if value is None or type(value) in _FIXED_TYPES:
+            concrete[pname] = value
+        (keyword_only if param.kind is param.KEYWORD_ONLY else positional).append(value)
+    return concrete, tuple(positional + keyword_only)
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
@@ -482,11 +784,11 @@ def propagate_shapes(
     gm: fx.GraphModule,
     example_inputs: torch.Tensor | Sequence[Any],
     owner: nn.Module | None = None,
-) -> None:
+) -> Any:
     """Run :class:`~torch.fx.passes.shape_prop.ShapeProp` on ``gm`` without side effects.
 
-    Fills ``node.meta["tensor_meta"]``. Buffers (BatchNorm running statistics) are restored
-    and the global random state is left as it was.
+    Fills ``node.meta["tensor_meta"]`` and returns the graph's output. Buffers (BatchNorm
+    running statistics) are restored and the global random state is left as it was.
 
     Parameters
     ----------
@@ -506,7 +808,7 @@ def propagate_shapes(
     Examples
     --------
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 5)))
-    >>> propagate_shapes(gm, torch.randn(2, 3))
+    >>> out = propagate_shapes(gm, torch.randn(2, 3))
     >>> list(gm.graph.nodes)[1].meta["tensor_meta"].shape
     torch.Size([2, 5])
     """
@@ -517,7 +819,7 @@ def propagate_shapes(
         with _no_side_effects(owner, inputs):
             # ShapeProp prints the traceback of a failing node itself; the caller reports it.
             with contextlib.redirect_stderr(io.StringIO()):
-                prop.propagate(*inputs)
+                return prop.propagate(*inputs)
     except Exception as e:
         node = prop.current
         if node is None:
@@ -534,7 +836,7 @@ def clear_shapes(graph: fx.Graph) -> None:
     Examples
     --------
     >>> gm = fx.symbolic_trace(nn.Linear(2, 2))
-    >>> propagate_shapes(gm, torch.randn(1, 2))
+    >>> _ = propagate_shapes(gm, torch.randn(1, 2))
     >>> clear_shapes(gm.graph)
     >>> any("tensor_meta" in n.meta for n in gm.graph.nodes)
     False

@@ -1,0 +1,406 @@
+"""Models whose own forward torch.fx cannot trace: conversion descends into their submodules.
+
+The model's code stays as it is; each child is captured as a graph if it can be (as the
+recorded run of the whole model called it), else its own children, and so on. Errors are
+DESIGN.md's relative errors; reversible gradients are compared with backprop's in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import archs
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import max_rel_err
+from torch import fx, nn
+
+import fxmomentum
+from fxmomentum import MomentumChain
+from fxmomentum.capture import CallRecord, CaptureError, record_calls, specialise
+
+
+class Resized(nn.Module):
+    """A torchvision resnet18 behind a forward that resizes inputs of another size.
+
+    ``if x.shape[-1] != self.size`` is control flow on a traced value: not traceable. The
+    trunk is: its chains are resnet18's, ``[2, 1, 1, 1]`` blocks (the first block of layers
+    2 to 4 has a projection shortcut).
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        super().__init__()
+        self.size = size
+        self.trunk = torchvision.models.resnet18(num_classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear")
+        return self.trunk(x)
+
+
+class Residual(nn.Module):
+    """``x + f(x)`` as a module of its own."""
+
+    def __init__(self, dim: int, p: float = 0.0) -> None:
+        super().__init__()
+        self.f = archs.mlp(dim, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class Normalised(nn.Module):
+    """Residual blocks in an ``nn.Sequential`` behind data-dependent control flow.
+
+    Chains: ``body`` is one chain of ``depth`` pure blocks (``body.0`` ... ``body.<depth-1>``).
+    """
+
+    def __init__(self, dim: int = 16, depth: int = 4, p: float = 0.0) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, dim)
+        self.body = nn.Sequential(*(Residual(dim, p) for _ in range(depth)))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax()
+        if scale > 10:  # data-dependent: not traceable
+            x = x / scale
+        return self.head(self.body(self.stem(x)))
+
+
+class Encoder(nn.Module):
+    """Pre-norm layers with an optional additive mask and padding mask, an optional norm.
+
+    Traced as its parent calls it (``mask=<tensor>, padding=None, final_norm=True``): one
+    chain of ``2 * depth`` pure blocks, every attention block reading the mask.
+    """
+
+    def __init__(self, dim: int = 16, depth: int = 3, p: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(archs.PreNormBlock(dim, 2, p) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        final_norm: bool = False,
+    ) -> torch.Tensor:
+        if padding is not None:  # (batch, n), True at padded positions
+            pad = torch.zeros_like(padding, dtype=x.dtype).masked_fill(padding, float("-inf"))
+            mask = pad[:, None, None, :] if mask is None else mask + pad[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x) if final_norm else x
+
+
+class Tagger(nn.Module):
+    """Checks its input (data-dependent: not traceable), then embeds, encodes with a causal
+    mask, classifies each position."""
+
+    def __init__(self, dim: int = 16, depth: int = 3, p: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.encoder = Encoder(dim, depth, p)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(x).any():
+            raise ValueError("NaN in the input")
+        n = x.shape[1]
+        causal = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
+        return self.head(self.encoder(self.embed(x), mask=causal, final_norm=True))
+
+
+class Odd(nn.Module):
+    """Data-dependent, so a leaf of its traced parent; holds a chain of 3 blocks."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(Residual(dim) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if x.mean() > -100 else x
+
+
+class Outer(nn.Module):
+    """Traceable, with an opaque :class:`Odd` inside and a chain of its own in ``fs``."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, dim)
+        self.odd = Odd(dim)
+        self.fs = nn.ModuleList(archs.mlp(dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.odd(self.stem(x))
+        for f in self.fs:
+            x = x + f(x)
+        return x
+
+
+def vit(p: float = 0.0) -> nn.Module:
+    from vit_pytorch import ViT
+
+    return ViT(image_size=32, patch_size=8, num_classes=10, dim=32, depth=3, heads=2,
+               mlp_dim=64, dropout=p, emb_dropout=p)  # fmt: skip
+
+
+# name: (builder with dropout on, inputs, expected (first block, blocks) per chain)
+MODELS = {
+    "resnet18_resized": (
+        lambda p: Resized(),
+        lambda: (torch.randn(2, 3, 32, 32),),
+        [("trunk.layer1.0", 2), ("trunk.layer2.1", 1), ("trunk.layer3.1", 1),
+         ("trunk.layer4.1", 1)],
+    ),
+    "residual_stack": (
+        lambda p: Normalised(p=p),
+        lambda: (torch.randn(4, 8) * 20,),
+        [("body.0", 4)],
+    ),
+    "masked_encoder": (
+        lambda p: Tagger(p=p),
+        lambda: (torch.randn(2, 5, 6),),
+        [("encoder.layers.0", 6)],
+    ),
+    # vit_pytorch: ViT.forward uses einops on a proxy; its Transformer traces with each
+    # Attention (einops) kept whole: depth 3 is one chain of 6 pure blocks.
+    "vit_pytorch": (
+        vit,
+        lambda: (torch.randn(2, 3, 32, 32),),
+        [("transformer.layers.0.0", 6)],
+    ),
+}  # fmt: skip
+
+
+def build(name: str, p: float = 0.1):
+    make, inputs, expected = MODELS[name]
+    if name == "vit_pytorch":
+        pytest.importorskip("vit_pytorch")
+    torch.manual_seed(0)
+    return make(p), inputs(), expected
+
+
+def run(model: nn.Module, inputs, seed: int = 1):
+    torch.manual_seed(seed)
+    return model(*inputs)
+
+
+def chains_of(report) -> list[tuple[str, int]]:
+    return [(c.first, c.num_blocks) for c in report.chains]
+
+
+def grad_err(xs, refs) -> float:
+    """Largest per-tensor relative error, a tensor's norm floored at 1e-9 x the largest one
+    (gradients that are zero in exact arithmetic are round-off in both runs)."""
+    xs, refs = list(xs), list(refs)
+    assert len(xs) == len(refs) and refs
+    scale = max(r.double().norm().item() for r in refs)
+    worst = 0.0
+    for a, b in zip(xs, refs, strict=True):
+        a, b = a.double(), b.double()
+        worst = max(worst, (a - b).norm().item() / max(b.norm().item(), 1e-9 * scale, 1e-300))
+    return worst
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_descends_and_reproduces_the_original(name):
+    model, inputs, expected = build(name)
+    with pytest.raises(CaptureError):
+        fxmomentum.capture.capture(copy.deepcopy(model))  # plain capture stops at the root
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tree = {n: type(m) for n, m in model.named_modules()}
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=inputs, return_report=True
+    )
+    assert type(out) is type(model) and out is not model
+    assert chains_of(report) == expected and all(c.converted for c in report.chains)
+    assert report.shapes_verified
+    # The original is untouched.
+    assert {n: type(m) for n, m in model.named_modules()} == tree
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Same state_dict keys, loadable both ways.
+    assert list(out.state_dict()) == list(model.state_dict())
+    twin = copy.deepcopy(model)
+    out.load_state_dict(twin.state_dict(), strict=True)
+    twin.load_state_dict(out.state_dict(), strict=True)
+    for mode in ("eval", "train"):
+        getattr(twin, mode)()
+        getattr(out, mode)()
+        with torch.no_grad():
+            expected_out, got = run(twin, inputs), run(out, inputs)
+        assert max_rel_err([got], [expected_out]) <= 1e-5, (name, mode)
+    assert max_rel_err(out.state_dict().values(), twin.state_dict().values()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reversible_gradients_equal_backprop(name):
+    model, inputs, _ = build(name)
+    if name == "resnet18_resized":
+        # One 64 x 64 image (resized to 32 x 32 by the model's own code): the last train-mode
+        # BatchNorms then normalise more than two values, which would amplify round-off.
+        model.size = 64
+        inputs = (torch.randn(1, 3, 32, 32),)
+    model = model.double().train()
+    inputs = tuple(t.double() for t in inputs)
+    reversible = fxmomentum.convert(model, 0.9, example_inputs=inputs)
+    backprop = fxmomentum.convert(model, 0.9, example_inputs=inputs, use_backprop=True)
+    chains = [m for m in reversible.modules() if isinstance(m, MomentumChain)]
+    assert chains and not any(c.use_backprop for c in chains)
+    results = []
+    for net in (reversible, backprop):
+        xs = tuple(t.clone().requires_grad_() for t in inputs)
+        out = run(net, xs)  # same seed: the same dropout draws
+        (out.square().mean() + out.mean()).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+        results.append((out.detach(), grads + [x.grad for x in xs]))
+    (out_r, grads_r), (out_b, grads_b) = results
+    assert max_rel_err([out_r], [out_b]) <= 1e-8, name
+    assert grad_err(grads_r, grads_b) <= 1e-5, name
+
+
+def test_report_says_how_each_module_was_captured():
+    model, inputs, _ = build("masked_encoder")
+    out, report = fxmomentum.convert(model, 0.9, example_inputs=inputs, return_report=True)
+    assert isinstance(out.encoder, fx.GraphModule) and not isinstance(out, fx.GraphModule)
+    assert type(out.embed) is nn.Linear and out.head is not model.head  # a copy, not converted
+    (root,) = [leaf for leaf in report.leaves if leaf.path == ""]
+    assert root.type == "Tagger" and "forward not traceable" in root.reason
+    assert "control flow" in root.reason
+    assert any("`encoder` (Encoder): captured as one graph, 1 chain(s), 6 block(s)" in n
+               for n in report.notes)  # fmt: skip
+    assert any("convert returns a Tagger" in n for n in report.notes)
+    chain = report.chains[0]
+    assert chain.name == "encoder.momentum_chain_0" and chain.last == "encoder.layers.2"
+    assert chain.shape == (2, 5, 16)
+    assert all(len(b.context) >= 1 for b in chain.blocks[::2])  # the mask
+    assert "Tagger" in str(report) and "encoder.layers.0" in str(report)
+    # inspect predicts convert.
+    assert fxmomentum.inspect(model, inputs).as_dict() == report.as_dict()
+    # Per-chain gamma and set_gamma take full module paths.
+    assert fxmomentum.set_gamma(out, {"encoder.layers": 0.5}) == {"encoder.momentum_chain_0": 0.5}
+    _, report = fxmomentum.convert(
+        model, {"encoder.layers.1": 0.7}, example_inputs=inputs, return_report=True
+    )
+    assert report.chains[0].gamma == 0.7
+
+
+def test_arguments_fixed_from_the_recorded_call_are_checked():
+    model, inputs, _ = build("masked_encoder", p=0.0)
+    out = fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=inputs).eval()
+    model.eval()
+    h, mask = torch.randn(2, 5, 16), torch.randn(5, 5)
+    with torch.no_grad():
+        # Keyword arguments, as the parent passes them.
+        assert max_rel_err([out.encoder(h, mask=mask, final_norm=True)],
+                           [model.encoder(h, mask=mask, final_norm=True)]) <= 1e-6  # fmt: skip
+        # Another sequence length and batch size: nothing of the example is baked in.
+        h, mask = torch.randn(3, 7, 16), torch.randn(7, 7)
+        assert max_rel_err([out.encoder(h, mask, None, True)],
+                           [model.encoder(h, mask, None, True)]) <= 1e-6  # fmt: skip
+        with pytest.raises(AssertionError, match="final_norm has been specialized to have value"):
+            out.encoder(h, mask, final_norm=False)
+        padding = torch.zeros(3, 7, dtype=torch.bool)
+        with pytest.raises(AssertionError, match="padding has been specialized to have value None"):
+            out.encoder(h, mask, padding, final_norm=True)
+
+
+def test_without_example_inputs_the_structure_is_converted():
+    for name in ("residual_stack", "vit_pytorch"):
+        model, inputs, expected = build(name, p=0.0)
+        out, report = fxmomentum.convert(model, 0.0, use_backprop=True, return_report=True)
+        assert chains_of(report) == expected and not report.shapes_verified
+        assert any("without example_inputs" in n for n in report.notes)
+        model.eval()
+        out.eval()
+        with torch.no_grad():
+            assert max_rel_err([out(*inputs)], [model(*inputs)]) <= 1e-5
+
+
+def test_opaque_submodules_of_a_captured_graph_are_descended_into():
+    model = Outer()
+    x = torch.randn(3, 8)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=x, return_report=True
+    )
+    assert isinstance(out, fx.GraphModule)  # the model itself was captured
+    assert isinstance(out.odd, Odd) and isinstance(out.odd.body, fx.GraphModule)
+    # The model's own graph first, then the submodules captured inside its opaque modules.
+    assert chains_of(report) == [("fs.0", 2), ("odd.body.0", 3)]
+    assert [c.name for c in report.chains] == ["momentum_chain_0", "odd.body.momentum_chain_0"]
+    assert [(leaf.path, leaf.automatic) for leaf in report.leaves] == [("odd", True)]
+    assert list(out.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+    # Without chains inside, an opaque module is left exactly as it was.
+    _, report = fxmomentum.convert(archs.MLPResNet(), example_inputs=torch.randn(2, 8),
+                                   return_report=True)  # fmt: skip
+    assert report.notes == []
+
+
+class Child(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return x + F.dropout(self.f(x), p)
+
+
+class Parent(nn.Module):
+    """Passes a mode-dependent probability to its children; not traceable itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children_ = nn.ModuleList(Child() for _ in range(2))
+        self.tail = nn.Sequential(Residual(4), Residual(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            return x
+        for child in self.children_:
+            x = child(x, 0.3 if self.training else 0.0)
+        return self.tail(x)
+
+
+def test_calls_that_differ_between_modes_are_not_fixed():
+    model = Parent().train()
+    x = torch.randn(2, 4)
+    records = record_calls(model, x, list(model.children_))
+    record = records[id(model.children_[0])]
+    assert record.differing and record.calls == 1 and model.training
+    with pytest.raises(CaptureError, match="train and eval mode"):
+        specialise(model.children_[0], record)
+    _, report = fxmomentum.convert(model, 0.9, example_inputs=x, return_report=True)
+    assert chains_of(report) == [("tail.0", 2)]
+    reasons = {leaf.path: leaf.reason for leaf in report.leaves}
+    assert "train and eval mode" in reasons["children_.0"]
+
+
+def test_specialise_fills_defaults_and_refuses_var_arguments():
+    class Star(nn.Module):
+        def forward(self, x, *rest, scale=2.0):
+            return x * scale
+
+    concrete, inputs = specialise(Star(), CallRecord((torch.ones(1),), {}))
+    assert concrete == {"scale": 2.0} and len(inputs) == 2
+    with pytest.raises(CaptureError, match=r"\*rest"):
+        specialise(Star(), CallRecord((torch.ones(1), torch.ones(1)), {}))
+
+
+def test_a_model_with_nothing_capturable_still_raises():
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.f(x) if x.sum() > 0 else x
+
+    with pytest.raises(CaptureError, match=r"Gate\.forward.*No submodule of it"):
+        fxmomentum.convert(Gate(), example_inputs=torch.randn(2, 4))
