@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .capture import (
+    _FIXED_TYPES,
     TRACE_INTO,
     CallRecord,
     Capture,
@@ -237,7 +238,7 @@ def _capture_tree(
             leaves.append(LeafInfo(full, leaf.type, leaf.reason, leaf.automatic))
             if leaf.automatic:
                 frontier.extend(_children(full, m.get_submodule(leaf.path)))
-        notes.extend(f"`{path}`: {n}" if path else n for n in cap.notes)
+        notes.extend(_about(path, n) for n in cap.notes)
 
     try:
         take("", root, capture(root, example_inputs, leaf_modules=leaf_modules,
@@ -281,7 +282,7 @@ def _capture_tree(
                 continue
             call = records.get(id(m))
             if recorded and call is None:
-                notes.append(f"`{path}` was not called on example_inputs: left as it is")
+                notes.append(_about(path, "not called on example_inputs: left as it is"))
                 continue
             flags = flag_owners(m)
             try:
@@ -360,10 +361,12 @@ def _plan(
             (c, i) for c, i in zip(unit.match.chains, unit.infos, strict=True) if c.selected
         ]
         names = chain_names(unit.module, len(selected))
+        objects = _python_objects(unit.capture)
         if cost_model and not unit.capture.shapes_verified and selected:
-            where = f"`{unit.path}`: " if unit.path else ""
             plan.notes.append(
-                f"{where}cost_model needs shapes (example_inputs): every chain is converted"
+                _about(
+                    unit.path, "cost_model needs shapes (example_inputs): every chain is converted"
+                )
             )
         for local, (chain, info) in enumerate(selected):
             name = _join(unit.path, names[local])
@@ -379,6 +382,15 @@ def _plan(
                 info.reason = "no gamma given for this chain"
                 continue
             value = _check_gamma(value, use_backprop, f"for chain {k - 1} ({info.first})")
+            passed = [c for c in chain.context if c in objects]
+            if passed and not use_backprop:
+                info.reason = (
+                    f"its blocks receive `{passed[0].target}` (a {objects[passed[0]]}), a "
+                    f"Python object they may change (a key/value cache grows at every call): "
+                    f"recomputing them in backward would change it again. Pass None instead "
+                    f"(use_cache=False), or convert with use_backprop=True"
+                )
+                continue
             saved = estimate_saved_bytes(chain, value, use_backprop)
             info.saved_bytes = saved
             if cost_model and saved is not None and saved <= 0 and not use_backprop:
@@ -396,10 +408,53 @@ def _plan(
             blocks = sum(len(c.blocks) for c in unit.match.chains)
             chains = len(unit.match.chains)
             found = f"{chains} chain(s), {blocks} block(s)" if blocks else "no residual chain"
-            plan.notes.append(
-                f"`{unit.path}` ({type(unit.module).__name__}): captured as one graph, {found}"
-            )
+            what = f"{type(unit.module).__name__}: captured as one graph, {found}"
+            plan.notes.append(_about(unit.path, what))
+    plan.notes = _grouped(plan.notes)
     return plan
+
+
+#: Separates a module path from what a note says about it (until notes are grouped).
+_SEP = "\x00"
+
+
+def _about(path: str, text: str) -> str:
+    return f"{path}{_SEP}{text}" if path else text
+
+
+def _grouped(notes: Sequence[str], most: int = 4) -> list[str]:
+    """One note per text: "`h.0`, `h.1`, ... (12 modules): text", in order of appearance."""
+    paths: dict[str, list[str]] = {}
+    for note in notes:
+        path, sep, text = note.partition(_SEP)
+        if not sep:
+            path, text = "", note
+        paths.setdefault(text, []).append(path)
+    out = []
+    for text, where in paths.items():
+        named = [f"`{p}`" for p in where if p]
+        if not named:
+            out.append(text)
+            continue
+        head = ", ".join(named[:most])
+        if len(named) > most:
+            head += f", ... ({len(named)} modules)"
+        out.append(f"{head}: {text}")
+    return out
+
+
+def _python_objects(cap: Capture) -> dict[fx.Node, str]:
+    """Placeholders that received a Python object (not a tensor, None, flag, number or
+    string) in the recorded call, and its class name."""
+    if cap.inputs is None:
+        return {}
+    placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
+    named = [n for n in placeholders if not str(n.target).startswith("*")]
+    out = {}
+    for node, value in zip(named, cap.inputs, strict=False):
+        if not isinstance(value, (torch.Tensor, *_FIXED_TYPES)) and value is not None:
+            out[node] = type(value).__name__
+    return out
 
 
 def _code(plan: _Plan, codes: Sequence[str]) -> str:

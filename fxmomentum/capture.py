@@ -21,12 +21,13 @@ the global random state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -42,8 +43,10 @@ __all__ = [
     "CaptureTracer",
     "LeafInfo",
     "ShapePropagationError",
+    "Specialised",
     "TrainingFlag",
     "capture",
+    "check_keywords",
     "clear_shapes",
     "drop_new_flags",
     "flag_owners",
@@ -142,6 +145,38 @@ class _TrainingRead:
         return repr(self.value)
 
 
+def check_keywords(
+    kwargs: Mapping[str, Any], fixed: Mapping[str, Any], tensors: Sequence[str], name: str
+) -> None:
+    """Check at run time the ``**kwargs`` a graph was traced with (see :class:`CaptureTracer`).
+
+    Raises
+    ------
+    AssertionError
+        If ``kwargs`` has other keys than ``fixed`` and ``tensors``, or another value than
+        ``fixed`` gives (the message names the difference, as torch.fx's own checks do).
+
+    Examples
+    --------
+    >>> check_keywords({"mask": None}, {"mask": None}, (), "kwargs")
+    >>> check_keywords({}, {"mask": None}, (), "kwargs")
+    Traceback (most recent call last):
+    ...
+    AssertionError: **kwargs has been specialized to have keys ['mask'] but got []
+    """
+    keys = sorted([*fixed, *tensors])
+    if sorted(kwargs) != keys:
+        raise AssertionError(
+            f"**{name} has been specialized to have keys {keys} but got {sorted(kwargs)}"
+        )
+    for key, value in fixed.items():
+        got = kwargs[key]
+        if type(got) is not type(value) or got != value:
+            raise AssertionError(
+                f"**{name} has been specialized to have {key}={value!r} but got {key}={got!r}"
+            )
+
+
 class CaptureTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for conversion.
 
@@ -153,6 +188,10 @@ class CaptureTracer(fx.Tracer):
         Module classes to keep as leaves.
     autowrap_modules, autowrap_functions
         As for :class:`torch.fx.Tracer`.
+    var_keyword : mapping, optional
+        What the traced ``forward``'s ``**kwargs`` holds (torch.fx's ``concrete_args``
+        cannot fix it): None, flags, numbers and strings are fixed and checked at run time,
+        tensors stay graph inputs (read from the ``**kwargs`` placeholder).
 
     Attributes
     ----------
@@ -162,6 +201,9 @@ class CaptureTracer(fx.Tracer):
     training_reads : dict of str to str
         Module paths whose ``forward`` read ``self.training``: ``"argument"`` (read at run time
         through a :class:`TrainingFlag`) or ``"control flow"`` (baked into the graph).
+    unwrapped : list of str
+        Names of the decorator wrappers of the root's ``forward`` that were not traced (see
+        :meth:`create_args_for_root`).
 
     Examples
     --------
@@ -177,12 +219,15 @@ class CaptureTracer(fx.Tracer):
         leaf_types: tuple[type, ...] = (),
         autowrap_modules: tuple[Any, ...] = (math,),
         autowrap_functions: tuple[Any, ...] = (),
+        var_keyword: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(autowrap_modules=autowrap_modules, autowrap_functions=autowrap_functions)
+        self.var_keyword = None if var_keyword is None else dict(var_keyword)
         self.leaves = dict(leaves or {})
         self.leaf_types = tuple(leaf_types)
         self.failure: tuple[tuple[str, ...], BaseException] | None = None
         self.training_reads: dict[str, str] = {}
+        self.unwrapped: list[str] = []
         self._stack: list[str] = []
         self._param_names: dict[int, str] = {}
         self._buffer_names: dict[int, str] = {}
@@ -198,9 +243,37 @@ class CaptureTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     # -- tracing ------------------------------------------------------------------------------
+    def create_args_for_root(
+        self, root_fn: Any, is_module: bool, concrete_args: Any = None
+    ) -> tuple[Any, list[Any]]:
+        inner = inspect.unwrap(root_fn)
+        code = inner.__code__
+        if inner is not root_fn and (
+            code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+        ):
+            # A decorator's ``(*args, **kwargs)`` wrapper around a forward with keyword-only
+            # arguments or ``*args`` / ``**kwargs``: torch.fx rewrites the wrapper's code to
+            # the wrapped function's signature, which breaks it (``co_varnames is too
+            # small``). The wrapped function is traced instead.
+            self.unwrapped.append(getattr(getattr(root_fn, "__code__", None), "co_name", "?"))
+            root_fn = inner
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self.var_keyword is None or not code.co_flags & inspect.CO_VARKEYWORDS:
+            return fn, args
+        # torch.fx passes ``**kwargs`` as the last positional argument of the patched
+        # function: a proxy, which cannot be unpacked into another call. Give it the dict.
+        proxy = args[-1]
+        name = str(proxy.node.target).lstrip("*")
+        fixed = {k: v for k, v in self.var_keyword.items() if not isinstance(v, torch.Tensor)}
+        tensors = tuple(k for k in self.var_keyword if k not in fixed)
+        self.create_proxy("call_function", check_keywords, (proxy, fixed, tensors, name), {})
+        values = {k: proxy[k] if k in tensors else v for k, v in self.var_keyword.items()}
+        return fn, [*args[:-1], values]
+
     def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.failure = None
         self.training_reads = {}
+        self.unwrapped = []
         self._stack = []
         if isinstance(root, nn.Module):
             self._param_names, self._buffer_names = {}, {}
@@ -259,6 +332,17 @@ class CaptureTracer(fx.Tracer):
             name = names.get(id(a))
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
+        if (
+            isinstance(a, dict)
+            and type(a) is not dict
+            and dataclasses.is_dataclass(a)
+            and all(isinstance(k, str) for k in a)
+        ):
+            # A dataclass that is also a dict (Hugging Face's ModelOutput): torch.fx would
+            # return a plain dict, which the caller cannot read by attribute or position.
+            # Build the same class from its fields at run time.
+            fields = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), fields)
         return super().create_arg(a)
 
     # -- self.training ------------------------------------------------------------------------
@@ -336,6 +420,12 @@ class Capture:
         Whether shapes and dtypes were propagated from example inputs.
     notes : list of str
         Things the report should say (shape propagation failures, mode specialisation).
+    inputs : tuple or None
+        The positional inputs shapes were propagated from (``example_inputs``, or those of
+        a recorded call), to run the graph again; None without shapes.
+    var_keyword : dict or None
+        What the graph's ``**kwargs`` placeholder receives with ``inputs`` (a recorded
+        call's), else None.
     """
 
     root: nn.Module
@@ -344,6 +434,8 @@ class Capture:
     leaves: list[LeafInfo] = field(default_factory=list)
     shapes_verified: bool = False
     notes: list[str] = field(default_factory=list)
+    inputs: tuple[Any, ...] | None = None
+    var_keyword: dict[str, Any] | None = None
 
 
 def _reason(e: BaseException) -> str:
@@ -426,11 +518,13 @@ def capture(
     if call is not None:
         if example_inputs is not None or concrete_args is not None:
             raise ValueError("capture: pass either call or example_inputs / concrete_args")
-        concrete_args, example_inputs = specialise(model, call)
+        concrete_args, example_inputs, var_keyword = specialise(model, call)
+    else:
+        var_keyword = None
     leaves, leaf_types = _leaf_arguments(model, leaf_modules)
     owners = flag_owners(model)
     try:
-        return _capture(model, example_inputs, leaves, leaf_types, concrete_args, call)
+        return _capture(model, example_inputs, leaves, leaf_types, concrete_args, call, var_keyword)
     except CaptureError:
         # Flags added by the failed attempts would stay in a module whose Python forward
         # keeps running (harmless, but a change to the module tree): take them out.
@@ -469,12 +563,13 @@ def _capture(
     leaf_types: tuple[type, ...],
     concrete_args: dict[str, Any] | None,
     call: CallRecord | None,
+    var_keyword: dict[str, Any] | None,
 ) -> Capture:
     modules = dict(model.named_modules())
     found: list[LeafInfo] = []
     notes: list[str] = []
     for _ in range(len(modules) + 1):
-        tracer = CaptureTracer(leaves, leaf_types)
+        tracer = CaptureTracer(leaves, leaf_types, var_keyword=var_keyword)
         try:
             graph = tracer.trace(model, concrete_args)
         except Exception as e:
@@ -507,6 +602,11 @@ def _capture(
             break
     else:  # pragma: no cover - every retry adds a leaf, so this cannot loop forever
         raise CaptureError("tracing did not settle")
+    if tracer.unwrapped:
+        notes.append(
+            f"{type(model).__name__}.forward was traced without its decorator wrapper "
+            f"({', '.join(tracer.unwrapped)}), which torch.fx cannot run"
+        )
 
     for path, m in model.named_modules():
         if isinstance(m, MomentumChain) and path:
@@ -521,7 +621,7 @@ def _capture(
     verified = False
     if example_inputs is not None:
         try:
-            out = propagate_shapes(gm, example_inputs, model)
+            out = propagate_shapes(gm, example_inputs, model, var_keyword=var_keyword)
             verified = True
         except Exception as e:
             # The nodes that ran before the failure have shapes and the rest have none, which
@@ -544,7 +644,8 @@ def _capture(
                 f"{_describe_structure(_structure(out))} where the module returns "
                 f"{_describe_structure(call.output)}"
             )
-    return Capture(model, graph, gm, found, verified, notes)
+    inputs = _as_tuple(example_inputs) if verified else None
+    return Capture(model, graph, gm, found, verified, notes, inputs, var_keyword)
 
 
 def _keep_argument_names(graph: fx.Graph, concrete_args: Mapping[str, Any] | None) -> None:
@@ -718,17 +819,30 @@ def record_calls(
     return records
 
 
-def specialise(module: nn.Module, call: CallRecord) -> tuple[dict[str, Any], tuple[Any, ...]]:
-    """``concrete_args`` and positional inputs that trace and run ``module`` as ``call`` did.
+class Specialised(NamedTuple):
+    """How to trace and run a module as a recorded call did (see :func:`specialise`)."""
+
+    #: Arguments fixed for tracing (torch.fx's ``concrete_args``).
+    concrete_args: dict[str, Any]
+    #: Positional values of the graph's placeholders, ``**kwargs`` excepted.
+    inputs: tuple[Any, ...]
+    #: What ``**kwargs`` held (None when ``forward`` has no ``**kwargs``).
+    var_keyword: dict[str, Any] | None
+
+
+def specialise(module: nn.Module, call: CallRecord) -> Specialised:
+    """``concrete_args``, inputs and ``**kwargs`` that trace and run ``module`` as ``call`` did.
 
     Arguments that were None, a bool, a number or a string are fixed (``concrete_args``);
-    tensors and other values stay graph inputs. The inputs list every argument of ``forward``
-    in the order of the graph's placeholders, defaults filled in.
+    tensors and other values stay graph inputs. The inputs list every named argument of
+    ``forward`` in the order of the graph's placeholders, defaults filled in. ``**kwargs``
+    may hold tensors and values of the fixed kinds (see :class:`CaptureTracer`).
 
     Raises
     ------
     CaptureError
-        If the module was called in several ways, or through ``*args`` / ``**kwargs``.
+        If the module was called in several ways, with values through ``*args``, or with
+        other kinds of values through ``**kwargs``.
 
     Examples
     --------
@@ -736,9 +850,9 @@ def specialise(module: nn.Module, call: CallRecord) -> tuple[dict[str, Any], tup
     ...     def forward(self, x, mask=None, scale=1.0):
     ...         return x * scale if mask is None else x.masked_fill(mask, 0.0) * scale
     >>> call = CallRecord((torch.ones(2),), {})
-    >>> concrete, inputs = specialise(Masked(), call)
-    >>> concrete, len(inputs)
-    ({'mask': None, 'scale': 1.0}, 3)
+    >>> concrete, inputs, var_keyword = specialise(Masked(), call)
+    >>> concrete, len(inputs), var_keyword
+    ({'mask': None, 'scale': 1.0}, 3, None)
     """
     name = type(module).__name__
     if call.differing:
@@ -755,20 +869,30 @@ def specialise(module: nn.Module, call: CallRecord) -> tuple[dict[str, Any], tup
     concrete: dict[str, Any] = {}
     positional: list[Any] = []
     keyword_only: list[Any] = []
+    var_keyword: dict[str, Any] | None = None
     for pname, param in sig.parameters.items():
         value = bound.arguments.get(pname)
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind is param.VAR_POSITIONAL:
             if value:
                 raise CaptureError(
-                    f"{name} is called with arguments through "
-                    f"{'*' if param.kind is param.VAR_POSITIONAL else '**'}{pname}, which "
-                    f"torch.fx cannot fix to the recorded values"
+                    f"{name} is called with arguments through *{pname}, which torch.fx "
+                    f"cannot fix to the recorded values"
+                )
+            continue
+        if param.kind is param.VAR_KEYWORD:
+            var_keyword = dict(value or {})
+            odd = [k for k, v in var_keyword.items() if _argument_kind(v) is type(v)]
+            if odd:
+                kinds = ", ".join(f"{k}: {type(var_keyword[k]).__name__}" for k in odd)
+                raise CaptureError(
+                    f"{name} is called with values through **{pname} that are neither tensors "
+                    f"nor None, flags, numbers or strings ({kinds})"
                 )
             continue
         if value is None or type(value) in _FIXED_TYPES:
             concrete[pname] = value
         (keyword_only if param.kind is param.KEYWORD_ONLY else positional).append(value)
-    return concrete, tuple(positional + keyword_only)
+    return Specialised(concrete, tuple(positional + keyword_only), var_keyword)
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
@@ -784,6 +908,8 @@ def propagate_shapes(
     gm: fx.GraphModule,
     example_inputs: torch.Tensor | Sequence[Any],
     owner: nn.Module | None = None,
+    *,
+    var_keyword: Mapping[str, Any] | None = None,
 ) -> Any:
     """Run :class:`~torch.fx.passes.shape_prop.ShapeProp` on ``gm`` without side effects.
 
@@ -798,6 +924,8 @@ def propagate_shapes(
         Its positional inputs.
     owner : nn.Module, optional
         Module whose buffers to restore (default: ``gm``).
+    var_keyword : mapping, optional
+        The value of the graph's ``**kwargs`` placeholder, if it has one.
 
     Raises
     ------
@@ -814,7 +942,7 @@ def propagate_shapes(
     """
     inputs = _as_tuple(example_inputs)
     owner = gm if owner is None else owner
-    prop = _ShapeProp(gm)
+    prop = _ShapeProp(gm, var_keyword)
     try:
         with _no_side_effects(owner, inputs):
             # ShapeProp prints the traceback of a failing node itself; the caller reports it.
@@ -861,11 +989,19 @@ class ShapePropagationError(RuntimeError):
 
 
 class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running (to name it when it fails)."""
+    """ShapeProp that remembers the node it is running (to name it when it fails), and gives
+    a ``**kwargs`` placeholder its dict (torch.fx's Interpreter gives it the leftover
+    positional values)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, var_keyword: Mapping[str, Any] | None = None) -> None:
         super().__init__(gm)
         self.current: fx.Node | None = None
+        self.var_keyword = dict(var_keyword or {})
+
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if str(target).startswith("**"):
+            return dict(self.var_keyword)
+        return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n

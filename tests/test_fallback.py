@@ -7,7 +7,10 @@ DESIGN.md's relative errors; reversible gradients are compared with backprop's i
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
+import functools
 
 import archs
 import pytest
@@ -272,8 +275,7 @@ def test_report_says_how_each_module_was_captured():
     (root,) = [leaf for leaf in report.leaves if leaf.path == ""]
     assert root.type == "Tagger" and "forward not traceable" in root.reason
     assert "control flow" in root.reason
-    assert any("`encoder` (Encoder): captured as one graph, 1 chain(s), 6 block(s)" in n
-               for n in report.notes)  # fmt: skip
+    assert "`encoder`: Encoder: captured as one graph, 1 chain(s), 6 block(s)" in report.notes
     assert any("convert returns a Tagger" in n for n in report.notes)
     chain = report.chains[0]
     assert chain.name == "encoder.momentum_chain_0" and chain.last == "encoder.layers.2"
@@ -387,8 +389,8 @@ def test_specialise_fills_defaults_and_refuses_var_arguments():
         def forward(self, x, *rest, scale=2.0):
             return x * scale
 
-    concrete, inputs = specialise(Star(), CallRecord((torch.ones(1),), {}))
-    assert concrete == {"scale": 2.0} and len(inputs) == 2
+    concrete, inputs, var_keyword = specialise(Star(), CallRecord((torch.ones(1),), {}))
+    assert concrete == {"scale": 2.0} and len(inputs) == 2 and var_keyword is None
     with pytest.raises(CaptureError, match=r"\*rest"):
         specialise(Star(), CallRecord((torch.ones(1), torch.ones(1)), {}))
 
@@ -404,3 +406,116 @@ def test_a_model_with_nothing_capturable_still_raises():
 
     with pytest.raises(CaptureError, match=r"Gate\.forward.*No submodule of it"):
         fxmomentum.convert(Gate(), example_inputs=torch.randn(2, 4))
+
+
+# -- what Hugging Face layers do, written small ------------------------------------------------
+def passes_through(forward):
+    """A decorator with an ``(*args, **kwargs)`` wrapper, like Hugging Face's on every layer."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclasses.dataclass
+class Output(collections.OrderedDict):
+    """A dataclass that is also a dict, like Hugging Face's ModelOutput."""
+
+    hidden: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self["hidden"] = self.hidden
+
+
+class KwLayer(nn.Module):
+    """A pre-norm block reading ``**kwargs``; appends its input to a cache when given one."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.f = archs.mlp(dim)
+
+    @passes_through
+    def forward(self, x, mask=None, **kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None:
+            cache.append(x)  # what a key/value cache does: it grows at every call
+        scale = kwargs.get("scale")
+        y = self.f(self.norm(x))
+        if scale is not None:
+            y = y * scale
+        if kwargs.get("bias") is not None:
+            y = y + kwargs["bias"]
+        return x + y
+
+
+class KwStack(nn.Module):
+    """Loops over :class:`KwLayer` with keyword arguments, returns an :class:`Output`."""
+
+    def __init__(self, dim: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(KwLayer(dim) for _ in range(depth))
+
+    @passes_through
+    def forward(self, x, cache=None, **kwargs):
+        for layer in self.layers:
+            x = layer(x, None, cache=cache, **kwargs)
+        return Output(hidden=x)
+
+
+class KwModel(nn.Module):
+    """Not traceable itself; calls :class:`KwStack` with a tensor and a number in ``**kwargs``
+    and, with ``cache=True``, a Python object every layer receives (like a key/value cache)."""
+
+    def __init__(self, cache: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.stack = KwStack()
+        self.cache = cache
+
+    def forward(self, x):
+        if x.isnan().any():
+            raise ValueError("NaN in the input")
+        h = self.embed(x)
+        cache = [] if self.cache else None
+        return self.stack(h, cache=cache, scale=0.5, bias=h.mean(0)).hidden
+
+
+def test_keyword_arguments_decorators_and_dict_outputs():
+    model = KwModel()
+    x = torch.randn(3, 6)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=x, return_report=True
+    )
+    assert chains_of(report) == [("stack.layers.0", 3)]
+    assert isinstance(out.stack, fx.GraphModule)
+    assert "check_keywords" in out.stack.code  # what **kwargs held is checked at run time
+    assert any("without its decorator wrapper (wrapper)" in n for n in report.notes)
+    with torch.no_grad():
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+        assert isinstance(out.stack(out.embed(x), scale=0.5, bias=x[0, :1]), Output)
+        with pytest.raises(AssertionError, match=r"\*\*kwargs has been specialized to have scale"):
+            out.stack(out.embed(x), scale=2.0, bias=x[0, :1])
+        with pytest.raises(AssertionError, match="to have keys"):
+            out.stack(out.embed(x), scale=0.5)
+    reversible = fxmomentum.convert(model.double(), 0.9, example_inputs=x.double())
+    backprop = fxmomentum.convert(model, 0.9, example_inputs=x.double(), use_backprop=True)
+    grads = []
+    for net in (reversible, backprop):
+        net(x.double()).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert grad_err(*grads) <= 1e-10
+
+
+def test_chains_whose_blocks_receive_a_python_object_stay_unconverted_when_reversible():
+    model = KwModel(cache=True)
+    x = torch.randn(3, 6)
+    report = fxmomentum.inspect(model, x)
+    (chain,) = report.chains
+    assert not chain.converted
+    assert chain.reason.startswith("its blocks receive `cache` (a list), a Python object")
+    assert "use_cache=False" in chain.reason
+    # Plain autograd recomputes nothing: converting is safe.
+    assert fxmomentum.inspect(model, x, gamma=0.0, use_backprop=True).chains[0].converted
