@@ -1,0 +1,200 @@
+"""Hugging Face transformers and timm models, built from small configs with random weights.
+
+What capture gets through (transformers 5, timm 1.0; transformers 5 no longer ships its own
+torch.fx tracer, ``transformers.utils.fx``):
+
+- timm's models trace whole with plain torch.fx and automatic leaves: the result is a
+  GraphModule.
+- A transformers model's own ``forward`` does not trace (input checks, mask creation,
+  decorators that fill defaults from the config): conversion descends. Each layer is traced
+  as the model called it (``**kwargs`` and None arguments fixed, the layer's decorator
+  wrapper left out) with its attention kept whole (``(*shape, -1, head_dim)`` unpacks a
+  traced shape). Where the loop over the layers lives in a module that traces
+  (``BertEncoder``), the layers form one chain; where it lives in the model's own forward
+  (``GPT2Model``, ``ViTModel``), each layer is a chain of its two residual sublayers.
+
+Relative errors as in DESIGN.md; reversible gradients against backprop's in float64, with a
+loss that depends on the output's direction (the sum of squares of a LayerNorm's output does
+not: its gradient would be round-off only).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import max_rel_err
+from torch import fx, nn
+
+import fxmomentum
+from fxmomentum import MomentumChain
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+transformers.logging.set_verbosity_error()
+
+
+def ids(batch: int = 2, n: int = 7) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, n))
+
+
+def bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def gpt2(use_cache: bool = False) -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, use_cache=use_cache
+    )
+    return transformers.GPT2Model(config)
+
+
+def hf_vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, hidden_dropout_prob=0.1,
+    )  # fmt: skip
+    return transformers.ViTModel(config)
+
+
+def padded_ids():
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return ids(), mask
+
+
+def images():
+    return (torch.randn(2, 3, 32, 32),)
+
+
+# name: (builder, inputs, expected chains as (first block, blocks, kind), result is a
+# GraphModule). Each expectation follows from the architecture:
+MODELS = {
+    # Post-norm layers, LayerNorm(x + sublayer(x)) twice per layer: generalized blocks. The
+    # encoder's loop traces, so the 2 layers are one chain of 4.
+    "bert": (bert, padded_ids, [("encoder.layer.0.attention", 4, "generalized")], False),
+    # Pre-norm, x + attn(ln_1(x)) and x + mlp(ln_2(x)): 2 pure blocks per layer, one chain
+    # per layer (the loop is in GPT2Model.forward). Blocks are written in the layer's
+    # forward: their names are the layer's path and the add's node name.
+    "gpt2": (gpt2, lambda: (ids(),), [("h.0.add", 2, "pure"), ("h.1.add", 2, "pure")], False),
+    # Pre-norm like GPT-2, the loop in ViTModel.forward.
+    "hf_vit": (hf_vit, images, [("layers.0.add", 2, "pure"), ("layers.1.add", 2, "pure")],
+               False),
+    # torchvision-style basic blocks: relu(x + F(x)); the first block of layers 2-4 has a
+    # projection shortcut.
+    "timm_resnet18": (
+        lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
+        images,
+        [("layer1.0", 2, "generalized"), ("layer2.1", 1, "generalized"),
+         ("layer3.1", 1, "generalized"), ("layer4.1", 1, "generalized")],
+        True,
+    ),
+    # x + drop_path(ls(attn(norm(x)))) and the same with the MLP: depth 3 is one chain of
+    # 6 pure blocks (attention, which branches on self.training, is kept whole).
+    "timm_vit": (
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                  patch_size=8, depth=3, num_classes=10, drop_rate=0.1,
+                                  drop_path_rate=0.1),
+        images,
+        [("blocks.0", 6, "pure")],
+        True,
+    ),
+    # x + drop_path(gamma * mlp(norm(dwconv(x)))) per block, a downsampling between stages:
+    # one chain per stage, depths (2, 2, 6, 2).
+    "timm_convnext": (
+        lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10,
+                                  drop_path_rate=0.1),
+        images,
+        [("stages.0.blocks.0", 2, "pure"), ("stages.1.blocks.0", 2, "pure"),
+         ("stages.2.blocks.0", 6, "pure"), ("stages.3.blocks.0", 2, "pure")],
+        True,
+    ),
+}  # fmt: skip
+
+
+def build(name: str):
+    make, inputs, expected, whole = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    return model, inputs(), expected, whole
+
+
+def output(model: nn.Module, inputs, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    out = model(*inputs)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gamma_zero_reproduces_the_original(name):
+    model, inputs, expected, whole = build(name)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=inputs, return_report=True
+    )
+    assert [(c.first, c.num_blocks, c.kind) for c in report.chains] == expected
+    assert all(c.converted for c in report.chains) and report.shapes_verified
+    assert isinstance(out, fx.GraphModule) is whole and isinstance(out, type(model)) is not whole
+    assert list(out.state_dict()) == list(model.state_dict())
+    twin = copy.deepcopy(model)
+    out.load_state_dict(twin.state_dict(), strict=True)
+    twin.load_state_dict(out.state_dict(), strict=True)
+    for mode in ("eval", "train"):  # same seed: the same dropout and drop-path draws
+        getattr(twin, mode)()
+        getattr(out, mode)()
+        with torch.no_grad():
+            assert max_rel_err([output(out, inputs)], [output(twin, inputs)]) <= 1e-5, mode
+    assert max_rel_err(out.state_dict().values(), twin.state_dict().values()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reversible_gradients_equal_backprop(name):
+    model, inputs, _, _ = build(name)
+    model = model.double().train()
+    inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    reversible = fxmomentum.convert(model, 0.9, example_inputs=inputs)
+    backprop = fxmomentum.convert(model, 0.9, example_inputs=inputs, use_backprop=True)
+    chains = [m for m in reversible.modules() if isinstance(m, MomentumChain)]
+    assert chains and not any(c.use_backprop for c in chains)
+    results = []
+    for net in (reversible, backprop):
+        out = output(net, inputs)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        (out.square().mean() + (out * weights).sum()).backward()
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        results.append((out.detach(), grads))
+    (out_r, grads_r), (out_b, grads_b) = results
+    assert len(grads_r) == len(grads_b) > 0
+    assert max_rel_err([out_r], [out_b]) <= 1e-8
+    # A tensor's norm is floored at 1e-9 x the largest: the key projection's bias has a zero
+    # gradient in exact arithmetic (softmax ignores a shift shared by all keys).
+    scale = max(g.norm().item() for g in grads_b)
+    worst = max((a - b).norm().item() / max(b.norm().item(), 1e-9 * scale)
+                for a, b in zip(grads_r, grads_b, strict=True))  # fmt: skip
+    assert worst <= 1e-5
+
+
+def test_transformers_report_says_how_the_model_was_captured():
+    model, inputs, _, _ = build("hf_vit")
+    report = fxmomentum.inspect(model, inputs)
+    (root,) = [leaf for leaf in report.leaves if leaf.path == ""]
+    assert root.type == "ViTModel" and "forward not traceable" in root.reason
+    attention = {leaf.path for leaf in report.leaves if leaf.type == "ViTAttention"}
+    assert attention == {"layers.0.attention", "layers.1.attention"}
+    assert "`layers.0`, `layers.1`: ViTLayer: captured as one graph, 1 chain(s), 2 block(s)" in (
+        report.notes
+    )
+    assert any("traced without its decorator wrapper" in n for n in report.notes)
+
+
+def test_a_key_value_cache_keeps_gpt2_layers_unconverted_when_reversible():
+    torch.manual_seed(0)
+    model = gpt2(use_cache=True)
+    report = fxmomentum.inspect(model, (ids(),))
+    assert [c.num_blocks for c in report.chains] == [2, 2]
+    assert not any(c.converted for c in report.chains)
+    assert all("`cache` (a DynamicCache)" in c.reason for c in report.chains)
