@@ -46,7 +46,8 @@ class LayerChain(GammaSetting):
 
     Layer ``t`` of the chain must be called after layer ``t - 1`` within one forward; calling
     layer 0 starts a new pass. Not an ``nn.Module``: the layers stay registered in their
-    parent, so ``state_dict`` keys do not change.
+    parent, so ``state_dict`` keys do not change. :attr:`passes` counts the passes run to the
+    last layer.
 
     Parameters
     ----------
@@ -97,6 +98,7 @@ class LayerChain(GammaSetting):
                 self.residual.extend(b.residual for b in split.blocks)
                 self.names.extend(f"{name}.{i} (block {j})" for j in range(len(split.blocks)))
         self.num_layers = len(layers)
+        self.passes = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -135,7 +137,41 @@ class LayerChain(GammaSetting):
         self._next = i + 1
         if self._next == self.num_layers:
             self._reset()
+            self.passes += 1
         return x
+
+
+class _CallCheck:
+    """Forward hooks on the module that calls a chain's layers: after each of its forwards,
+    the chain must have run through all its layers (a parent that reaches its layers some
+    other way would leave the chain silently unused, or half run)."""
+
+    def __init__(self, chain: LayerChain, where: str) -> None:
+        self.chain, self.where = chain, where
+        self.start = 0
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        self.start = self.chain.passes
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        chain = self.chain
+        ran = chain._next
+        if ran:
+            chain._reset()
+            raise RuntimeError(
+                f"{self.where} ran only the first {ran} of the {chain.num_layers} layers of the "
+                f"momentum chain {chain.name!r}: the layers of a momentum chain must all run, "
+                f"in order, once per forward. Convert only lists whose layers the model calls "
+                f"in sequence."
+            )
+        if chain.passes == self.start:
+            raise RuntimeError(
+                f"{self.where} ran without calling the layers of the momentum chain "
+                f"{chain.name!r}, so the chain did nothing. transform_to_momentumnet needs a "
+                f"parent that calls each layer of the list, x = layer(x, ...), in order; this "
+                f"one reaches them some other way. fxmomentum.convert(model) finds residual "
+                f"blocks in the parent's code instead."
+            )
 
 
 def _needs_backward(x: torch.Tensor, args: tuple, kwargs: dict, blocks) -> bool:
@@ -177,6 +213,19 @@ def _base_class(cls: type) -> type:
     return cls.__mro__[2] if issubclass(cls, _MomentumLayer) else cls
 
 
+def _has_forward(layer: nn.Module) -> bool:
+    return _base_class(type(layer)).forward is not nn.Module.forward
+
+
+def _expression(path: str) -> str:
+    """Python for the submodule at ``path`` of ``model``."""
+    if not path:
+        return "model"
+    if all(part.isidentifier() for part in path.split(".")):
+        return f"model.{path}"
+    return f"model.get_submodule({path!r})"
+
+
 def __getattr__(name: str) -> type:
     # Unpickling in a fresh process: rebuild the momentum class from its name.
     if name.startswith(_PREFIX) and name.endswith("]"):
@@ -207,12 +256,21 @@ def transform_to_momentumnet(
     keeps working: its forward, the arguments it passes to each layer (masks, memory), its
     attributes and its ``state_dict`` keys. The model itself is not modified.
 
+    The model must call each layer of a list, ``x = layer(x, ...)``, in order, once per
+    forward. An entry with no ``forward`` of its own (an ``nn.ModuleList`` of sub-layers, as in
+    vit_pytorch's ``ViT``) is refused here; a module that owns a list and then, in a forward,
+    calls its layers out of order, only some of them, or none (reaching them some other way)
+    raises a ``RuntimeError`` at the end of that forward, instead of leaving the chain silently
+    unused or half run. :func:`fxmomentum.convert` finds residual blocks written in a parent's
+    own code instead.
+
     Parameters
     ----------
     model : nn.Module
         The model.
     sub_layers : sequence of str
-        Paths of ``nn.Sequential`` / ``nn.ModuleList`` containers.
+        Paths of ``nn.Sequential`` / ``nn.ModuleList`` containers whose entries are layers
+        (modules with a ``forward``).
     keep_first_layer : bool
         Leave each container's first layer outside its chain.
     gamma : float
@@ -229,6 +287,11 @@ def transform_to_momentumnet(
     -------
     nn.Module
         A converted copy of ``model``.
+
+    Raises
+    ------
+    ValueError
+        A path is not a submodule, or an entry of a list cannot be a layer of a chain.
 
     Examples
     --------
@@ -251,12 +314,25 @@ def transform_to_momentumnet(
                 f"sub_layers: {path!r} is a {type(container).__name__}; name an nn.Sequential or "
                 f"nn.ModuleList whose layers form the chain"
             )
-        layers = list(container)[1 if keep_first_layer else 0 :]
+        entries = list(container._modules.items())[1 if keep_first_layer else 0 :]
+        layers = [layer for _, layer in entries]
         if not layers:
             continue
-        for layer in layers:
+        owner = path.rpartition(".")[0]
+        for name, layer in entries:
             if not isinstance(layer, nn.Module):
                 raise TypeError(f"{path!r} holds a {type(layer).__name__}, not a module")
+            if not _has_forward(layer):
+                raise ValueError(
+                    f"sub_layers: {path}.{name} is a {type(layer).__name__}, which has no "
+                    f"forward of its own: the model never calls it (it iterates over it, or "
+                    f"calls what it holds), so a momentum chain over {path!r} would never run. "
+                    f"Each entry of {path!r} must be a layer the model calls as "
+                    f"x = layer(x). To convert residual blocks written in the parent's code "
+                    f"(x = attn(x) + x; x = ff(x) + x), use "
+                    f"fxmomentum.convert({_expression(owner)}); or name in sub_layers a list "
+                    f"whose entries are such layers."
+                )
         if len({id(layer) for layer in layers}) != len(layers):
             raise ValueError(
                 f"{path!r} holds the same module object twice; give each position its own "
@@ -268,4 +344,9 @@ def transform_to_momentumnet(
         for i, layer in enumerate(layers):
             layer.__dict__["_momentum_chain"] = chain
             layer.__dict__["_momentum_index"] = i
+        parent = model.get_submodule(owner)
+        where = f"{type(parent).__name__}.forward" + (f" ({owner!r})" if owner else "")
+        check = _CallCheck(chain, where)
+        parent.register_forward_pre_hook(check.before)
+        parent.register_forward_hook(check.after)
     return model

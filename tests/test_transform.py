@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -166,3 +167,83 @@ def test_pickled_model_loads_and_trains_in_a_fresh_process(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "BasicBlock] True" in out.stdout
+
+
+def test_vit_pytorch_layers_without_forward_are_refused():
+    from vit_pytorch import ViT
+
+    v = ViT(image_size=32, patch_size=16, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32)
+    # Each entry of v.transformer.layers is nn.ModuleList([attn, ff]): the parent unpacks it
+    # and adds the residuals itself, so the list is never called.
+    with pytest.raises(ValueError) as err:
+        transform_to_momentumnet(v, sub_layers=["transformer.layers"])
+    message = str(err.value)
+    assert message.startswith("sub_layers: transformer.layers.1 is a ModuleList, which has no ")
+    assert "fxmomentum.convert(model.transformer)" in message
+    with pytest.raises(ValueError, match=r"transformer\.layers\.0 is a ModuleList"):
+        transform_to_momentumnet(v, sub_layers=["transformer.layers"], keep_first_layer=False)
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x)
+
+
+class Owner(nn.Module):
+    """Owns a list of layers; ``how`` says how its forward reaches them."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Inner() for _ in range(3))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "inside":  # the layers' own code, not the layers
+            for layer in self.layers:
+                x = x + layer.lin(x)
+        elif self.how == "some":
+            for layer in self.layers[:2]:
+                x = layer(x)
+        else:
+            for layer in self.layers:
+                x = layer(x)
+        return x
+
+
+class Model(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.owner = Owner(how)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner(self.stem(x))
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_layers_not_all_called_raise_after_the_forward(use_backprop: bool):
+    x = torch.randn(2, 4)
+    kw = dict(sub_layers=["owner.layers"], keep_first_layer=False, use_backprop=use_backprop)
+    m = transform_to_momentumnet(Model("inside"), **kw)
+    with pytest.raises(RuntimeError, match=r"^Owner\.forward \('owner'\) ran without calling "):
+        m(x)
+    m = transform_to_momentumnet(Model("some"), **kw)
+    with pytest.raises(RuntimeError, match=r"ran only the first 2 of the 3 layers of the momentum"):
+        m(x)
+    m.owner.how = "all"  # the chain was reset: a full pass works
+    m(x).sum().backward()
+    assert m.owner.layers[2].lin.weight.grad is not None
+    # The check goes with copies of the model.
+    twin = copy.deepcopy(m)
+    twin.owner.how = "inside"
+    with pytest.raises(RuntimeError, match="ran without calling"):
+        twin(x)
+    m(x)
+    # The model's own forward checks a list it owns.
+    top = transform_to_momentumnet(Owner("inside"), **{**kw, "sub_layers": ["layers"]})
+    with pytest.raises(RuntimeError, match=r"^Owner\.forward ran without calling"):
+        top(x)
