@@ -30,12 +30,13 @@ from .capture import (
     Capture,
     CaptureError,
     LeafInfo,
+    TracingSnapshot,
     _leaf_arguments,
     _reason,
     capture,
-    drop_new_flags,
-    flag_owners,
     record_calls,
+    tracing_snapshot,
+    undo_tracing,
 )
 from .chain import MomentumChain
 from .exact import quantize_gamma
@@ -91,7 +92,7 @@ class _Unit:
     chosen: list[Chain] = field(default_factory=list)
     gammas: list[float] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    flags: set[int] = field(default_factory=set)
+    before: TracingSnapshot | None = None
 
 
 @dataclass
@@ -284,7 +285,7 @@ def _capture_tree(
             if recorded and call is None:
                 notes.append(_about(path, "not called on example_inputs: left as it is"))
                 continue
-            flags = flag_owners(m)
+            before = tracing_snapshot(m)
             try:
                 cap = capture(m, leaf_modules=_relative_leaves(requested, types, path),
                               call=call)  # fmt: skip
@@ -293,7 +294,7 @@ def _capture_tree(
                 frontier.extend(_children(path, m))
                 continue
             take(path, m, cap)
-            units[-1].flags = flags
+            units[-1].before = before
     # Chains in the order of the modules: the model's own graph first, then the submodules.
     order = {id(m): i for i, m in enumerate(root.modules())}
     units.sort(key=lambda u: (u.path != "", order.get(id(u.module), 0)))
@@ -612,7 +613,8 @@ def convert(
     # which the outer graph calls as it is.
     for unit in reversed(plan.units):
         if unit.path and not unit.chosen:
-            drop_new_flags(unit.module, unit.flags)
+            if unit.before is not None:
+                undo_tracing(unit.module, unit.before)
             graphs.append(unit.capture.graph)
             continue
         gm = rewrite(
@@ -620,6 +622,11 @@ def convert(
         )
         graphs.append(gm.graph)
         if unit.path:
+            # The parent's code stays, and may read its child's attributes (a config, a
+            # flag): the graph module keeps those of the module it replaces.
+            for key, value in unit.module.__dict__.items():
+                if not key.startswith("_") and not hasattr(gm, key):
+                    gm.__dict__[key] = value
             _replace(root, unit.module, gm)
         else:
             result = gm

@@ -44,15 +44,16 @@ __all__ = [
     "LeafInfo",
     "ShapePropagationError",
     "Specialised",
+    "TracingSnapshot",
     "TrainingFlag",
     "capture",
     "check_keywords",
     "clear_shapes",
-    "drop_new_flags",
-    "flag_owners",
     "propagate_shapes",
     "record_calls",
     "specialise",
+    "tracing_snapshot",
+    "undo_tracing",
 ]
 
 #: torch.nn modules that hold residual connections: traced into rather than kept whole.
@@ -522,38 +523,56 @@ def capture(
     else:
         var_keyword = None
     leaves, leaf_types = _leaf_arguments(model, leaf_modules)
-    owners = flag_owners(model)
+    snapshot = tracing_snapshot(model)
     try:
         return _capture(model, example_inputs, leaves, leaf_types, concrete_args, call, var_keyword)
     except CaptureError:
-        # Flags added by the failed attempts would stay in a module whose Python forward
-        # keeps running (harmless, but a change to the module tree): take them out.
-        drop_new_flags(model, owners)
+        # What the failed attempts added would stay in a module whose Python forward keeps
+        # running (harmless, but a change to the module tree): take it out.
+        undo_tracing(model, snapshot)
         raise
 
 
-def flag_owners(module: nn.Module) -> set[int]:
-    """``id`` of the modules under ``module`` that hold a :class:`TrainingFlag`."""
-    return {id(m) for m in module.modules() if isinstance(m._modules.get(FLAG_NAME), TrainingFlag)}
+@dataclass(frozen=True)
+class TracingSnapshot:
+    """What a module held before tracing could add to it (see :func:`undo_tracing`)."""
+
+    flag_owners: frozenset[int]
+    attributes: frozenset[str]
 
 
-def drop_new_flags(module: nn.Module, owners: set[int]) -> None:
-    """Remove the :class:`TrainingFlag` children tracing added, except those of ``owners``.
+def tracing_snapshot(module: nn.Module) -> TracingSnapshot:
+    """Remember the :class:`TrainingFlag` children and attributes of ``module``."""
+    owners = frozenset(
+        id(m) for m in module.modules() if isinstance(m._modules.get(FLAG_NAME), TrainingFlag)
+    )
+    return TracingSnapshot(owners, frozenset(module.__dict__))
 
-    For a module that was traced but keeps its Python ``forward`` (which never reads them).
+
+def undo_tracing(module: nn.Module, snapshot: TracingSnapshot) -> None:
+    """Remove what tracing added to ``module`` since ``snapshot``.
+
+    That is :class:`TrainingFlag` children and the tensor constants torch.fx stores on the
+    traced root (``_tensor_constant0``...): for a module that was traced but keeps its Python
+    ``forward``, which never reads them.
 
     Examples
     --------
     >>> model = nn.Sequential(nn.Dropout())
-    >>> before = flag_owners(model)
+    >>> before = tracing_snapshot(model)
     >>> model[0].add_module(FLAG_NAME, TrainingFlag())
-    >>> drop_new_flags(model, before)
+    >>> undo_tracing(model, before)
     >>> FLAG_NAME in model[0]._modules
     False
     """
     for m in module.modules():
-        if id(m) not in owners and isinstance(m._modules.get(FLAG_NAME), TrainingFlag):
+        if id(m) not in snapshot.flag_owners and isinstance(
+            m._modules.get(FLAG_NAME), TrainingFlag
+        ):
             del m._modules[FLAG_NAME]
+    for name in [k for k in module.__dict__ if k not in snapshot.attributes]:
+        if name.startswith("_tensor_constant"):
+            del module.__dict__[name]
 
 
 def _capture(

@@ -83,6 +83,7 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int = 16, depth: int = 3, p: float = 0.0) -> None:
         super().__init__()
+        self.dim = dim
         self.layers = nn.ModuleList(archs.PreNormBlock(dim, 2, p) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
@@ -116,7 +117,9 @@ class Tagger(nn.Module):
             raise ValueError("NaN in the input")
         n = x.shape[1]
         causal = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
-        return self.head(self.encoder(self.embed(x), mask=causal, final_norm=True))
+        h = self.embed(x)
+        assert h.shape[-1] == self.encoder.dim  # reads an attribute of the child
+        return self.head(self.encoder(h, mask=causal, final_norm=True))
 
 
 class Odd(nn.Module):
