@@ -157,13 +157,18 @@ class ChainBlock(fx.GraphModule):
     """
 
     def __init__(self, namespace: dict[str, nn.Module], graph: fx.Graph) -> None:
-        # An empty graph first: GraphModule would copy the called modules into holders.
+        # GraphModule gets an empty graph (it would copy the called modules into holders),
+        # not compiled: code is generated once, for the block's graph.
+        self.__dict__["_placeholder_graph"] = True
         super().__init__(nn.Module(), fx.Graph(), class_name="Block")
+        del self.__dict__["_placeholder_graph"]
         self.__dict__["_namespace"] = namespace
         self.graph = graph
 
     def recompile(self) -> Any:
         """Regenerate the code, and the paths of the modules it calls, from the graph."""
+        if self.__dict__.get("_placeholder_graph"):
+            return None
         paths: dict[str, None] = {}
         for n in self.graph.nodes:
             if n.op == "get_attr":
