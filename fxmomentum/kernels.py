@@ -23,12 +23,13 @@ from .exact import GAMMA_BITS, GAMMA_DENOM
 
 __all__ = [
     "COMPILE_MIN_NUMEL",
+    "abs_max_f",
     "backward_step_",
-    "decode",
     "forward_step_",
+    "join",
+    "split",
     "split_grad_",
     "unadd_",
-    "unadd_decode_",
 ]
 
 #: Tensors smaller than this run the eager kernels (compiling would cost more than it saves).
@@ -38,10 +39,30 @@ _LOW = GAMMA_DENOM - 1
 _HALF = GAMMA_DENOM // 2
 
 
-def _decode(X: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype):
-    # X * 2**-s is exact; the int64 -> float conversion rounds once, the same way every time.
-    x = (X.to(inv_scale.dtype) * inv_scale).to(dtype)
-    return x, X.sum()
+# The exact state X (int64, x = X * 2**-s) is kept as the float xw = fl(X) * 2**-s, which the
+# chain passes to the next block anyway, plus the small integer r = X - fl(X): |r| <= 2**8 for
+# the int64 values of float32 chains (ulp 2**9 at 2**32), 0 for float64 chains. The working
+# state then costs r, V and the stack head per element, and xw doubles as the block's input.
+def _join(xw: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The exact ``X`` from its float part and residual (``xw * 2**s`` is an exact integer)."""
+    return (xw.to(scale.dtype) * scale).to(torch.int64) + r
+
+
+def _split(X: torch.Tensor, inv_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xw, r)`` of an exact ``X``: the conversion to float rounds once, the same way always."""
+    Xf = X.to(inv_scale.dtype)
+    return Xf * inv_scale, (X - Xf.to(torch.int64)).to(torch.int32)
+
+
+def _f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    # f = out for a residual block, out - x for one whose output is the next state.
+    return out if x is None else out - x
+
+
+def _abs_max_f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """``max |f|`` without materialising ``f`` (NaN if any element is NaN)."""
+    lo, hi = torch.aminmax(_f(out, x))
+    return torch.maximum(-lo, hi)
 
 
 def _floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,46 +85,56 @@ def _floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 # The steps update the state in place (compiled, the fused loop stores straight into it):
 # the state is as large as the chain's activation and a copy would count in peak memory.
 def _forward_step_(
-    X: torch.Tensor,
+    xw: torch.Tensor,
+    r: torch.Tensor,
     V: torch.Tensor,
     head: torch.Tensor,
-    f: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor | None,
     c: torch.Tensor,
     n: int,
+    scale: torch.Tensor,
     inv_scale: torch.Tensor,
-    dtype: torch.dtype,
 ):
-    """One step in place; returns the next input decoded, its checksum and max |X|, max |V|."""
-    G = torch.round(f.to(c.dtype) * c).to(torch.int64)
+    """One step, ``r``, ``V`` and ``head`` in place.
+
+    Returns the next ``xw``, the checksum of the next ``X`` and ``[max |X|, max |V|]``.
+    """
+    G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
-    q, r = _floor_divmod((head << GAMMA_BITS) | (V & _LOW), n)
-    V_new = (V >> GAMMA_BITS) * n + r + G
-    X_new = X + ((V_new + _HALF) >> GAMMA_BITS)
+    q, rem = _floor_divmod((head << GAMMA_BITS) | (V & _LOW), n)
+    V_new = (V >> GAMMA_BITS) * n + rem + G
+    X_new = _join(xw, r, scale) + ((V_new + _HALF) >> GAMMA_BITS)
     head.copy_(q)
     V.copy_(V_new)
-    X.copy_(X_new)
-    x, checksum = _decode(X_new, inv_scale, dtype)
+    xw_new, r_new = _split(X_new, inv_scale)
+    r.copy_(r_new)
     stats = torch.stack(
         [X_new.abs().amax().to(torch.float64), V_new.abs().amax().to(torch.float64)]
     )
-    return x, checksum, stats
+    return xw_new, X_new.sum(), stats
 
 
-def _unadd_(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    return X.sub_((V + _HALF) >> GAMMA_BITS)
-
-
-def _unadd_decode_(X: torch.Tensor, V: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype):
-    """:func:`_unadd_` then :func:`_decode` in one pass."""
-    X_new = X - ((V + _HALF) >> GAMMA_BITS)
-    X.copy_(X_new)
-    return _decode(X_new, inv_scale, dtype)
+def _unadd_(
+    xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor
+):
+    """``x <- x - v`` on the same grid, ``r`` in place; returns the new ``xw`` and checksum."""
+    X = _join(xw, r, scale) - ((V + _HALF) >> GAMMA_BITS)
+    xw_new, r_new = _split(X, inv_scale)
+    r.copy_(r_new)
+    return xw_new, X.sum()
 
 
 def _backward_step_(
-    V: torch.Tensor, head: torch.Tensor, f: torch.Tensor, c: torch.Tensor, n: int
+    V: torch.Tensor,
+    head: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor | None,
+    c: torch.Tensor,
+    n: int,
 ) -> None:
-    V_hi, V_lo = _floor_divmod(V - torch.round(f.to(c.dtype) * c).to(torch.int64), n)
+    G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
+    V_hi, V_lo = _floor_divmod(V - G, n)
     T = head * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
@@ -154,9 +185,12 @@ class _Kernel:
         return self.fn(*args)
 
 
-decode = _Kernel(_decode)
+# Rare paths (a chain's start and end, grid changes): eager.
+join = _join
+split = _split
+
+abs_max_f = _Kernel(_abs_max_f)
 forward_step_ = _Kernel(_forward_step_)
 unadd_ = _Kernel(_unadd_)
-unadd_decode_ = _Kernel(_unadd_decode_)
 backward_step_ = _Kernel(_backward_step_)
 split_grad_ = _Kernel(_split_grad_)

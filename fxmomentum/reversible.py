@@ -21,14 +21,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
-from .kernels import (
-    backward_step_,
-    decode,
-    forward_step_,
-    split_grad_,
-    unadd_,
-    unadd_decode_,
-)
+from .kernels import abs_max_f, backward_step_, forward_step_, join, split, split_grad_, unadd_
+
+_HALF = GAMMA_DENOM // 2
 
 __all__ = ["ChainRun", "ChainSpec", "NumericalError", "reversible_chain"]
 
@@ -70,8 +65,8 @@ class ChainSpec:
     def name(self, t: int) -> str:
         return self.names[t] if t < len(self.names) else f"block {t}"
 
-    def call(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """``f_t(x)``: the block's output, minus ``x`` for a non-residual block."""
+    def output(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Block ``t``'s own output (``f_t(x)`` if residual, else ``x + f_t(x)``)."""
         out = self.blocks[t](x, *args, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -79,6 +74,11 @@ class ChainSpec:
                 f"{self.name(t)} of a momentum chain must return a tensor shaped like its input "
                 f"{tuple(x.shape)}, got {got}"
             )
+        return out
+
+    def call(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``f_t(x)``: the block's output, minus ``x`` for a non-residual block."""
+        out = self.output(t, x, args, kwargs)
         return out if self.residual[t] else out - x
 
     def plain_step(
@@ -247,15 +247,38 @@ class ChainRun:
         m = max(m0, mv)
         s = self.hi if m == 0 else max(self.lo, min(self.hi, self.R - 1 - _exponent(m)))
         self.s = s
-        self.X = _from_float(x0, s)
+        X = _from_float(x0, s)
         self.V = (
-            torch.zeros_like(self.X)
+            torch.zeros_like(X)
             if v0 is None
             else torch.round(v0.to(self.work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
         )
         self.xm, self.vm, self.gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
-        x, self.checksum = decode(self.X, self._scalar(2.0**-s), self.dtype)
-        return x
+        self.checksum = X.sum()
+        return self._set_x(X)
+
+    # The exact X is held as (xw, r), see fxmomentum.kernels. For float32 and float64 chains xw
+    # is the decoded x itself, which forward hands to the next block and backward recomputes
+    # the block from, so it is not kept here between blocks (an autograd output kept by the
+    # run would tie the run to its own graph); float16 / bfloat16 chains keep a float32 xw.
+    def _set_x(self, X: torch.Tensor) -> torch.Tensor:
+        xw, self.r = split(X, self._scalar(2.0**-self.s))
+        return self._decoded(xw)
+
+    def _decoded(self, xw: torch.Tensor) -> torch.Tensor:
+        if self.dtype == self.work:
+            self.xw = None
+            return xw
+        self.xw = xw
+        return xw.to(self.dtype)
+
+    def _xw(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() if self.xw is None else self.xw
+
+    def _exact_x(self, x: torch.Tensor) -> torch.Tensor:
+        X = join(self._xw(x), self.r, self._scalar(2.0**self.s))
+        self.r = self.xw = None
+        return X
 
     def _scalar(self, value: float) -> torch.Tensor:
         return _scalar(value, self.work, self.device)
@@ -277,8 +300,16 @@ class ChainRun:
         cuda_rng = torch.cuda.get_rng_state(self.device) if x.is_cuda else None
 
         args, kwargs = arguments.build(context)
+        version = x._version
         with _same_path_as_backward():
-            f = spec.call(t, x, args, kwargs)
+            out = spec.output(t, x, args, kwargs)
+        if x._version != version:
+            raise RuntimeError(
+                f"{spec.name(t)} modified its input in place; a reversible momentum chain keeps "
+                f"its state in that tensor. Make the block's first in-place op out of place "
+                f"(e.g. ReLU(inplace=False)), or use use_backprop=True for this chain."
+            )
+        x_f = None if spec.residual[t] else x
 
         rec = _BlockRecord(
             shift=0,
@@ -297,8 +328,11 @@ class ChainRun:
         del before
 
         # The grid for this step: room for x, v and (1 - gamma) * f(x) on it.
-        lo, hi = torch.aminmax(f.detach())
-        mf = max(-float(lo), float(hi))
+        if x_f is None:
+            lo, hi = torch.aminmax(out.detach())
+            mf = max(-float(lo), float(hi))
+        else:
+            mf = float(abs_max_f(out.detach(), x_f.detach()))
         if not math.isfinite(mf):
             raise _too_large(spec, t, "its output f(x)", mf)
         s = self.s
@@ -307,22 +341,37 @@ class ChainRun:
         gm *= 2.0**-shift
         if gm >= 2.0 ** (R + GAMMA_BITS):
             raise _too_large(spec, t, "its output f(x)", mf)
-        low_x = _shift_(self.X, shift) if shift else None
-        if shift > 0:
-            # V's dropped digits go below this step's; X's on top, as backward needs them first.
-            stack.push(_shift_(self.V, shift).to(torch.int64), 1 << shift)
-        elif shift < 0:
-            _shift_(self.V, shift)
-        self.s = s - shift
+        xw, low_x = self._xw(x), None
+        if shift:
+            X = self._exact_x(x)
+            low_x = _shift_(X, shift)
+            if shift > 0:
+                # V's dropped digits go below this step's; X's on top, as backward needs them.
+                stack.push(_shift_(self.V, shift).to(torch.int64), 1 << shift)
+            else:
+                _shift_(self.V, shift)
+            self.s = s - shift
+            xw = self._xw(self._set_x(X))
+            del X
         c = self._scalar(self.g * 2.0 ** (self.s + GAMMA_BITS))
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(n)
-        x_next, self.checksum, stats = forward_step_(
-            self.X, self.V, stack.head, f, c, n, self._scalar(2.0**-self.s), self.dtype
+        xw_next, self.checksum, stats = forward_step_(
+            xw,
+            self.r,
+            self.V,
+            stack.head,
+            out.detach(),
+            None if x_f is None else x_f.detach(),
+            c,
+            n,
+            self._scalar(2.0**self.s),
+            self._scalar(2.0**-self.s),
         )
+        del xw, out, x_f
+        x_next = self._decoded(xw_next)
         self.xm, self.vm = stats.tolist()
         self.gm = gm
-        del f
         if shift > 0:
             stack.push(low_x.to(torch.int64), 1 << shift)
         rec.shift, rec.scale = shift, self.s
@@ -335,8 +384,7 @@ class ChainRun:
         if not torch.isfinite(y).all():
             raise _too_large(self.spec, len(self.spec.blocks) - 1, "the chain output", math.inf)
         # What the output y does not hold of X, then V, go on the stack; y is the rest.
-        residual = _from_float(y, self.s).neg_().add_(self.X)
-        self.X = None
+        residual = _from_float(y, self.s).neg_().add_(self._exact_x(y))
         self.bits_r = _signed_bits(residual)
         self.stack.push_signed(residual, self.bits_r, consume=True)
         del residual
@@ -358,8 +406,13 @@ class ChainRun:
         self.consumed = True
         self.stack.thaw(y)
         self.V = self.stack.undo_push_signed(self.bits_v)
-        self.X = _from_float(y, self.s)
-        self.X += self.stack.undo_push_signed(self.bits_r)
+        X = _from_float(y, self.s)
+        X += self.stack.undo_push_signed(self.bits_r)
+        x = self._set_x(X)
+        del X
+        # For float32 / float64 chains the decoded state is y itself: keep y, not a copy.
+        self.x = y.detach() if self.xw is None else x
+        del x
         acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         self.b = torch.zeros_like(y, dtype=acc)
         self.acc = acc
@@ -375,13 +428,27 @@ class ChainRun:
         low_x = _narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
-        inv_scale = self._scalar(2.0 ** -(rec.scale + shift))
+        x_next, self.x = self.x, None
         if shift:
-            _unshift_(unadd_(self.X, self.V), low_x, shift)
+            X = self._exact_x(x_next)
+            X -= (self.V + _HALF) >> GAMMA_BITS
+            _unshift_(X, low_x, shift)
             del low_x
-            x, checksum = decode(self.X, inv_scale, self.dtype)
+            self.s = rec.scale + shift
+            checksum = X.sum()
+            x = self._set_x(X)
+            del X
         else:
-            x, checksum = unadd_decode_(self.X, self.V, inv_scale, self.dtype)
+            xw, checksum = unadd_(
+                self._xw(x_next),
+                self.r,
+                self.V,
+                self._scalar(2.0**self.s),
+                self._scalar(2.0**-self.s),
+            )
+            x = self._decoded(xw)
+            del xw
+        del x_next
         if not bool(checksum == rec.checksum):
             raise RuntimeError(
                 f"A reversible momentum chain could not rebuild the input of {spec.name(t)} bit "
@@ -389,7 +456,8 @@ class ChainRun:
                 f"same input). Call torch.use_deterministic_algorithms(True), or use "
                 f"use_backprop=True for this chain."
             )
-        x.requires_grad_(True)
+        self.x = x
+        x = x.detach().requires_grad_(True)
         context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
         args, kwargs = rec.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
@@ -399,20 +467,26 @@ class ChainRun:
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
-                f = spec.call(t, x, args, kwargs)
+                out = spec.output(t, x, args, kwargs)
+            x_f = None if spec.residual[t] else x.detach()
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
-            backward_step_(self.V, stack.head, f.detach(), scale, n)
+            backward_step_(self.V, stack.head, out.detach(), x_f, scale, n)
             stack.undo_note()
             stack.undo_note()
             if shift:
                 low_v = stack.undo_push(1 << shift) if shift > 0 else None
                 _unshift_(self.V, low_v, shift)
                 del low_v
+            # For a non-residual block f = out - x: the gradient goes through out, and x gets
+            # -grad_f besides (no f tensor is formed).
             grads = torch.autograd.grad(
-                f, [x, *wanted, *params], grad_outputs=grad_f.to(f.dtype), allow_unused=True
+                out, [x, *wanted, *params], grad_outputs=grad_f.to(out.dtype), allow_unused=True
             )
-        del f, grad_f
+        del out
         grad_x = grad_out.to(self.acc)
+        if x_f is not None:
+            grad_x = grad_x - grad_f
+        del grad_f
         if grads[0] is not None:
             grad_x = grad_x + grads[0]
         it = iter(grads[1 : 1 + len(wanted)])

@@ -328,17 +328,27 @@ def test_compiled_kernels_give_the_eager_bits():
     V = torch.randint(-(2**48), 2**48, (n_el,), generator=g)
     head = torch.randint(0, 2**36, (n_el,), generator=g)
     f = torch.randn(n_el, generator=g) * 100
+    x = torch.randn(n_el, generator=g) * 100
     c = torch.tensor(0.1 * 2.0**40)
-    inv = torch.tensor(2.0**-30)
+    scale, inv = torch.tensor(2.0**30), torch.tensor(2.0**-30)
+    xw, r = kernels.split(X, inv)
+    assert torch.equal(kernels.join(xw, r, scale), X)
+    assert r.abs().max() <= 2**8
     cases = [
         (
             kernels.forward_step_,
-            lambda: (X.clone(), V.clone(), head.clone(), f, c, 58982, inv, torch.float32),
+            lambda: (xw, r.clone(), V.clone(), head.clone(), f, x, c, 58982, scale, inv),
         ),
-        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, c, 58982)),
-        (kernels.unadd_, lambda: (X.clone(), V)),
-        (kernels.unadd_decode_, lambda: (X.clone(), V, inv, torch.float32)),
-        (kernels.decode, lambda: (X, inv, torch.float32)),
+        (
+            kernels.forward_step_,
+            lambda: (xw, r.clone(), V.clone(), head.clone(), f, None, c, 58982, scale, inv),
+        ),
+        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, x, c, 58982)),
+        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, None, c, 58982)),
+        (kernels.unadd_, lambda: (xw, r.clone(), V, scale, inv)),
+        (kernels.abs_max_f, lambda: (f, x)),
+        (kernels.abs_max_f, lambda: (f, None)),
+        (kernels.split_grad_, lambda: (f, x.clone(), 0.1, 0.9)),
     ]
     for kernel, make_args in cases:
         compiled_args, eager_args = make_args(), make_args()
@@ -346,13 +356,13 @@ def test_compiled_kernels_give_the_eager_bits():
         assert kernel._compiled is not None, kernel.__name__
         outputs = [compiled, *compiled_args], [eager, *eager_args]
         for a, b in zip(*outputs, strict=True):
-            for x, y in zip(
+            for p, q in zip(
                 a if isinstance(a, tuple) else (a,),
                 b if isinstance(b, tuple) else (b,),
                 strict=True,
             ):
-                if isinstance(x, torch.Tensor):
-                    assert torch.equal(x, y), kernel.__name__
+                if isinstance(p, torch.Tensor):
+                    assert torch.equal(p, q), kernel.__name__
 
 
 def test_momentum_chain_context_and_v0():
