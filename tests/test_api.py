@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import doctest
 import json
-import time
 
 import archs
 import pytest
@@ -307,14 +306,12 @@ def test_untraceable_parts_are_reported_and_the_rest_converted():
     gm(x).sum().backward()
 
 
-def test_conversion_time_is_linear_in_depth():
+def test_two_thousand_block_chain_converts():
+    # How long it takes is measured by benchmarks/bench_convert.py, not asserted here.
     model = archs.Synthetic(2000)
-    start = time.perf_counter()
     gm, report = fxmomentum.convert(model, 0.9, example_inputs=torch.randn(4, 8),
                                     return_report=True)  # fmt: skip
-    elapsed = time.perf_counter() - start
     assert [c.num_blocks for c in report.chains] == [2000] and report.shapes_verified
-    assert elapsed < 10.0, elapsed
     with torch.no_grad():
         assert torch.isfinite(gm(torch.randn(4, 8))).all()
 

@@ -86,3 +86,14 @@ def test_quick_mode_plots(quick_run):
     for name in ("memory_vs_depth.png", "grad_error_vs_depth.png"):
         data = (quick_run / name).read_bytes()
         assert data.startswith(b"\x89PNG")
+
+
+def test_bench_convert_quick_finds_the_chains(capsys):
+    spec = importlib.util.spec_from_file_location("bench_convert", BENCH / "bench_convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    # resnet18: layer1 is one chain of 2 pure-after-ReLU blocks, each later stage's one block
+    # after its projection block; the synthetic model is one chain of all its blocks.
+    assert "| 2, 1, 1, 1 " in out and "| 50 " in out
