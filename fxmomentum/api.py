@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .capture import (
     _FIXED_TYPES,
@@ -623,10 +624,15 @@ def convert(
         graphs.append(gm.graph)
         if unit.path:
             # The parent's code stays, and may read its child's attributes (a config, a
-            # flag): the graph module keeps those of the module it replaces.
-            for key, value in unit.module.__dict__.items():
-                if not key.startswith("_") and not hasattr(gm, key):
-                    gm.__dict__[key] = value
+            # flag): the graph module keeps those of the module it replaces, also through
+            # copy.deepcopy (which rebuilds a GraphModule from its graph and its meta).
+            kept = {
+                key: value
+                for key, value in unit.module.__dict__.items()
+                if not key.startswith("_") and not hasattr(gm, key)
+            }
+            gm.__dict__.update(kept)
+            gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(kept)
             _replace(root, unit.module, gm)
         else:
             result = gm

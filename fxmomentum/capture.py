@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .chain import MomentumChain
@@ -48,6 +49,7 @@ __all__ = [
     "TrainingFlag",
     "capture",
     "check_keywords",
+    "check_none",
     "clear_shapes",
     "propagate_shapes",
     "record_calls",
@@ -178,6 +180,25 @@ def check_keywords(
             )
 
 
+def check_none(value: Any, message: str) -> None:
+    """Check at run time an argument a graph was traced with as None.
+
+    Stands in for torch.fx's own ``_assert_is_none``: a graph module that calls that one
+    cannot be pickled safely (once unpickled and compiled again, it registers a name that
+    makes every later torch.fx trace in the process fail with a KeyError).
+
+    Examples
+    --------
+    >>> check_none(None, "mask is fixed to None")
+    >>> check_none(1, "mask is fixed to None")
+    Traceback (most recent call last):
+    ...
+    AssertionError: mask is fixed to None
+    """
+    if value is not None:
+        raise AssertionError(message)
+
+
 class CaptureTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for conversion.
 
@@ -188,7 +209,9 @@ class CaptureTracer(fx.Tracer):
     leaf_types : tuple of type
         Module classes to keep as leaves.
     autowrap_modules, autowrap_functions
-        As for :class:`torch.fx.Tracer`.
+        As for :class:`torch.fx.Tracer`. :func:`check_keywords` and :func:`check_none` stay
+        calls in the graph (also when torch.fx traces the graph's code again, as unpickling
+        does).
     var_keyword : mapping, optional
         What the traced ``forward``'s ``**kwargs`` holds (torch.fx's ``concrete_args``
         cannot fix it): None, flags, numbers and strings are fixed and checked at run time,
@@ -219,7 +242,7 @@ class CaptureTracer(fx.Tracer):
         leaves: Mapping[str, str] | None = None,
         leaf_types: tuple[type, ...] = (),
         autowrap_modules: tuple[Any, ...] = (math,),
-        autowrap_functions: tuple[Any, ...] = (),
+        autowrap_functions: tuple[Any, ...] = (check_keywords, check_none),
         var_keyword: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(autowrap_modules=autowrap_modules, autowrap_functions=autowrap_functions)
@@ -668,13 +691,17 @@ def _capture(
 
 
 def _keep_argument_names(graph: fx.Graph, concrete_args: Mapping[str, Any] | None) -> None:
-    """Give the placeholders of fixed arguments their names back.
+    """Give the placeholders of fixed arguments their names back; check None with
+    :func:`check_none`.
 
     torch.fx names the placeholder of a fixed argument ``mask`` ``mask_1``, so the graph
     module would no longer accept ``mask=...`` by keyword, as the parent may pass it.
     """
     if not concrete_args:
         return
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _symbolic_trace._assert_is_none:
+            node.target = check_none
     taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
     for node in graph.nodes:
         if node.op != "placeholder":

@@ -11,6 +11,8 @@ import collections
 import copy
 import dataclasses
 import functools
+import io
+import pickle
 
 import archs
 import pytest
@@ -522,3 +524,25 @@ def test_chains_whose_blocks_receive_a_python_object_stay_unconverted_when_rever
     assert "use_cache=False" in chain.reason
     # Plain autograd recomputes nothing: converting is safe.
     assert fxmomentum.inspect(model, x, gamma=0.0, use_backprop=True).chains[0].converted
+
+
+def test_converted_submodules_round_trip_and_tracing_keeps_working():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    for model, inputs in ((Tagger().eval(), (torch.randn(2, 5, 6),)), (KwModel().eval(), (x,))):
+        out = fxmomentum.convert(model, 0.5, example_inputs=inputs).eval()
+        with torch.no_grad():
+            expected = out(*inputs)
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        buffer.seek(0)
+        copies = {
+            "pickle": pickle.loads(pickle.dumps(out)),
+            "deepcopy": copy.deepcopy(out),
+            "torch.save": torch.load(buffer, weights_only=False),
+        }
+        for how, other in copies.items():
+            with torch.no_grad():
+                assert torch.equal(other(*inputs), expected), how
+    # torch.fx's own None check would have broken every later trace once unpickled.
+    assert fxmomentum.convert(archs.MLPResNet(), 0.5) is not None
