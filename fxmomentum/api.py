@@ -249,7 +249,7 @@ def _capture_tree(
         if leaf_modules:
             _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
         failure = e
-        reason = _cause(e)
+        reason = e.reason
         leaves.append(LeafInfo("", name, _descended(reason), True))
         notes.append(
             f"{name}.forward cannot be traced ({reason}): it stays Python code, and its "
@@ -261,9 +261,13 @@ def _capture_tree(
     while frontier:
         todo = []
         for path, m in frontier:
-            if id(m) in seen or path in requested or isinstance(m, types):
+            if id(m) in seen:
                 continue
             seen.add(id(m))
+            if path in requested or isinstance(m, types):
+                if path in requested and all(leaf.path != path for leaf in leaves):
+                    leaves.append(LeafInfo(path, type(m).__name__, "requested (leaf_modules)"))
+                continue
             if _may_hold_chains(m):
                 todo.append((path, m))
         frontier = []
@@ -291,7 +295,7 @@ def _capture_tree(
                 cap = capture(m, leaf_modules=_relative_leaves(requested, types, path),
                               call=call)  # fmt: skip
             except CaptureError as e:
-                leaves.append(LeafInfo(path, type(m).__name__, _descended(_cause(e)), True))
+                leaves.append(LeafInfo(path, type(m).__name__, _descended(e.reason), True))
                 frontier.extend(_children(path, m))
                 continue
             take(path, m, cap)
@@ -311,22 +315,6 @@ def _capture_tree(
             "to capture them as their parent calls them"
         )
     return _Plan(root, units, leaves, notes)
-
-
-def _cause(e: CaptureError) -> str:
-    """The reason inside a CaptureError, without its advice."""
-    text = str(e)
-    start = text.find("(")
-    if text.startswith("cannot trace") and start >= 0:
-        depth, end = 0, -1
-        for i in range(start, len(text)):
-            depth += {"(": 1, ")": -1}.get(text[i], 0)
-            if depth == 0:
-                end = i
-                break
-        if end > start:
-            return text[start + 1 : end]
-    return text
 
 
 def _descended(reason: str) -> str:

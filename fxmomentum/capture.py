@@ -71,7 +71,17 @@ FLAG_NAME = "_training_flag"
 
 
 class CaptureError(RuntimeError):
-    """The model's own ``forward`` (not a submodule's) cannot be traced."""
+    """The model's own ``forward`` (not a submodule's) cannot be traced.
+
+    Attributes
+    ----------
+    reason : str
+        Why, in a few words (the message without its advice).
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 @dataclass(frozen=True)
@@ -623,7 +633,8 @@ def _capture(
                 raise CaptureError(
                     f"cannot trace {type(model).__name__}.forward itself ({_reason(e)}). "
                     f"Convert a submodule instead, or pass concrete_args for arguments that "
-                    f"steer control flow."
+                    f"steer control flow.",
+                    _reason(e),
                 ) from e
             leaves[culprit] = f"not traceable: {_reason(e)}"
             found.append(LeafInfo(culprit, type(modules[culprit]).__name__, leaves[culprit], True))

@@ -546,3 +546,21 @@ def test_converted_submodules_round_trip_and_tracing_keeps_working():
                 assert torch.equal(other(*inputs), expected), how
     # torch.fx's own None check would have broken every later trace once unpickled.
     assert fxmomentum.convert(archs.MLPResNet(), 0.5) is not None
+
+
+def test_leaf_modules_include_and_exclude_take_full_paths():
+    model = Normalised()
+    x = torch.randn(4, 8)
+    report = fxmomentum.inspect(model, x, leaf_modules=["body.1"])
+    assert chains_of(report) == [("body.0", 1), ("body.2", 2)]
+    assert ("body.1", "requested (leaf_modules)") in [(f.path, f.reason) for f in report.leaves]
+    report = fxmomentum.inspect(model, x, exclude="body.1")
+    assert [(c.first, c.num_blocks, c.converted, c.reason) for c in report.chains] == [
+        ("body.0", 1, True, ""), ("body.1", 1, False, "excluded"), ("body.2", 2, True, "")
+    ]  # fmt: skip
+    report = fxmomentum.inspect(model, x, include=["body.2", "body.3"], min_blocks=2)
+    assert [(c.first, c.num_blocks, c.converted) for c in report.chains] == [
+        ("body.0", 2, False), ("body.2", 2, True)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        fxmomentum.inspect(model, x, leaf_modules=["nope"])
