@@ -26,13 +26,14 @@ __all__ = ["GAMMA_BITS", "BitStack", "floor_divmod", "quantize_gamma"]
 GAMMA_BITS = 16
 GAMMA_DENOM = 1 << GAMMA_BITS
 
-# The head times any base stays far from int64 overflow.
-_HEAD_LIMIT = 1 << 52
-_WORD_BITS = 32
+# The head is int32: it is as large as the chain's activation and read and written by every
+# step, so its width counts in both memory and time. Its values stay below _HEAD_LIMIT; words of
+# _WORD_BITS spill off it, and larger pushes are split into digits of at most _MAX_DIGIT_BITS.
+_HEAD_LIMIT = 1 << 31
+_WORD_BITS = 16
 _WORD_MASK = (1 << _WORD_BITS) - 1
-# Large pushes are split into digits of at most this many bits, so that spilling a word never
-# stores much more than the head holds.
 _MAX_DIGIT_BITS = 16
+_MAX_BASE = 1 << _MAX_DIGIT_BITS
 
 
 def quantize_gamma(gamma: float) -> int:
@@ -83,11 +84,18 @@ def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q, a - q * n
 
 
+def _power_of_two_bits(base: int) -> int:
+    if base & (base - 1):
+        raise ValueError(f"a bit-stack base above 2**16 must be a power of two, got {base}")
+    return base.bit_length() - 1
+
+
 class BitStack:
     """A per-element arbitrary-precision integer used as a stack of digits.
 
     ``push(r, base)`` makes the integer ``B * base + r``; ``pop(base)`` takes ``B mod base`` off.
-    Each element's integer is held as a 52-bit ``head`` plus a list of spilled 32-bit words.
+    Each element's integer is held as a 31-bit int32 ``head`` plus a list of spilled 16-bit
+    words.
     A single Python bound on the head (the same for every element) decides when to spill, so
     every element spills at the same time and the words are plain tensors.
 
@@ -111,7 +119,7 @@ class BitStack:
     """
 
     def __init__(self, like: torch.Tensor) -> None:
-        self.head = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+        self.head = torch.zeros(like.shape, dtype=torch.int32, device=like.device)
         self.bound = 1  # every element of head lies in [0, bound)
         self.words: list[torch.Tensor] = []
         self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
@@ -120,16 +128,16 @@ class BitStack:
     # In-place operations throughout: the stack works on tensors as large as the chain's
     # activation, and every temporary counts in the step's peak memory.
     def _spill(self) -> None:
-        # The low word, sign-extended, fits int32 exactly; undone by masking after widening.
+        # The low word, sign-extended, fits int16 exactly; undone by masking after widening.
         low = self.head << _WORD_BITS
         low >>= _WORD_BITS
-        self.words.append(low.to(torch.int32))
+        self.words.append(low.to(torch.int16))
         del low
         self.head >>= _WORD_BITS
         self.bound = -(-self.bound >> _WORD_BITS)
 
     def _unspill(self) -> None:
-        low = self.words.pop().to(torch.int64)
+        low = self.words.pop().to(torch.int32)
         low &= _WORD_MASK
         self.head <<= _WORD_BITS
         self.head |= low
@@ -171,8 +179,11 @@ class BitStack:
 
     # -- digits ------------------------------------------------------------------------------
     def push(self, r: torch.Tensor, base: int) -> None:
-        """Push digits ``r`` (int64, each in ``[0, base)``)."""
+        """Push digits ``r`` in ``[0, base)`` (a base above ``2**16``: a power of two)."""
         if base <= 1:
+            return
+        if base > _MAX_BASE:
+            self._push_bits(r, _power_of_two_bits(base))
             return
         self.note_push(base)
         if base & (base - 1) == 0:
@@ -185,6 +196,8 @@ class BitStack:
         """Reverse the latest :meth:`push` with this ``base``; return its digits."""
         if base <= 1:
             return torch.zeros_like(self.head)
+        if base > _MAX_BASE:
+            return self._undo_push_bits(_power_of_two_bits(base))
         if base & (base - 1) == 0:
             r = self.head & (base - 1)
             self.head >>= base.bit_length() - 1
@@ -223,25 +236,32 @@ class BitStack:
         With ``consume=True`` the int64 tensor ``a`` is used as scratch space (no copy).
         """
         u = a.add_(1 << (bits - 1)) if consume else a + (1 << (bits - 1))
+        self._push_bits(u, bits, consume=True)
+
+    def undo_push_signed(self, bits: int) -> torch.Tensor:
+        """Reverse :meth:`push_signed` with the same ``bits``."""
+        return self._undo_push_bits(bits).sub_(1 << (bits - 1))
+
+    def _push_bits(self, u: torch.Tensor, bits: int, *, consume: bool = False) -> None:
+        # Unsigned values below 2**bits, as digits of at most 16 bits, the lowest first.
+        if not consume:
+            u = u.to(torch.int64, copy=True)
         while bits > 0:
             k = min(bits, _MAX_DIGIT_BITS)
             self.push(u & ((1 << k) - 1), 1 << k)
             u >>= k
             bits -= k
 
-    def undo_push_signed(self, bits: int) -> torch.Tensor:
-        """Reverse :meth:`push_signed` with the same ``bits``."""
+    def _undo_push_bits(self, bits: int) -> torch.Tensor:
         digits = []
-        remaining = bits
-        while remaining > 0:
-            k = min(remaining, _MAX_DIGIT_BITS)
-            digits.append(k)
-            remaining -= k
-        u = torch.zeros_like(self.head)
+        while bits > 0:
+            digits.append(min(bits, _MAX_DIGIT_BITS))
+            bits -= digits[-1]
+        u = torch.zeros(self.head.shape, dtype=torch.int64, device=self.head.device)
         for k in reversed(digits):
             u <<= k
             u |= self.undo_push(1 << k)
-        return u.sub_(1 << (bits - 1))
+        return u
 
     def freeze(self) -> None:
         """Spill the head into words so that only narrow int32 words stay in memory."""
@@ -251,9 +271,9 @@ class BitStack:
             self._spill()
             spills += 1
         self._log[-1] = (self._log[-1][0], spills)
-        self.head = torch.empty(0, dtype=torch.int64, device=self.head.device)
+        self.head = torch.empty(0, dtype=torch.int32, device=self.head.device)
 
     def thaw(self, like: torch.Tensor) -> None:
         """Reverse :meth:`freeze`."""
-        self.head = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+        self.head = torch.zeros(like.shape, dtype=torch.int32, device=like.device)
         self._undo()

@@ -102,7 +102,7 @@ def _forward_step_(
     """
     G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
-    q, rem = _floor_divmod((head << GAMMA_BITS) | (V & _LOW), n)
+    q, rem = _floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
     V_new = (V >> GAMMA_BITS) * n + rem + G
     X_new = _join(xw, r, scale) + ((V_new + _HALF) >> GAMMA_BITS)
     head.copy_(q)
@@ -135,7 +135,7 @@ def _backward_step_(
 ) -> None:
     G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
     V_hi, V_lo = _floor_divmod(V - G, n)
-    T = head * n + V_lo
+    T = head.to(torch.int64) * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
 

@@ -45,7 +45,7 @@ def test_bit_stack_round_trip_with_spills():
     stack.push_signed(signed, 42)
     stack.freeze()
     assert stack.head.numel() == 0
-    assert all(w.dtype == torch.int32 for w in stack.words)
+    assert all(w.dtype == torch.int16 for w in stack.words)
     stack.thaw(like)
     assert torch.equal(stack.undo_push_signed(42), signed)
     for kind, base, r in reversed(ops):

@@ -326,7 +326,7 @@ def test_compiled_kernels_give_the_eager_bits():
     g = torch.Generator().manual_seed(0)
     X = torch.randint(-(2**32), 2**32, (n_el,), generator=g)
     V = torch.randint(-(2**48), 2**48, (n_el,), generator=g)
-    head = torch.randint(0, 2**36, (n_el,), generator=g)
+    head = torch.randint(0, 2**15, (n_el,), generator=g, dtype=torch.int32)
     f = torch.randn(n_el, generator=g) * 100
     x = torch.randn(n_el, generator=g) * 100
     c = torch.tensor(0.1 * 2.0**40)
