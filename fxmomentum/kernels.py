@@ -25,10 +25,11 @@ __all__ = [
     "COMPILE_MIN_NUMEL",
     "abs_max_f",
     "backward_step_",
+    "checksum",
     "forward_step_",
     "join",
     "split",
-    "split_grad_",
+    "state_stats",
     "unadd_",
 ]
 
@@ -96,10 +97,7 @@ def _forward_step_(
     scale: torch.Tensor,
     inv_scale: torch.Tensor,
 ):
-    """One step, ``r``, ``V`` and ``head`` in place.
-
-    Returns the next ``xw``, the checksum of the next ``X`` and ``[max |X|, max |V|]``.
-    """
+    """One step, ``r``, ``V`` and ``head`` in place; returns the next ``xw``."""
     G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
     q, rem = _floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
@@ -109,20 +107,30 @@ def _forward_step_(
     V.copy_(V_new)
     xw_new, r_new = _split(X_new, inv_scale)
     r.copy_(r_new)
-    stats = torch.stack(
-        [X_new.abs().amax().to(torch.float64), V_new.abs().amax().to(torch.float64)]
-    )
-    return xw_new, X_new.sum(), stats
+    return xw_new
 
 
 def _unadd_(
     xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor
 ):
-    """``x <- x - v`` on the same grid, ``r`` in place; returns the new ``xw`` and checksum."""
+    """``x <- x - v`` on the same grid, ``r`` in place; returns the new ``xw``."""
     X = _join(xw, r, scale) - ((V + _HALF) >> GAMMA_BITS)
     xw_new, r_new = _split(X, inv_scale)
     r.copy_(r_new)
-    return xw_new, X.sum()
+    return xw_new
+
+
+# Reductions run apart from the steps, over what the steps stored: fused into a step, Inductor
+# computes them in a loop of their own that recomputes the whole step.
+def _checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """An integer hash of the exact state ``(xw, r)``: the same bits give the same sum."""
+    bits = xw.view(torch.int64 if xw.dtype == torch.float64 else torch.int32)
+    return bits.sum(dtype=torch.int64) + r.sum(dtype=torch.int64)
+
+
+def _state_stats(xw: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``[max |xw|, max |V|]`` after a step."""
+    return torch.stack([xw.abs().amax().to(torch.float64), V.abs().amax().to(torch.float64)])
 
 
 def _backward_step_(
@@ -132,12 +140,21 @@ def _backward_step_(
     x: torch.Tensor | None,
     c: torch.Tensor,
     n: int,
-) -> None:
+    grad_out: torch.Tensor,
+    b: torch.Tensor,
+    g: float,
+    gamma: float,
+) -> torch.Tensor:
+    """Reverse a step (``V`` and ``head`` in place) and split the incoming gradient.
+
+    The gradient part is :func:`_split_grad_`: returns the gradient of ``f``, updates ``b``.
+    """
     G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
     V_hi, V_lo = _floor_divmod(V - G, n)
     T = head.to(torch.int64) * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
+    return _split_grad_(grad_out, b, g, gamma)
 
 
 def _split_grad_(grad_out: torch.Tensor, b: torch.Tensor, g: float, gamma: float) -> torch.Tensor:
@@ -190,7 +207,8 @@ join = _join
 split = _split
 
 abs_max_f = _Kernel(_abs_max_f)
+checksum = _Kernel(_checksum)
+state_stats = _Kernel(_state_stats)
 forward_step_ = _Kernel(_forward_step_)
 unadd_ = _Kernel(_unadd_)
 backward_step_ = _Kernel(_backward_step_)
-split_grad_ = _Kernel(_split_grad_)

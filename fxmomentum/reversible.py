@@ -21,7 +21,16 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
-from .kernels import abs_max_f, backward_step_, forward_step_, join, split, split_grad_, unadd_
+from .kernels import (
+    abs_max_f,
+    backward_step_,
+    checksum,
+    forward_step_,
+    join,
+    split,
+    state_stats,
+    unadd_,
+)
 
 _HALF = GAMMA_DENOM // 2
 
@@ -229,6 +238,7 @@ class ChainRun:
         self.g = (GAMMA_DENOM - self.n) / GAMMA_DENOM
         self.records: list[_BlockRecord] = []
         self.consumed = False
+        self._scalars: dict[float, torch.Tensor] = {}
 
     # -- forward ------------------------------------------------------------------------------
     def start(self, x0: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
@@ -254,8 +264,11 @@ class ChainRun:
             else torch.round(v0.to(self.work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
         )
         self.xm, self.vm, self.gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
-        self.checksum = X.sum()
-        return self._set_x(X)
+        x = self._set_x(X)
+        self.checksum = _sampled_checksum(self._xw(x), self.r)
+        # The whole initial state, for the check that backward returns to it exactly.
+        self.start_sums = (checksum(self._xw(x), self.r), self.V.sum())
+        return x
 
     # The exact X is held as (xw, r), see fxmomentum.kernels. For float32 and float64 chains xw
     # is the decoded x itself, which forward hands to the next block and backward recomputes
@@ -281,7 +294,11 @@ class ChainRun:
         return X
 
     def _scalar(self, value: float) -> torch.Tensor:
-        return _scalar(value, self.work, self.device)
+        # The grid changes seldom, so the same few scalars serve block after block.
+        cached = self._scalars.get(value)
+        if cached is None:
+            cached = self._scalars[value] = _scalar(value, self.work, self.device)
+        return cached
 
     def forward_block(
         self, t: int, x: torch.Tensor, arguments: _Arguments, context: Sequence[torch.Tensor]
@@ -356,7 +373,7 @@ class ChainRun:
         c = self._scalar(self.g * 2.0 ** (self.s + GAMMA_BITS))
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(n)
-        xw_next, self.checksum, stats = forward_step_(
+        xw_next = forward_step_(
             xw,
             self.r,
             self.V,
@@ -370,7 +387,10 @@ class ChainRun:
         )
         del xw, out, x_f
         x_next = self._decoded(xw_next)
-        self.xm, self.vm = stats.tolist()
+        self.checksum = _sampled_checksum(xw_next, self.r)
+        stats = state_stats(xw_next, self.V)
+        xwm, self.vm = stats.tolist()
+        self.xm = xwm * 2.0**self.s
         self.gm = gm
         if shift > 0:
             stack.push(low_x.to(torch.int64), 1 << shift)
@@ -417,6 +437,15 @@ class ChainRun:
         self.b = torch.zeros_like(y, dtype=acc)
         self.acc = acc
 
+    def _check_returned_to_start(self, x: torch.Tensor) -> None:
+        # The per-block checks sample the state; the full state (x, v, an empty stack) must
+        # come back to the start's bit for bit, or some block was not deterministic.
+        stack = self.stack
+        sums = (checksum(self._xw(x.detach()), self.r), self.V.sum())
+        same = all(bool(a == b) for a, b in zip(sums, self.start_sums, strict=True))
+        if not same or stack.words or stack.bound != 1 or bool(stack.head.any()):
+            raise _not_rebuilt("the chain's input", "a block of the chain")
+
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
 
@@ -435,11 +464,10 @@ class ChainRun:
             _unshift_(X, low_x, shift)
             del low_x
             self.s = rec.scale + shift
-            checksum = X.sum()
             x = self._set_x(X)
             del X
         else:
-            xw, checksum = unadd_(
+            xw = unadd_(
                 self._xw(x_next),
                 self.r,
                 self.V,
@@ -449,13 +477,8 @@ class ChainRun:
             x = self._decoded(xw)
             del xw
         del x_next
-        if not bool(checksum == rec.checksum):
-            raise RuntimeError(
-                f"A reversible momentum chain could not rebuild the input of {spec.name(t)} bit "
-                f"for bit: a block after it is not deterministic (a different result for the "
-                f"same input). Call torch.use_deterministic_algorithms(True), or use "
-                f"use_backprop=True for this chain."
-            )
+        if not bool(_sampled_checksum(self._xw(x), self.r) == rec.checksum):
+            raise _not_rebuilt(f"the input of {spec.name(t)}", "a block after it")
         self.x = x
         x = x.detach().requires_grad_(True)
         context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
@@ -463,20 +486,32 @@ class ChainRun:
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
             grad_out = torch.zeros_like(self.b)
-        grad_f = split_grad_(grad_out, self.b, self.g, self.gamma)
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
                 out = spec.output(t, x, args, kwargs)
             x_f = None if spec.residual[t] else x.detach()
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
-            backward_step_(self.V, stack.head, out.detach(), x_f, scale, n)
+            grad_f = backward_step_(
+                self.V,
+                stack.head,
+                out.detach(),
+                x_f,
+                scale,
+                n,
+                grad_out,
+                self.b,
+                self.g,
+                self.gamma,
+            )
             stack.undo_note()
             stack.undo_note()
             if shift:
                 low_v = stack.undo_push(1 << shift) if shift > 0 else None
                 _unshift_(self.V, low_v, shift)
                 del low_v
+            if t == 0:
+                self._check_returned_to_start(x)
             # For a non-residual block f = out - x: the gradient goes through out, and x gets
             # -grad_f besides (no f tensor is formed).
             grads = torch.autograd.grad(
@@ -492,6 +527,25 @@ class ChainRun:
         it = iter(grads[1 : 1 + len(wanted)])
         grad_context = [next(it) if ci.requires_grad else None for ci in context]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
+
+
+def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
+    return RuntimeError(
+        f"A reversible momentum chain could not rebuild {what} bit for bit: {culprit} is not "
+        f"deterministic (a different result for the same input). Call "
+        f"torch.use_deterministic_algorithms(True), or use use_backprop=True for this chain."
+    )
+
+
+# Elements every so many apart make a block's checksum: a fraction of a pass per block; the
+# check at the chain's start covers every element.
+_SAMPLE_STRIDE = 61
+
+
+def _sampled_checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    if not (xw.is_contiguous() and r.is_contiguous()):
+        return checksum(xw, r)
+    return checksum(xw.view(-1)[::_SAMPLE_STRIDE], r.view(-1)[::_SAMPLE_STRIDE])
 
 
 class _ReversibleBlock(torch.autograd.Function):

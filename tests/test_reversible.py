@@ -269,6 +269,31 @@ def test_nondeterministic_block_is_detected():
         net(x.requires_grad_(True)).sum().backward()
 
 
+@pytest.mark.parametrize("delta", [1e-3, 1e-7])
+def test_nondeterminism_in_one_element_is_detected(delta):
+    # Per-block checks sample the state; the full state must still come back to the start's.
+    # Elementwise blocks keep the difference in element 5, which no per-block check samples.
+    class OneElement(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(0.5))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = torch.tanh(x) * self.scale
+            if self.calls > 1:
+                out = out.clone()
+                out[0, 5] += delta
+            return out
+
+    net = MomentumNet([nn.Tanh(), nn.Tanh(), OneElement(), nn.Tanh(), nn.Tanh()], 0.9)
+    net.use_backprop = False
+    x, _ = inputs(4, 32)
+    with pytest.raises(RuntimeError, match=r"rebuild the chain's input .* not deterministic"):
+        net(x.requires_grad_(True)).sum().backward()
+
+
 def test_no_grad_takes_the_plain_path(monkeypatch):
     import fxmomentum.chain as chain_module
 
@@ -343,12 +368,19 @@ def test_compiled_kernels_give_the_eager_bits():
             kernels.forward_step_,
             lambda: (xw, r.clone(), V.clone(), head.clone(), f, None, c, 58982, scale, inv),
         ),
-        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, x, c, 58982)),
-        (kernels.backward_step_, lambda: (V.clone(), head.clone(), f, None, c, 58982)),
+        (
+            kernels.backward_step_,
+            lambda: (V.clone(), head.clone(), f, x, c, 58982, f, x.clone(), 0.1, 0.9),
+        ),
+        (
+            kernels.backward_step_,
+            lambda: (V.clone(), head.clone(), f, None, c, 58982, f, x.clone(), 0.1, 0.9),
+        ),
         (kernels.unadd_, lambda: (xw, r.clone(), V, scale, inv)),
+        (kernels.checksum, lambda: (xw, r)),
+        (kernels.state_stats, lambda: (xw, V)),
         (kernels.abs_max_f, lambda: (f, x)),
         (kernels.abs_max_f, lambda: (f, None)),
-        (kernels.split_grad_, lambda: (f, x.clone(), 0.1, 0.9)),
     ]
     for kernel, make_args in cases:
         compiled_args, eager_args = make_args(), make_args()
