@@ -175,6 +175,28 @@ def _signed_bits(a: torch.Tensor) -> int:
     return max(-int(lo.item()), int(hi.item())).bit_length() + 1
 
 
+def _pack(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An integer tensor in the fewest bytes its values need: one narrow tensor, or the high
+    int32 part and the low 16 bits (48-bit values, the velocity's usual size)."""
+    bits = _signed_bits(a)
+    if bits <= 16:
+        return a.to(torch.int16), None
+    if bits <= 32:
+        return a.to(torch.int32), None
+    if bits <= 48:
+        return (a >> 16).to(torch.int32), (a & 0xFFFF).to(torch.int16)
+    return a.to(torch.int64), None
+
+
+def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    high, low = packed
+    if low is None:
+        return high.to(torch.int64)
+    a = high.to(torch.int64) << 16
+    a |= low.to(torch.int64) & 0xFFFF
+    return a
+
+
 def _buffers(block: object) -> list[torch.Tensor]:
     buffers = getattr(block, "buffers", None)
     return list(buffers()) if callable(buffers) else []
@@ -401,18 +423,26 @@ class ChainRun:
         return x_next
 
     def _finish(self, y: torch.Tensor) -> None:
-        if not torch.isfinite(y).all():
+        if not math.isfinite(self.xm):
             raise _too_large(self.spec, len(self.spec.blocks) - 1, "the chain output", math.inf)
-        # What the output y does not hold of X, then V, go on the stack; y is the rest.
-        residual = _from_float(y, self.s).neg_().add_(self._exact_x(y))
-        self.bits_r = _signed_bits(residual)
-        self.stack.push_signed(residual, self.bits_r, consume=True)
+        # What the output y does not hold of X, and V, are kept packed to the bits they need;
+        # y is the rest. For float32 / float64 chains y is xw itself and r is that residual.
+        if self.xw is None:
+            residual, self.r = self.r, None
+        else:
+            residual = _from_float(y, self.s).neg_().add_(self._exact_x(y))
+        self.kept_r = _pack(residual)
         del residual
-        self.bits_v = _signed_bits(self.V)
-        self.stack.push_signed(self.V, self.bits_v, consume=True)
+        self.kept_v = _pack(self.V)
         self.V = None
         self.stack.freeze()
         self.checksum = None
+
+    @property
+    def kept_nbytes(self) -> int:
+        """Bytes the run keeps from its forward to its backward, beyond the output."""
+        kept = [*self.kept_r, *self.kept_v] if hasattr(self, "kept_r") else []
+        return self.stack.nbytes + sum(t.nbytes for t in kept if t is not None)
 
     # -- backward -----------------------------------------------------------------------------
     def begin_backward(self, y: torch.Tensor) -> None:
@@ -425,14 +455,17 @@ class ChainRun:
             )
         self.consumed = True
         self.stack.thaw(y)
-        self.V = self.stack.undo_push_signed(self.bits_v)
-        X = _from_float(y, self.s)
-        X += self.stack.undo_push_signed(self.bits_r)
-        x = self._set_x(X)
-        del X
-        # For float32 / float64 chains the decoded state is y itself: keep y, not a copy.
-        self.x = y.detach() if self.xw is None else x
-        del x
+        self.V = _unpack(self.kept_v)
+        if self.dtype == self.work:
+            # The decoded state is y itself: keep y, not a copy.
+            self.r = _unpack(self.kept_r).to(torch.int32)
+            self.xw, self.x = None, y.detach()
+        else:
+            X = _from_float(y, self.s)
+            X += _unpack(self.kept_r)
+            self.x = self._set_x(X)
+            del X
+        self.kept_r = self.kept_v = (None, None)
         acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         self.b = torch.zeros_like(y, dtype=acc)
         self.acc = acc
