@@ -17,7 +17,7 @@ from fxmomentum import cli
 
 # A tiny ResNet-like model: stem, 3 pure residual blocks at 8 channels, a strided projection,
 # 2 pure residual blocks at 16 channels, head. Its chains have 3 and 2 blocks.
-TINY_RESNET = '''
+TINY_RESNET = """
 import torch
 from torch import nn
 
@@ -46,7 +46,7 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         x = self.stage2(self.down(self.stage1(self.stem(x))))
         return self.head(x.mean((2, 3)))
-'''
+"""
 CHAIN_LENGTHS = [3, 2]
 
 

@@ -179,9 +179,7 @@ def converted():
     out = {}
     for name, make in MODELS.items():
         model, x = make()
-        gm, report = fxmomentum.convert(
-            model, gamma=0.9, example_inputs=(x,), return_report=True
-        )
+        gm, report = fxmomentum.convert(model, gamma=0.9, example_inputs=(x,), return_report=True)
         assert any(getattr(c, "converted", True) for c in report.chains), name
         out[name] = (gm.eval(), x)
     return out
