@@ -229,23 +229,10 @@ class BitStack:
             self.head.mul_(base).add_(r)
         self._undo()
 
-    # -- signed values of many bits ----------------------------------------------------------
-    def push_signed(self, a: torch.Tensor, bits: int, *, consume: bool = False) -> None:
-        """Push signed values with ``|a| < 2**(bits - 1)`` as digits of at most 16 bits.
-
-        With ``consume=True`` the int64 tensor ``a`` is used as scratch space (no copy).
-        """
-        u = a.add_(1 << (bits - 1)) if consume else a + (1 << (bits - 1))
-        self._push_bits(u, bits, consume=True)
-
-    def undo_push_signed(self, bits: int) -> torch.Tensor:
-        """Reverse :meth:`push_signed` with the same ``bits``."""
-        return self._undo_push_bits(bits).sub_(1 << (bits - 1))
-
-    def _push_bits(self, u: torch.Tensor, bits: int, *, consume: bool = False) -> None:
-        # Unsigned values below 2**bits, as digits of at most 16 bits, the lowest first.
-        if not consume:
-            u = u.to(torch.int64, copy=True)
+    # -- wide digits ---------------------------------------------------------------------------
+    def _push_bits(self, u: torch.Tensor, bits: int) -> None:
+        # Values in [0, 2**bits), as digits of at most 16 bits, the lowest first.
+        u = u.to(torch.int64, copy=True)
         while bits > 0:
             k = min(bits, _MAX_DIGIT_BITS)
             self.push(u & ((1 << k) - 1), 1 << k)
