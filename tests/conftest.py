@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -17,3 +18,27 @@ def max_rel_err(xs, refs) -> float:
     xs, refs = list(xs), list(refs)
     assert len(xs) == len(refs)
     return max(rel_err(a, b) for a, b in zip(xs, refs, strict=True))
+
+
+def grad_err(xs, refs, floor: float = 1e-9) -> float:
+    """Largest per-tensor relative error, a tensor's norm floored at ``floor`` x the largest one.
+
+    Gradients that are zero in exact arithmetic (the bias of a layer before a BatchNorm) come
+    out as float64 round-off in both runs: the floor turns that into an absolute tolerance.
+    """
+    xs, refs = [a.double() for a in xs], [b.double() for b in refs]
+    assert len(xs) == len(refs) and refs
+    least = max(r.norm().item() for r in refs) * floor
+    return max(
+        (a - b).norm().item() / max(b.norm().item(), least, 1e-300)
+        for a, b in zip(xs, refs, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: more threads only spin (10x the CPU time on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,23 +17,11 @@ import archs
 import pytest
 import torch
 import torchvision
-from conftest import max_rel_err
+from conftest import grad_err, max_rel_err
 from torch import fx, nn
 
 import fxmomentum
 from fxmomentum import ConversionReport, MomentumChain
-
-
-def grad_err(xs, refs) -> float:
-    """Largest per-tensor relative error, a tensor's norm floored at 1e-9 x the largest one."""
-    xs, refs = list(xs), list(refs)
-    assert len(xs) == len(refs) and refs
-    scale = max(r.double().norm().item() for r in refs)
-    worst = 0.0
-    for a, b in zip(xs, refs, strict=True):
-        a, b = a.double(), b.double()
-        worst = max(worst, (a - b).norm().item() / max(b.norm().item(), 1e-9 * scale, 1e-300))
-    return worst
 
 
 def small_vit(p: float = 0.0) -> nn.Module:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import max_rel_err
+from conftest import grad_err, max_rel_err
 from torch import fx, nn
 
 import fxmomentum
@@ -201,19 +201,6 @@ def run(model: nn.Module, inputs, seed: int = 1):
 
 def chains_of(report) -> list[tuple[str, int]]:
     return [(c.first, c.num_blocks) for c in report.chains]
-
-
-def grad_err(xs, refs) -> float:
-    """Largest per-tensor relative error, a tensor's norm floored at 1e-9 x the largest one
-    (gradients that are zero in exact arithmetic are round-off in both runs)."""
-    xs, refs = list(xs), list(refs)
-    assert len(xs) == len(refs) and refs
-    scale = max(r.double().norm().item() for r in refs)
-    worst = 0.0
-    for a, b in zip(xs, refs, strict=True):
-        a, b = a.double(), b.double()
-        worst = max(worst, (a - b).norm().item() / max(b.norm().item(), 1e-9 * scale, 1e-300))
-    return worst
 
 
 @pytest.mark.parametrize("name", list(MODELS))

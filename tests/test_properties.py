@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import grad_err
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,6 +32,7 @@ from torch import nn
 import fxmomentum
 
 TOL = 1e-6
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -184,20 +186,6 @@ def run(model: nn.Module, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tenso
     return out.detach(), [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
 
-def grad_err(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    """Largest per-tensor relative error; a norm is floored at 1e-6 x the largest one.
-
-    Gradients that are zero in exact arithmetic (the bias of a layer before a BatchNorm, which
-    removes it) come out as float64 round-off, about 1e-14 in both runs: the floor turns that
-    into an absolute tolerance of 1e-12 x the largest gradient, not a relative one.
-    """
-    scale = max(r.norm().item() for r in refs)
-    return max(
-        (a - b).norm().item() / max(b.norm().item(), 1e-6 * scale, 1e-300)
-        for a, b in zip(xs, refs, strict=True)
-    )
-
-
 def check(plan: Plan) -> None:
     torch.manual_seed(0)
     model = Net(plan).double().train()
@@ -224,18 +212,9 @@ def check(plan: Plan) -> None:
     out_rev, g_rev = run(reversible, x, c)
     out_bp, g_bp = run(backprop, x, c)
     assert (out_rev - out_bp).norm() <= TOL * out_bp.norm()
-    assert grad_err(g_rev, g_bp) < TOL
+    assert grad_err(g_rev, g_bp, 1e-6) < TOL
     for a, b in zip(reversible.buffers(), backprop.buffers(), strict=True):
         assert torch.equal(a, b) if not a.is_floating_point() else (a - b).norm() <= TOL * b.norm()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors are tiny: more threads only spin (10x the CPU time on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TIED_ACROSS_TAP = Plan(
