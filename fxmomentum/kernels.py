@@ -60,6 +60,11 @@ def _f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     return out if x is None else out - x
 
 
+def _quantized_f(out: torch.Tensor, x: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+    # (1 - gamma) * f on V's grid: forward and backward must round it to the same integers.
+    return torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
+
+
 def _abs_max_f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     """``max |f|`` without materialising ``f`` (NaN if any element is NaN)."""
     lo, hi = torch.aminmax(_f(out, x))
@@ -98,7 +103,7 @@ def _forward_step_(
     inv_scale: torch.Tensor,
 ):
     """One step, ``r``, ``V`` and ``head`` in place; returns the next ``xw``."""
-    G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
+    G = _quantized_f(out, x, c)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
     q, rem = _floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
     V_new = (V >> GAMMA_BITS) * n + rem + G
@@ -149,7 +154,7 @@ def _backward_step_(
 
     The gradient part is :func:`_split_grad_`: returns the gradient of ``f``, updates ``b``.
     """
-    G = torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
+    G = _quantized_f(out, x, c)
     V_hi, V_lo = _floor_divmod(V - G, n)
     T = head.to(torch.int64) * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
