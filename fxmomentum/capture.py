@@ -51,6 +51,7 @@ __all__ = [
     "check_keywords",
     "check_none",
     "clear_shapes",
+    "no_side_effects",
     "propagate_shapes",
     "record_calls",
     "specialise",
@@ -860,7 +861,7 @@ def record_calls(
         for m in {id(m): m for m in modules}.values():
             handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(m.register_forward_hook(after, with_kwargs=True))
-        with _no_side_effects(model, inputs):
+        with no_side_effects(model, inputs):
             model(*inputs)
             first_run = False
             model.train(not model.training)
@@ -1001,7 +1002,7 @@ def propagate_shapes(
     owner = gm if owner is None else owner
     prop = _ShapeProp(gm, var_keyword)
     try:
-        with _no_side_effects(owner, inputs):
+        with no_side_effects(owner, inputs):
             # ShapeProp prints the traceback of a failing node itself; the caller reports it.
             with contextlib.redirect_stderr(io.StringIO()):
                 return prop.propagate(*inputs)
@@ -1075,14 +1076,18 @@ def _describe_target(node: fx.Node) -> str:
 
 
 @contextlib.contextmanager
-def _no_side_effects(owner: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
-    """No grad, the global random state forked, and the buffers of ``owner`` restored."""
+def no_side_effects(
+    owner: nn.Module, inputs: Sequence[Any] = (), *, grad: bool = False
+) -> Iterator[None]:
+    """Run a probe of ``owner``: grad as asked, the global random state forked (on every CUDA
+    device ``owner`` or ``inputs`` live on) and ``owner``'s buffers restored afterwards."""
     saved = [(b, b.detach().clone()) for b in owner.buffers()]
+    tensors = [*owner.parameters(), *owner.buffers(), *inputs]
     devices = sorted(
-        {t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda}
+        {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}
     )
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad):
             yield
     finally:
         with torch.no_grad():

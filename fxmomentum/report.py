@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import LeafInfo
+from .capture import LeafInfo, no_side_effects
 from .exact import GAMMA_DENOM, quantize_gamma
 from .match import Block, Chain, SkippedAdd
 
@@ -201,22 +200,6 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@contextlib.contextmanager
-def _no_side_effects(module: nn.Module) -> Iterator[None]:
-    """Grad on, the global random state forked, the buffers of ``module`` restored after."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    tensors = (*module.parameters(), *module.buffers())
-    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for b, old in saved:
-                if b.shape == old.shape:
-                    b.copy_(old)
-
-
 def _synthesized_inputs(graph: fx.Graph, device: torch.device) -> tuple[Any, ...] | None:
     """Inputs of the shapes and dtypes shape propagation saw: random floats, zero integers."""
     inputs: list[Any] = []
@@ -260,7 +243,7 @@ def _measure(graph: fx.Graph, example_inputs: Any) -> _Measured | None:
             run = _SavedTensors(gm, record)
             try:
                 with (
-                    _no_side_effects(gm),
+                    no_side_effects(gm, inputs, grad=True),
                     torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack),
                 ):
                     run.run(*inputs)
