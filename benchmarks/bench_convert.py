@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,22 +30,9 @@ from torch import nn
 import fxmomentum
 
 HERE = Path(__file__).resolve().parent
-
-
-class Synthetic(nn.Module):
-    """``depth`` pure blocks ``x + s_t * f_t(x)``: one chain of ``depth`` blocks."""
-
-    def __init__(self, depth: int, dim: int = 8) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) for _ in range(depth)
-        )
-        self.scales = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block, scale in zip(self.blocks, self.scales, strict=True):
-            x = x + scale * block(x)
-        return x
+# The synthetic many-block model is the one the tests check the converter on.
+sys.path.insert(0, str(HERE.parent / "tests"))
+from archs import Synthetic  # noqa: E402
 
 
 def cases(quick: bool) -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...], float]]:
