@@ -23,12 +23,17 @@ from .exact import GAMMA_BITS, GAMMA_DENOM
 
 __all__ = [
     "COMPILE_MIN_NUMEL",
+    "R_DTYPE",
     "abs_max_f",
     "backward_step_",
     "checksum",
     "forward_step_",
+    "input_grad_",
     "join",
+    "join_wide",
+    "on_grid",
     "split",
+    "split_wide",
     "state_stats",
     "unadd_",
 ]
@@ -36,23 +41,51 @@ __all__ = [
 #: Tensors smaller than this run the eager kernels (compiling would cost more than it saves).
 COMPILE_MIN_NUMEL = 1 << 15
 
+#: The dtype of the exact state's residual ``r`` (see below).
+R_DTYPE = torch.float16
+
 _LOW = GAMMA_DENOM - 1
 _HALF = GAMMA_DENOM // 2
 
 
 # The exact state X (int64, x = X * 2**-s) is kept as the float xw = fl(X) * 2**-s, which the
-# chain passes to the next block anyway, plus the small integer r = X - fl(X): |r| <= 2**8 for
-# the int64 values of float32 chains (ulp 2**9 at 2**32), 0 for float64 chains. The working
+# chain passes to the next block anyway, plus the small integer r = X - fl(X): |X| stays below
+# 2**35 within a step (the grid keeps it under 2**32 between steps), where the float32 ulp is at
+# most 2**11, so |r| <= 2**10; r is 0 for float64 chains. r is stored as float16, which holds
+# every integer up to 2**11 exactly, in 2 bytes (int16 would do too, but Inductor's CPU
+# vectorizer does not convert it and falls back to a scalar loop, 3-4x slower). The working
 # state then costs r, V and the stack head per element, and xw doubles as the block's input.
+def _r_int(r: torch.Tensor) -> torch.Tensor:
+    # Through float32: the direct conversion is not vectorized either.
+    return r.to(torch.float32).to(torch.int64)
+
+
 def _join(xw: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The exact ``X`` from its float part and residual (``xw * 2**s`` is an exact integer)."""
-    return (xw.to(scale.dtype) * scale).to(torch.int64) + r
+    return (xw.to(scale.dtype) * scale).to(torch.int64) + _r_int(r)
 
 
 def _split(X: torch.Tensor, inv_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(xw, r)`` of an exact ``X``: the conversion to float rounds once, the same way always."""
     Xf = X.to(inv_scale.dtype)
-    return Xf * inv_scale, (X - Xf.to(torch.int64)).to(torch.int32)
+    return Xf * inv_scale, (X - Xf.to(torch.int64)).to(torch.float32).to(R_DTYPE)
+
+
+def _on_grid(
+    x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xw, r)`` of ``X = round(x * 2**s)``, a chain's input put on its grid, in one pass."""
+    return _split((x.to(scale.dtype) * scale).round().to(torch.int64), inv_scale)
+
+
+def _split_wide(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int64 of at most 48 bits as its high 32 bits and its low 16 (as int32)."""
+    return (a >> 16).to(torch.int32), (a & 0xFFFF).to(torch.int32)
+
+
+def _join_wide(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Reverse :func:`_split_wide` (``low`` may be the int16 it was narrowed to)."""
+    return (high.to(torch.int64) << 16) | (low.to(torch.int64) & 0xFFFF)
 
 
 def _f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
@@ -130,7 +163,7 @@ def _unadd_(
 def _checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """An integer hash of the exact state ``(xw, r)``: the same bits give the same sum."""
     bits = xw.view(torch.int64 if xw.dtype == torch.float64 else torch.int32)
-    return bits.sum(dtype=torch.int64) + r.sum(dtype=torch.int64)
+    return bits.sum(dtype=torch.int64) + _r_int(r).sum()
 
 
 def _state_stats(xw: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -146,28 +179,37 @@ def _backward_step_(
     c: torch.Tensor,
     n: int,
     grad_out: torch.Tensor,
-    b: torch.Tensor,
+    grad_f: torch.Tensor,
     g: float,
     gamma: float,
-) -> torch.Tensor:
-    """Reverse a step (``V`` and ``head`` in place) and split the incoming gradient.
+) -> None:
+    """Reverse a step (``V`` and ``head`` in place) and move ``grad_f`` to this block's.
 
-    The gradient part is :func:`_split_grad_`: returns the gradient of ``f``, updates ``b``.
+    The gradient part is :func:`_next_grad_f_`.
     """
     G = _quantized_f(out, x, c)
     V_hi, V_lo = _floor_divmod(V - G, n)
     T = head.to(torch.int64) * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
-    return _split_grad_(grad_out, b, g, gamma)
+    _next_grad_f_(grad_out, grad_f, g, gamma)
 
 
-def _split_grad_(grad_out: torch.Tensor, b: torch.Tensor, g: float, gamma: float) -> torch.Tensor:
-    """Backward of ``v <- gamma v + g f``: with ``c`` the gradient reaching ``v``, ``c = out + b``,
-    return ``g c`` (the gradient of ``f``) and set ``b`` to ``gamma c`` in place."""
-    c = grad_out.to(b.dtype) + b
-    b.copy_(c * gamma)
-    return c * g
+def _next_grad_f_(grad_out: torch.Tensor, grad_f: torch.Tensor, g: float, gamma: float) -> None:
+    """The gradient of block ``t``'s ``f`` from block ``t + 1``'s, in place.
+
+    Backward of ``v_{t+1} = gamma v_t + g f_t``: with ``c_t`` the gradient reaching ``v_{t+1}``
+    (the incoming ``grad_out`` plus ``gamma c_{t+1}``), ``f_t`` gets ``g c_t``, so
+    ``g c_t = g grad_out + gamma (g c_{t+1})``. One buffer serves as the velocity's gradient and
+    as the ``grad_outputs`` of the block's backward.
+    """
+    grad_f.copy_(grad_out.to(grad_f.dtype) * g + grad_f * gamma)
+
+
+def _input_grad_(grad_x: torch.Tensor, grad_out: torch.Tensor, grad_f: torch.Tensor | None) -> None:
+    """``grad_x += grad_out`` (``- grad_f`` for a block whose ``f`` is ``out - x``), in place."""
+    total = grad_x + grad_out.to(grad_x.dtype)
+    grad_x.copy_(total if grad_f is None else total - grad_f)
 
 
 class _Kernel:
@@ -212,8 +254,12 @@ join = _join
 split = _split
 
 abs_max_f = _Kernel(_abs_max_f)
+on_grid = _Kernel(_on_grid)
+split_wide = _Kernel(_split_wide)
+join_wide = _Kernel(_join_wide)
 checksum = _Kernel(_checksum)
 state_stats = _Kernel(_state_stats)
 forward_step_ = _Kernel(_forward_step_)
 unadd_ = _Kernel(_unadd_)
 backward_step_ = _Kernel(_backward_step_)
+input_grad_ = _Kernel(_input_grad_)

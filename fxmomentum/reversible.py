@@ -26,8 +26,12 @@ from .kernels import (
     backward_step_,
     checksum,
     forward_step_,
+    input_grad_,
     join,
+    join_wide,
+    on_grid,
     split,
+    split_wide,
     state_stats,
     unadd_,
 )
@@ -175,16 +179,18 @@ def _signed_bits(a: torch.Tensor) -> int:
     return max(-int(lo.item()), int(hi.item())).bit_length() + 1
 
 
-def _pack(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pack(a: torch.Tensor, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An integer tensor in the fewest bytes its values need: one narrow tensor, or the high
-    int32 part and the low 16 bits (48-bit values, the velocity's usual size)."""
-    bits = _signed_bits(a)
+    int32 part and the low 16 bits (48-bit values, the velocity's usual size). ``bits``, when
+    the caller knows it, saves a pass."""
+    bits = _signed_bits(a) if bits is None else bits
     if bits <= 16:
         return a.to(torch.int16), None
     if bits <= 32:
         return a.to(torch.int32), None
     if bits <= 48:
-        return (a >> 16).to(torch.int32), (a & 0xFFFF).to(torch.int16)
+        high, low = split_wide(a)
+        return high, low.to(torch.int16)
     return a.to(torch.int64), None
 
 
@@ -192,9 +198,7 @@ def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     high, low = packed
     if low is None:
         return high.to(torch.int64)
-    a = high.to(torch.int64) << 16
-    a |= low.to(torch.int64) & 0xFFFF
-    return a
+    return join_wide(high, low.to(torch.int32))
 
 
 def _buffers(block: object) -> list[torch.Tensor]:
@@ -279,17 +283,18 @@ class ChainRun:
         m = max(m0, mv)
         s = self.hi if m == 0 else max(self.lo, min(self.hi, self.R - 1 - _exponent(m)))
         self.s = s
-        X = _from_float(x0, s)
         self.V = (
-            torch.zeros_like(X)
+            torch.zeros(x0.shape, dtype=torch.int64, device=x0.device)
             if v0 is None
             else torch.round(v0.to(self.work) * 2.0 ** (s + GAMMA_BITS)).to(torch.int64)
         )
         self.xm, self.vm, self.gm = m0 * 2.0**s, mv * 2.0 ** (s + GAMMA_BITS), 0.0
-        x = self._set_x(X)
+        xw, self.r = on_grid(x0.detach(), self._scalar(2.0**s), self._scalar(2.0**-s))
+        x = self._decoded(xw)
+        del xw
         self.checksum = _sampled_checksum(self._xw(x), self.r)
         # The whole initial state, for the check that backward returns to it exactly.
-        self.start_sums = (checksum(self._xw(x), self.r), self.V.sum())
+        self.start_sums = (checksum(self._xw(x), self.r), self.V.sum() if self.has_v0 else 0)
         return x
 
     # The exact X is held as (xw, r), see fxmomentum.kernels. For float32 and float64 chains xw
@@ -428,15 +433,21 @@ class ChainRun:
         # What the output y does not hold of X, and V, are kept packed to the bits they need;
         # y is the rest. For float32 / float64 chains y is xw itself and r is that residual.
         if self.xw is None:
-            residual, self.r = self.r, None
+            # r is as narrow as a packed residual would be.
+            self.kept_r, self.r = (self.r, None), None
         else:
             residual = _from_float(y, self.s).neg_().add_(self._exact_x(y))
-        self.kept_r = _pack(residual)
-        del residual
-        self.kept_v = _pack(self.V)
+            self.kept_r = _pack(residual)
+            del residual
+        # vm is V's largest magnitude, which the last step measured.
+        self.kept_v = _pack(self.V, int(self.vm).bit_length() + 1)
         self.V = None
         self.stack.freeze()
         self.checksum = None
+        # The output is held here rather than saved on the autograd node, so that backward can
+        # let go of it as soon as the state has moved back past it (a saved tensor lives until
+        # the node's backward returns, through the recomputation of the last block).
+        self.y, self.y_version = y.detach(), y._version
 
     @property
     def kept_nbytes(self) -> int:
@@ -445,8 +456,8 @@ class ChainRun:
         return self.stack.nbytes + sum(t.nbytes for t in kept if t is not None)
 
     # -- backward -----------------------------------------------------------------------------
-    def begin_backward(self, y: torch.Tensor) -> None:
-        """Rebuild the final exact state from the output ``y`` and the bit stack."""
+    def begin_backward(self) -> None:
+        """Rebuild the final exact state from the output and the bit stack."""
         if self.consumed:
             raise RuntimeError(
                 "Trying to backward through a reversible momentum chain a second time: its "
@@ -454,11 +465,19 @@ class ChainRun:
                 "Run the forward again."
             )
         self.consumed = True
+        y, self.y = self.y, None
+        if y._version != self.y_version:
+            raise RuntimeError(
+                f"The output of a reversible momentum chain was modified by an in-place "
+                f"operation after the chain (version {y._version}, expected "
+                f"{self.y_version}); the chain rebuilds its state from that output. Make the "
+                f"operation after the chain out of place (e.g. ReLU(inplace=False))."
+            )
         self.stack.thaw(y)
         self.V = _unpack(self.kept_v)
         if self.dtype == self.work:
             # The decoded state is y itself: keep y, not a copy.
-            self.r = _unpack(self.kept_r).to(torch.int32)
+            self.r = self.kept_r[0]
             self.xw, self.x = None, y.detach()
         else:
             X = _from_float(y, self.s)
@@ -467,8 +486,9 @@ class ChainRun:
             del X
         self.kept_r = self.kept_v = (None, None)
         acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
-        self.b = torch.zeros_like(y, dtype=acc)
-        self.acc = acc
+        # The gradient of the current block's f, which is (1 - gamma) times the gradient
+        # reaching the velocity (see kernels._next_grad_f_): one buffer for both.
+        self.grad_f = torch.zeros_like(y, dtype=acc)
 
     def _check_returned_to_start(self, x: torch.Tensor) -> None:
         # The per-block checks sample the state; the full state (x, v, an empty stack) must
@@ -518,25 +538,16 @@ class ChainRun:
         args, kwargs = rec.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
-            grad_out = torch.zeros_like(self.b)
+            grad_out = torch.zeros_like(self.grad_f)
+        grad_f = self.grad_f
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
             with torch.enable_grad():
                 out = spec.output(t, x, args, kwargs)
             x_f = None if spec.residual[t] else x.detach()
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))
-            grad_f = backward_step_(
-                self.V,
-                stack.head,
-                out.detach(),
-                x_f,
-                scale,
-                n,
-                grad_out,
-                self.b,
-                self.g,
-                self.gamma,
-            )
+            V, head, g = self.V, stack.head, self.g
+            backward_step_(V, head, out.detach(), x_f, scale, n, grad_out, grad_f, g, self.gamma)
             stack.undo_note()
             stack.undo_note()
             if shift:
@@ -545,21 +556,62 @@ class ChainRun:
                 del low_v
             if t == 0:
                 self._check_returned_to_start(x)
-            # For a non-residual block f = out - x: the gradient goes through out, and x gets
-            # -grad_f besides (no f tensor is formed).
-            grads = torch.autograd.grad(
-                out, [x, *wanted, *params], grad_outputs=grad_f.to(out.dtype), allow_unused=True
-            )
+            if self.g == 0:
+                # gamma = 1: f does not reach v, so the block gets no gradient and grad_f
+                # carries the velocity's gradient itself.
+                grad_f += grad_out
+                grads = [None] * (1 + len(wanted) + len(params))
+            else:
+                # For a non-residual block f = out - x: the gradient goes through out, and x
+                # gets -grad_f besides (no f tensor is formed).
+                grads = torch.autograd.grad(
+                    out,
+                    [x, *wanted, *params],
+                    grad_outputs=grad_f.to(out.dtype),
+                    allow_unused=True,
+                )
         del out
-        grad_x = grad_out.to(self.acc)
-        if x_f is not None:
-            grad_x = grad_x - grad_f
-        del grad_f
-        if grads[0] is not None:
-            grad_x = grad_x + grads[0]
+        # Autograd may pass grad_outputs straight through (the gradient of a bias added at
+        # the end is grad_f itself); grad_f changes in place at the next block.
+        grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
+        grad_x = _input_grad(grads, grad_out, None if x_f is None else grad_f, grad_f)
         it = iter(grads[1 : 1 + len(wanted)])
         grad_context = [next(it) if ci.requires_grad else None for ci in context]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
+
+    def grad_v0(self) -> torch.Tensor:
+        """The gradient of the initial velocity, once block 0 has gone backward."""
+        return self.grad_f if self.g == 0 else self.grad_f * (self.gamma / self.g)
+
+
+def _input_grad(
+    grads: Sequence[torch.Tensor | None],
+    grad_out: torch.Tensor,
+    minus: torch.Tensor | None,
+    grad_f: torch.Tensor,
+) -> torch.Tensor:
+    """``grad_out - minus`` plus what the block's backward gave its input (``grads[0]``).
+
+    Added in place into ``grads[0]`` when that is a tensor of the run's own (autograd may hand
+    the same tensor to several inputs: a block ``x + bias`` gives x and bias one gradient).
+    """
+    gx = grads[0]
+    if (
+        gx is None
+        or gx.dtype != grad_f.dtype
+        or not gx.is_contiguous()
+        or _aliased(gx, [*grads[1:], grad_out, grad_f])
+    ):
+        total = grad_out.to(grad_f.dtype)
+        total = total if minus is None else total - minus
+        return total if gx is None else total + gx
+    input_grad_(gx, grad_out, minus)
+    return gx
+
+
+def _aliased(t: torch.Tensor, others: Sequence[torch.Tensor | None]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
 
 
 def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
@@ -582,7 +634,7 @@ def _sampled_checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 class _ReversibleBlock(torch.autograd.Function):
-    """One block of a reversible chain: saves nothing but, for the last block, the output."""
+    """One block of a reversible chain: saves nothing (the run holds the chain's output)."""
 
     @staticmethod
     def forward(ctx, run: ChainRun, t: int, arguments: _Arguments, n_params: int, x, v0, *tensors):  # type: ignore[override]
@@ -591,8 +643,6 @@ class _ReversibleBlock(torch.autograd.Function):
         y = run.forward_block(t, x, arguments, tensors[: len(tensors) - n_params])
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(tensors) - n_params :]
-        if t == len(run.spec.blocks) - 1:
-            ctx.save_for_backward(y)
         return y
 
     @staticmethod
@@ -604,13 +654,12 @@ class _ReversibleBlock(torch.autograd.Function):
             )
         run: ChainRun = ctx.run
         if ctx.t == len(run.spec.blocks) - 1:
-            (y,) = ctx.saved_tensors
-            run.begin_backward(y)
+            run.begin_backward()
         devices = [grad_y.device] if grad_y is not None and grad_y.is_cuda else []
         with torch.random.fork_rng(devices=devices, enabled=True):
             grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
         grad_x = grad_x.to(run.dtype)
-        grad_v0 = run.b.to(run.dtype) if ctx.t == 0 and run.has_v0 else None
+        grad_v0 = run.grad_v0().to(run.dtype) if ctx.t == 0 and run.has_v0 else None
         return (None, None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
 
 

@@ -88,9 +88,59 @@ def test_state_kept_until_backward_is_compact():
     y = net(x.requires_grad_(True))
     per_element = y.grad_fn.run.kept_nbytes / y.numel()
     assert per_element <= 12, per_element
-    # The output is saved, not copied: the exact x costs nothing beyond it.
-    saved_y = y.grad_fn.saved_tensors[0]
-    assert saved_y.data_ptr() == y.data_ptr()
+    # The output is held, not copied: the exact x costs nothing beyond it.
+    assert y.grad_fn.run.y.data_ptr() == y.data_ptr()
+
+
+def test_output_modified_in_place_after_the_chain_raises():
+    net = MomentumNet(mlp_blocks(3), 0.9, use_backprop=False)
+    x, _ = inputs(4, 32)
+    y = net(x.requires_grad_(True))
+    z = y.mul_(2)  # in place on the chain's output, which the chain rebuilds its state from
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        z.sum().backward()
+
+
+def test_gradient_handed_to_two_inputs_is_not_overwritten():
+    # autograd gives x and a full-shape bias of ``x + bias`` one gradient tensor; adding the
+    # chain's own terms into x's gradient in place must not change the bias's.
+    class AddBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return torch.tanh(x) + self.bias
+
+    torch.manual_seed(0)
+    blocks = [AddBias() for _ in range(3)]
+    bp = MomentumNet(blocks, 0.9, use_backprop=True, is_residual=False).double()
+    rev = MomentumNet(blocks, 0.9, use_backprop=False, is_residual=False).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    w = torch.randn(4, 8, dtype=torch.float64)
+    grads = []
+    for net in (bp, rev):
+        xx = x.clone().requires_grad_(True)
+        net.zero_grad()
+        (net(xx) * w).sum().backward()
+        grads.append([xx.grad, *(b.bias.grad.clone() for b in blocks)])
+    assert max_rel_err(grads[1], grads[0]) < 1e-10
+
+
+def test_gamma_one_gives_the_velocity_all_the_gradient():
+    # gamma = 1: f never reaches v, so the blocks get no gradient and v0 gets every block's.
+    torch.manual_seed(0)
+    blocks = mlp_blocks(3)
+    bp = MomentumChain(blocks, 1.0, use_backprop=True).double()
+    rev = MomentumChain(blocks, 1.0, use_backprop=False).double()
+    x, w = inputs(4, 32, dtype=torch.float64)
+    outs = []
+    for chain in (bp, rev):
+        v0 = (0.1 * x).clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(True)
+        (chain(xx, v0=v0) * w).sum().backward()
+        outs.append([xx.grad, v0.grad])
+    assert max_rel_err(outs[1], outs[0]) < 1e-12
 
 
 def test_lost_bits_grow_as_log2_of_inverse_gamma():
@@ -357,7 +407,9 @@ def test_compiled_kernels_give_the_eager_bits():
     scale, inv = torch.tensor(2.0**30), torch.tensor(2.0**-30)
     xw, r = kernels.split(X, inv)
     assert torch.equal(kernels.join(xw, r, scale), X)
-    assert r.abs().max() <= 2**8
+    assert r.dtype == kernels.R_DTYPE and r.abs().max() <= 2**8
+    V48 = V >> 2  # 47 bits and a sign
+    assert torch.equal(kernels.join_wide(*kernels.split_wide(V48)), V48)
     cases = [
         (
             kernels.forward_step_,
@@ -375,6 +427,11 @@ def test_compiled_kernels_give_the_eager_bits():
             kernels.backward_step_,
             lambda: (V.clone(), head.clone(), f, None, c, 58982, f, x.clone(), 0.1, 0.9),
         ),
+        (kernels.on_grid, lambda: (x, scale, inv)),
+        (kernels.split_wide, lambda: (V48,)),
+        (kernels.join_wide, lambda: kernels.split_wide.fn(V48)),
+        (kernels.input_grad_, lambda: (x.clone(), f, f * 0.5)),
+        (kernels.input_grad_, lambda: (x.clone(), f, None)),
         (kernels.unadd_, lambda: (xw, r.clone(), V, scale, inv)),
         (kernels.checksum, lambda: (xw, r)),
         (kernels.state_stats, lambda: (xw, V)),
