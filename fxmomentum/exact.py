@@ -186,6 +186,9 @@ class BitStack:
             self._push_bits(r, _power_of_two_bits(base))
             return
         self.note_push(base)
+        # Digits below 2**16 fit the head's int32: an int64 operand would make the in-place
+        # update compute in int64, through temporaries twice the head's size.
+        r = r.to(self.head.dtype)
         if base & (base - 1) == 0:
             self.head <<= base.bit_length() - 1
             self.head |= r

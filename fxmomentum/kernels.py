@@ -27,6 +27,7 @@ __all__ = [
     "abs_max_f",
     "backward_step_",
     "checksum",
+    "coarsen_",
     "forward_step_",
     "input_grad_",
     "join",
@@ -36,6 +37,8 @@ __all__ = [
     "split_wide",
     "state_stats",
     "unadd_",
+    "unadd_unshift_",
+    "unshift_v_",
 ]
 
 #: Tensors smaller than this run the eager kernels (compiling would cost more than it saves).
@@ -158,12 +161,66 @@ def _unadd_(
     return xw_new
 
 
+def _coarsen_(
+    xw: torch.Tensor,
+    r: torch.Tensor,
+    V: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    inv_scale: torch.Tensor,
+):
+    """Move ``X`` and ``V`` to a grid ``shift`` (> 0) bits coarser, rounding, in one pass.
+
+    ``r`` and ``V`` in place; returns the new ``xw`` and the digits dropped from ``X`` and
+    from ``V`` (in ``[0, 2**shift)``, int32; ``shift < 32``). ``scale`` is the old grid's,
+    ``inv_scale`` the new one's. Without it a grid change made several int64 temporaries as
+    large as the chain's activation, the peak of a deep chain's step.
+    """
+    one = torch.ones_like(shift)
+    half, mask = one << (shift - 1), (one << shift) - 1
+    X = _join(xw, r, scale) + half
+    low_x = (X & mask).to(torch.int32)
+    Vh = V + half
+    low_v = (Vh & mask).to(torch.int32)
+    V.copy_(Vh >> shift)
+    xw_new, r_new = _split(X >> shift, inv_scale)
+    r.copy_(r_new)
+    return xw_new, low_x, low_v
+
+
+def _unadd_unshift_(
+    xw: torch.Tensor,
+    r: torch.Tensor,
+    V: torch.Tensor,
+    low_x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    inv_scale: torch.Tensor,
+):
+    """``x <- x - v`` on the coarse grid, then ``X`` back to the grid ``shift`` bits finer
+    with its dropped digits ``low_x``: backward's half of :func:`_coarsen_` (``V`` stays)."""
+    one = torch.ones_like(shift)
+    X = _join(xw, r, scale) - ((V + _HALF) >> GAMMA_BITS)
+    X = (X << shift) + low_x.to(torch.int64) - (one << (shift - 1))
+    xw_new, r_new = _split(X, inv_scale)
+    r.copy_(r_new)
+    return xw_new
+
+
+def _unshift_v_(V: torch.Tensor, low_v: torch.Tensor, shift: torch.Tensor) -> None:
+    """``V`` back to the grid ``shift`` bits finer with its dropped digits, in place."""
+    one = torch.ones_like(shift)
+    V.copy_((V << shift) + low_v.to(torch.int64) - (one << (shift - 1)))
+
+
 # Reductions run apart from the steps, over what the steps stored: fused into a step, Inductor
 # computes them in a loop of their own that recomputes the whole step.
 def _checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """An integer hash of the exact state ``(xw, r)``: the same bits give the same sum."""
     bits = xw.view(torch.int64 if xw.dtype == torch.float64 else torch.int32)
-    return bits.sum(dtype=torch.int64) + _r_int(r).sum()
+    # Summed with the cast on the fly: a converted copy of a sampled r would be a heap-sized
+    # temporary per block, and those fragment the heap that a deep chain's step grows.
+    return bits.sum(dtype=torch.int64) + r.sum(dtype=torch.float64).to(torch.int64)
 
 
 def _state_stats(xw: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -261,5 +318,8 @@ checksum = _Kernel(_checksum)
 state_stats = _Kernel(_state_stats)
 forward_step_ = _Kernel(_forward_step_)
 unadd_ = _Kernel(_unadd_)
+coarsen_ = _Kernel(_coarsen_)
+unadd_unshift_ = _Kernel(_unadd_unshift_)
+unshift_v_ = _Kernel(_unshift_v_)
 backward_step_ = _Kernel(_backward_step_)
 input_grad_ = _Kernel(_input_grad_)

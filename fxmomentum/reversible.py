@@ -25,6 +25,7 @@ from .kernels import (
     abs_max_f,
     backward_step_,
     checksum,
+    coarsen_,
     forward_step_,
     input_grad_,
     join,
@@ -34,6 +35,8 @@ from .kernels import (
     split_wide,
     state_stats,
     unadd_,
+    unadd_unshift_,
+    unshift_v_,
 )
 
 _HALF = GAMMA_DENOM // 2
@@ -132,7 +135,7 @@ class _Arguments:
 class _BlockRecord:
     shift: int  # >0: grid coarsened by this many bits before the block; <0: refined
     scale: int  # grid exponent s (x = X * 2**-s) after the shift
-    checksum: torch.Tensor
+    checksum: int
     arguments: _Arguments
     context: tuple[torch.Tensor, ...]
     cpu_rng: torch.Tensor | None = None
@@ -264,7 +267,7 @@ class ChainRun:
         self.g = (GAMMA_DENOM - self.n) / GAMMA_DENOM
         self.records: list[_BlockRecord] = []
         self.consumed = False
-        self._scalars: dict[float, torch.Tensor] = {}
+        self._scalars: dict[float | tuple[str, int], torch.Tensor] = {}
 
     # -- forward ------------------------------------------------------------------------------
     def start(self, x0: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
@@ -320,11 +323,19 @@ class ChainRun:
         self.r = self.xw = None
         return X
 
-    def _scalar(self, value: float) -> torch.Tensor:
+    def _shift(self, bits: int) -> torch.Tensor:
+        # A tensor, so that compiled kernels are not specialised for every shift.
+        return self._scalar(("shift", bits))
+
+    def _scalar(self, value: float | tuple[str, int]) -> torch.Tensor:
         # The grid changes seldom, so the same few scalars serve block after block.
         cached = self._scalars.get(value)
         if cached is None:
-            cached = self._scalars[value] = _scalar(value, self.work, self.device)
+            if isinstance(value, tuple):
+                cached = torch.tensor(value[1], dtype=torch.int64, device=self.device)
+            else:
+                cached = _scalar(value, self.work, self.device)
+            self._scalars[value] = cached
         return cached
 
     def forward_block(
@@ -386,7 +397,21 @@ class ChainRun:
         if gm >= 2.0 ** (R + GAMMA_BITS):
             raise _too_large(spec, t, "its output f(x)", mf)
         xw, low_x = self._xw(x), None
-        if shift:
+        if 0 < shift < 32:
+            xw, low_x, low_v = coarsen_(
+                xw,
+                self.r,
+                self.V,
+                self._shift(shift),
+                self._scalar(2.0**s),
+                self._scalar(2.0 ** -(s - shift)),
+            )
+            # V's dropped digits go below this step's; X's on top, as backward needs them.
+            stack.push(low_v, 1 << shift)
+            del low_v
+            self.s = s - shift
+            xw = self._xw(self._decoded(xw))
+        elif shift:
             X = self._exact_x(x)
             low_x = _shift_(X, shift)
             if shift > 0:
@@ -420,7 +445,7 @@ class ChainRun:
         self.xm = xwm * 2.0**self.s
         self.gm = gm
         if shift > 0:
-            stack.push(low_x.to(torch.int64), 1 << shift)
+            stack.push(low_x, 1 << shift)
         rec.shift, rec.scale = shift, self.s
         self.records.append(rec)
         if t == len(spec.blocks) - 1:
@@ -511,7 +536,21 @@ class ChainRun:
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
         x_next, self.x = self.x, None
-        if shift:
+        if 0 < shift < 32:
+            xw = unadd_unshift_(
+                self._xw(x_next),
+                self.r,
+                self.V,
+                low_x,
+                self._shift(shift),
+                self._scalar(2.0**self.s),
+                self._scalar(2.0 ** -(rec.scale + shift)),
+            )
+            del low_x
+            self.s = rec.scale + shift
+            x = self._decoded(xw)
+            del xw
+        elif shift:
             X = self._exact_x(x_next)
             X -= (self.V + _HALF) >> GAMMA_BITS
             _unshift_(X, low_x, shift)
@@ -530,7 +569,7 @@ class ChainRun:
             x = self._decoded(xw)
             del xw
         del x_next
-        if not bool(_sampled_checksum(self._xw(x), self.r) == rec.checksum):
+        if _sampled_checksum(self._xw(x), self.r) != rec.checksum:
             raise _not_rebuilt(f"the input of {spec.name(t)}", "a block after it")
         self.x = x
         x = x.detach().requires_grad_(True)
@@ -550,7 +589,9 @@ class ChainRun:
             backward_step_(V, head, out.detach(), x_f, scale, n, grad_out, grad_f, g, self.gamma)
             stack.undo_note()
             stack.undo_note()
-            if shift:
+            if 0 < shift < 32:
+                unshift_v_(self.V, stack.undo_push(1 << shift), self._shift(shift))
+            elif shift:
                 low_v = stack.undo_push(1 << shift) if shift > 0 else None
                 _unshift_(self.V, low_v, shift)
                 del low_v
@@ -627,10 +668,12 @@ def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
 _SAMPLE_STRIDE = 61
 
 
-def _sampled_checksum(xw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _sampled_checksum(xw: torch.Tensor, r: torch.Tensor) -> int:
+    # A Python int, not a tensor: one small tensor kept per block lands on top of the block's
+    # freed temporaries and fragments the heap, which then grows with the chain's depth.
     if not (xw.is_contiguous() and r.is_contiguous()):
-        return checksum(xw, r)
-    return checksum(xw.view(-1)[::_SAMPLE_STRIDE], r.view(-1)[::_SAMPLE_STRIDE])
+        return int(checksum(xw, r))
+    return int(checksum(xw.view(-1)[::_SAMPLE_STRIDE], r.view(-1)[::_SAMPLE_STRIDE]))
 
 
 class _ReversibleBlock(torch.autograd.Function):
