@@ -485,8 +485,8 @@ def _ratio(value: int | None, base: int | None) -> float | None:
     return value / base
 
 
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+def _x(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}x"
 
 
 def _mib(b: int | None) -> str:
@@ -546,7 +546,7 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
         *_table(head, rows),
         "",
         f"- Target, reversible: <= {RESNET_TARGETS['memory']:.2f}x memory: "
-        f"{_x(rev.get('memory'))}, {_check(mem_ok)}; <= {RESNET_TARGETS['time']:.2f}x time "
+        f"{_x(rev.get('memory'), 3)}, {_check(mem_ok)}; <= {RESNET_TARGETS['time']:.2f}x time "
         f"({s.resnet_time_sizes[0]}x{s.resnet_time_sizes[0]}): {_x(rev.get(t0))}, "
         f"{_check(time_ok)}.",
         "- References (DESIGN.md, same machine class): momentumnet 1.04x memory / 1.87x time; "

@@ -76,10 +76,45 @@ def test_rebuilt_activations_are_bitwise_the_forward_ones(gamma):
     net = MomentumNet(blocks, gamma, use_backprop=False)
     x, w = inputs(8, 32)
     x.requires_grad_(True)
-    (net(x * 1000) * w).sum().backward()  # large values force grid changes too
+    (net(x * 1000) * w).sum().backward()  # large values: a coarse grid from the start
     for b in blocks:
         forward_input, rebuilt_input = b.seen
         assert torch.equal(forward_input, rebuilt_input)
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(c))
+
+    def forward(self, x):
+        return self.c * x
+
+
+def test_grid_changes_both_ways_rebuild_exactly():
+    # Values that grow block after block, then shrink: the grid is coarsened and refined. The
+    # activation is large enough for the compiled kernels (kernels.COMPILE_MIN_NUMEL).
+    torch.manual_seed(0)
+    scales = [3.0] * 12 + [-1.0] * 30
+    blocks = [Recorder(_Scale(c)) for c in scales]
+    rev = MomentumNet(blocks, 0.5, use_backprop=False)
+    bp = MomentumNet([b.inner for b in blocks], 0.5, use_backprop=True)
+    x = torch.randn(64, kernels.COMPILE_MIN_NUMEL // 64)
+    w = torch.randn_like(x)
+    xr = x.clone().requires_grad_(True)
+    y = rev(xr)
+    shifts = {rec.shift for rec in y.grad_fn.run.records}
+    assert min(shifts) < 0 < max(shifts), shifts
+    (y * w).sum().backward()
+    for b in blocks:
+        forward_input, rebuilt_input = b.seen
+        assert torch.equal(forward_input, rebuilt_input)
+    g_rev = [xr.grad, *(b.inner.c.grad.clone() for b in blocks)]
+    rev.zero_grad()
+    xb = x.clone().requires_grad_(True)
+    (bp(xb) * w).sum().backward()
+    g_bp = [xb.grad, *(b.inner.c.grad for b in blocks)]
+    assert max_rel_err(g_rev, g_bp) < 1e-4
 
 
 def test_state_kept_until_backward_is_compact():
