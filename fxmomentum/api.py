@@ -381,7 +381,10 @@ def _plan(
                     f"(use_cache=False), or convert with use_backprop=True"
                 )
                 continue
-            saved = estimate_saved_bytes(chain, value, use_backprop)
+            recorded = _recorded_inputs(unit.capture)
+            saved = estimate_saved_bytes(chain, value, use_backprop, example_inputs=recorded)
+            if saved is None and recorded is not None:
+                saved = estimate_saved_bytes(chain, value, use_backprop)
             info.saved_bytes = saved
             if cost_model and saved is not None and saved <= 0 and not use_backprop:
                 info.reason = (
@@ -431,6 +434,21 @@ def _grouped(notes: Sequence[str], most: int = 4) -> list[str]:
             head += f", ... ({len(named)} modules)"
         out.append(f"{head}: {text}")
     return out
+
+
+def _recorded_inputs(cap: Capture) -> tuple[Any, ...] | None:
+    """The graph's inputs from the call recorded on example_inputs, one per placeholder (a
+    ``**kwargs`` placeholder gets the recorded keywords as one dict), or None when they do not
+    map onto the placeholders (the memory estimate then runs on inputs made from the recorded
+    shapes)."""
+    if cap.inputs is None:
+        return None
+    targets = [str(n.target) for n in cap.graph.nodes if n.op == "placeholder"]
+    var_keyword = bool(targets) and targets[-1].startswith("**")
+    named = targets[:-1] if var_keyword else targets
+    if len(named) != len(cap.inputs) or any(t.startswith("*") for t in named):
+        return None
+    return (*cap.inputs, dict(cap.var_keyword or {})) if var_keyword else tuple(cap.inputs)
 
 
 def _python_objects(cap: Capture) -> dict[fx.Node, str]:

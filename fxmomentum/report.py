@@ -178,6 +178,13 @@ class _SavedTensors(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.record = record
 
+    def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # A ``**kwargs`` placeholder takes its dict as one positional input here (torch.fx's
+        # Interpreter would hand it the remaining inputs as a list).
+        if isinstance(target, str) and target.startswith("**"):
+            return next(self.args_iter)
+        return super().placeholder(target, args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         self.record.current = n.name
         try:

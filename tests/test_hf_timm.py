@@ -193,6 +193,18 @@ def test_transformers_report_says_how_the_model_was_captured():
     assert any("traced without its decorator wrapper" in n for n in report.notes)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2", "hf_vit"])
+def test_descended_chains_get_a_memory_estimate(name):
+    # Their layers' forwards take None, flags and **kwargs: the estimate runs the layer's
+    # graph on the call recorded on example_inputs, and what autograd saves inside each
+    # two-block chain (attention and MLP activations) outweighs its reversible state.
+    model, inputs, _, _ = build(name)
+    report = fxmomentum.inspect(model, inputs)
+    assert report.chains
+    for chain in report.chains:
+        assert chain.saved_bytes is not None and chain.saved_bytes > 0, chain
+
+
 def test_a_key_value_cache_keeps_gpt2_layers_unconverted_when_reversible():
     torch.manual_seed(0)
     model = gpt2(use_cache=True)
