@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -493,6 +494,68 @@ def _report(
     )
 
 
+def _own_methods(cls: type) -> dict[str, Any]:
+    """Methods and properties ``cls`` adds to nn.Module (not its forward, dunders, or names
+    a GraphModule has)."""
+    methods: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            break
+        for name, value in vars(klass).items():
+            if (
+                name in methods
+                or name == "forward"
+                or (name.startswith("__") and name.endswith("__"))
+                or hasattr(fx.GraphModule, name)
+            ):
+                continue
+            if isinstance(value, (staticmethod, classmethod, property)) or callable(value):
+                methods[name] = value
+    return methods
+
+
+_METHOD_CLASSES: dict[type, type] = {}
+
+
+def _keep_methods(gm: fx.GraphModule, cls: type) -> None:
+    """Give ``gm`` the methods of the module class it replaces.
+
+    The graph module gets a class of the replaced class's name holding its methods, which
+    ``copy.deepcopy`` keeps (torch.fx builds each copy's class on it) and pickling restores
+    when the replaced class can be imported. A method calling ``super()`` without arguments
+    still fails: the graph module is not an instance of the replaced class.
+    """
+    methods = _own_methods(cls)
+    if not methods:
+        return
+    base = _METHOD_CLASSES.get(cls)
+    if base is None:
+        base = type(cls.__name__, (fx.GraphModule,), {**methods, "__reduce__": _reduce_kept})
+        base._fxmomentum_methods_of = cls  # type: ignore[attr-defined]
+        _METHOD_CLASSES[cls] = base
+    # One class per instance, as torch.fx makes them: recompile puts forward on it.
+    gm.__class__ = type("GraphModuleImpl", (base,), {})
+    gm.recompile()
+
+
+def _reduce_kept(self: fx.GraphModule) -> tuple[Any, ...]:
+    rebuild, args = fx.GraphModule.__reduce__(self)
+    cls = type(self)._fxmomentum_methods_of  # type: ignore[attr-defined]
+    module = sys.modules.get(cls.__module__)
+    found: Any = module
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if found is not cls:  # not importable (a local class): the plain graph module
+        return rebuild, args
+    return _rebuild_with_methods, (rebuild, args, cls)
+
+
+def _rebuild_with_methods(rebuild: Callable[..., Any], args: tuple, cls: type) -> nn.Module:
+    gm = rebuild(*args)
+    _keep_methods(gm, cls)
+    return gm
+
+
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered under ``root``."""
     for m in list(root.modules()):
@@ -639,6 +702,8 @@ def convert(
             }
             gm.__dict__.update(kept)
             gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(kept)
+            # ... and may call its methods (``self.encoder.head(x)``).
+            _keep_methods(gm, type(unit.module))
             _replace(root, unit.module, gm)
         else:
             result = gm

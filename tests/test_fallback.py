@@ -551,3 +551,60 @@ def test_leaf_modules_include_and_exclude_take_full_paths():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         fxmomentum.inspect(model, x, leaf_modules=["nope"])
+
+
+class Trunk(nn.Module):
+    """A residual stack with a helper method and a property its parent uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(3)
+        )
+        self.head = nn.Linear(8, 2)
+
+    @property
+    def width(self) -> int:
+        return self.head.in_features
+
+    def classify(self, x):
+        return self.head(x) / self.width
+
+    def forward(self, x):
+        for f in self.blocks:
+            x = x + f(x)
+        return x
+
+
+class CallsChildMethods(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = Trunk()
+
+    def forward(self, x):
+        if bool(x.sum() > 0):  # data-dependent: this forward cannot be traced
+            x = x.flip(0)
+        return self.trunk.classify(self.trunk(x))
+
+
+def test_a_parent_calling_its_converted_childs_methods_keeps_working():
+    torch.manual_seed(0)
+    model = CallsChildMethods()
+    x = torch.randn(4, 8)
+    out, report = fxmomentum.convert(
+        model, 0.0, example_inputs=(x,), use_backprop=True, return_report=True
+    )
+    assert chains_of(report) == [("trunk.blocks.0", 3)]
+    assert isinstance(out.trunk, fx.GraphModule) and out.trunk.width == 8
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    copies = {
+        "converted": out,
+        "deepcopy": copy.deepcopy(out),
+        "pickle": pickle.loads(pickle.dumps(out)),
+        "torch.save": torch.load(buffer, weights_only=False),
+    }
+    for how, other in copies.items():
+        assert max_rel_err([other(x)], [expected]) < 1e-6, how
