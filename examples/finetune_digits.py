@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     # Memory and time of one training step of this architecture, original vs converted.
     result = profile(f"{__file__}:SmallResNet", input_shapes=[(mem_batch, 1, 8, 8)], steps=steps)
     print(f"one training step at batch {mem_batch}: activation memory "
-          f"{result.memory['original'] / 2**20:.1f} MiB original, "
-          f"{result.memory['converted'] / 2**20:.1f} MiB converted "
+          f"{result.memory['original'] / 2**20:.2f} MiB original, "
+          f"{result.memory['converted'] / 2**20:.2f} MiB converted "
           f"({result.memory_ratio:.2f}x); time {result.time_ratio:.2f}x")  # fmt: skip
 
     if args.quick:

@@ -139,7 +139,10 @@ def test_finetune_digits(runs):
     )
     # Quick mode runs the eager kernels on a shallow chain: no saving is promised, only figures.
     assert orig_mib > 1 and conv_mib > 0
-    assert ratio == pytest.approx(conv_mib / orig_mib, abs=0.01)
+    # The three figures are printed to two decimals: the ratio of the printed MiB can differ
+    # from the printed ratio by that rounding.
+    rounding = 0.005 + (1 + ratio) * 0.005 / orig_mib
+    assert ratio == pytest.approx(conv_mib / orig_mib, abs=rounding + 1e-9)
 
 
 def test_vit(runs):
