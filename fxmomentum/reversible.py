@@ -635,13 +635,14 @@ def _input_grad(
 
     Added in place into ``grads[0]`` when that is a tensor of the run's own (autograd may hand
     the same tensor to several inputs: a block ``x + bias`` gives x and bias one gradient).
+    The caller has copied every gradient that shares ``grad_f``'s storage.
     """
     gx = grads[0]
     if (
         gx is None
         or gx.dtype != grad_f.dtype
         or not gx.is_contiguous()
-        or _aliased(gx, [*grads[1:], grad_out, grad_f])
+        or _aliased(gx, [*grads[1:], grad_out])
     ):
         total = grad_out.to(grad_f.dtype)
         total = total if minus is None else total - minus

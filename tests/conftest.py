@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 
@@ -42,3 +46,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def round_trips(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``module`` through pickle, copy.deepcopy and torch.save / torch.load (in this process)."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return {
+        "pickle": pickle.loads(pickle.dumps(module)),
+        "deepcopy": copy.deepcopy(module),
+        "torch.save": torch.load(buffer, weights_only=False),
+    }

@@ -11,15 +11,13 @@ import collections
 import copy
 import dataclasses
 import functools
-import io
-import pickle
 
 import archs
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import grad_err, max_rel_err
+from conftest import grad_err, max_rel_err, round_trips
 from torch import fx, nn
 
 import fxmomentum
@@ -520,15 +518,7 @@ def test_converted_submodules_round_trip_and_tracing_keeps_working():
         out = fxmomentum.convert(model, 0.5, example_inputs=inputs).eval()
         with torch.no_grad():
             expected = out(*inputs)
-        buffer = io.BytesIO()
-        torch.save(out, buffer)
-        buffer.seek(0)
-        copies = {
-            "pickle": pickle.loads(pickle.dumps(out)),
-            "deepcopy": copy.deepcopy(out),
-            "torch.save": torch.load(buffer, weights_only=False),
-        }
-        for how, other in copies.items():
+        for how, other in round_trips(out).items():
             with torch.no_grad():
                 assert torch.equal(other(*inputs), expected), how
     # torch.fx's own None check would have broken every later trace once unpickled.
@@ -597,14 +587,5 @@ def test_a_parent_calling_its_converted_childs_methods_keeps_working():
     assert chains_of(report) == [("trunk.blocks.0", 3)]
     assert isinstance(out.trunk, fx.GraphModule) and out.trunk.width == 8
     expected = model(x)
-    buffer = io.BytesIO()
-    torch.save(out, buffer)
-    buffer.seek(0)
-    copies = {
-        "converted": out,
-        "deepcopy": copy.deepcopy(out),
-        "pickle": pickle.loads(pickle.dumps(out)),
-        "torch.save": torch.load(buffer, weights_only=False),
-    }
-    for how, other in copies.items():
+    for how, other in {"converted": out, **round_trips(out)}.items():
         assert max_rel_err([other(x)], [expected]) < 1e-6, how
