@@ -48,6 +48,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def converted_pair(model: torch.nn.Module, inputs, gamma: float = 0.9):
+    """``model`` converted reversible and with use_backprop=True; the reversible one must
+    hold reversible chains."""
+    import fxmomentum
+    from fxmomentum import MomentumChain
+
+    reversible = fxmomentum.convert(model, gamma, example_inputs=inputs)
+    backprop = fxmomentum.convert(model, gamma, example_inputs=inputs, use_backprop=True)
+    chains = [m for m in reversible.modules() if isinstance(m, MomentumChain)]
+    assert chains and not any(c.use_backprop for c in chains)
+    return reversible, backprop
+
+
 def round_trips(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """``module`` through pickle, copy.deepcopy and torch.save / torch.load (in this process)."""
     buffer = io.BytesIO()

@@ -17,11 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import grad_err, max_rel_err, round_trips
+from conftest import converted_pair, grad_err, max_rel_err, round_trips
 from torch import fx, nn
 
 import fxmomentum
-from fxmomentum import MomentumChain
 from fxmomentum.capture import CallRecord, CaptureError, record_calls, specialise
 
 
@@ -241,10 +240,7 @@ def test_reversible_gradients_equal_backprop(name):
         inputs = (torch.randn(1, 3, 32, 32),)
     model = model.double().train()
     inputs = tuple(t.double() for t in inputs)
-    reversible = fxmomentum.convert(model, 0.9, example_inputs=inputs)
-    backprop = fxmomentum.convert(model, 0.9, example_inputs=inputs, use_backprop=True)
-    chains = [m for m in reversible.modules() if isinstance(m, MomentumChain)]
-    assert chains and not any(c.use_backprop for c in chains)
+    reversible, backprop = converted_pair(model, inputs)
     results = []
     for net in (reversible, backprop):
         xs = tuple(t.clone().requires_grad_() for t in inputs)

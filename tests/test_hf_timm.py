@@ -24,11 +24,10 @@ import copy
 
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import converted_pair, grad_err, max_rel_err
 from torch import fx, nn
 
 import fxmomentum
-from fxmomentum import MomentumChain
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -158,10 +157,7 @@ def test_reversible_gradients_equal_backprop(name):
     model, inputs, _, _ = build(name)
     model = model.double().train()
     inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
-    reversible = fxmomentum.convert(model, 0.9, example_inputs=inputs)
-    backprop = fxmomentum.convert(model, 0.9, example_inputs=inputs, use_backprop=True)
-    chains = [m for m in reversible.modules() if isinstance(m, MomentumChain)]
-    assert chains and not any(c.use_backprop for c in chains)
+    reversible, backprop = converted_pair(model, inputs)
     results = []
     for net in (reversible, backprop):
         out = output(net, inputs)
@@ -174,10 +170,7 @@ def test_reversible_gradients_equal_backprop(name):
     assert max_rel_err([out_r], [out_b]) <= 1e-8
     # A tensor's norm is floored at 1e-9 x the largest: the key projection's bias has a zero
     # gradient in exact arithmetic (softmax ignores a shift shared by all keys).
-    scale = max(g.norm().item() for g in grads_b)
-    worst = max((a - b).norm().item() / max(b.norm().item(), 1e-9 * scale)
-                for a, b in zip(grads_r, grads_b, strict=True))  # fmt: skip
-    assert worst <= 1e-5
+    assert grad_err(grads_r, grads_b) <= 1e-5
 
 
 def test_transformers_report_says_how_the_model_was_captured():
