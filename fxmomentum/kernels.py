@@ -138,7 +138,8 @@ def _forward_step_(
     scale: torch.Tensor,
     inv_scale: torch.Tensor,
 ):
-    """One step, ``r``, ``V`` and ``head`` in place; returns the next ``xw``."""
+    """One step, ``r``, ``V`` and ``head`` in place; returns the next ``xw`` and the sum of
+    the new ``V`` (see :func:`_unadd_`)."""
     G = _quantized_f(out, x, c)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
     q, rem = _floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
@@ -148,17 +149,23 @@ def _forward_step_(
     V.copy_(V_new)
     xw_new, r_new = _split(X_new, inv_scale)
     r.copy_(r_new)
-    return xw_new
+    return xw_new, V_new.sum()
 
 
 def _unadd_(
     xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor
 ):
-    """``x <- x - v`` on the same grid, ``r`` in place; returns the new ``xw``."""
+    """``x <- x - v`` on the same grid, ``r`` in place; returns the new ``xw`` and the sum of
+    ``V``, which backward compares with the forward's.
+
+    The sum is over a tensor the step reads anyway, so Inductor fuses it into the step's loop
+    (a sum over what the step stores gets a loop of its own), where it even picks a faster
+    vector width.
+    """
     X = _join(xw, r, scale) - ((V + _HALF) >> GAMMA_BITS)
     xw_new, r_new = _split(X, inv_scale)
     r.copy_(r_new)
-    return xw_new
+    return xw_new, V.sum()
 
 
 def _coarsen_(
@@ -198,13 +205,14 @@ def _unadd_unshift_(
     inv_scale: torch.Tensor,
 ):
     """``x <- x - v`` on the coarse grid, then ``X`` back to the grid ``shift`` bits finer
-    with its dropped digits ``low_x``: backward's half of :func:`_coarsen_` (``V`` stays)."""
+    with its dropped digits ``low_x``: backward's half of :func:`_coarsen_` (``V`` stays).
+    Returns the new ``xw`` and the sum of ``V``, as :func:`_unadd_`."""
     one = torch.ones_like(shift)
     X = _join(xw, r, scale) - ((V + _HALF) >> GAMMA_BITS)
     X = (X << shift) + low_x.to(torch.int64) - (one << (shift - 1))
     xw_new, r_new = _split(X, inv_scale)
     r.copy_(r_new)
-    return xw_new
+    return xw_new, V.sum()
 
 
 def _unshift_v_(V: torch.Tensor, low_v: torch.Tensor, shift: torch.Tensor) -> None:

@@ -135,6 +135,10 @@ class _Arguments:
 class _BlockRecord:
     shift: int  # >0: grid coarsened by this many bits before the block; <0: refined
     scale: int  # grid exponent s (x = X * 2**-s) after the shift
+    # The sum of V after the block's step (a Python int: one small tensor kept per block lands
+    # on top of the block's freed temporaries and fragments the heap, which then grows with the
+    # chain's depth). Backward compares it with the rebuilt V's, which with the next block's
+    # input, checked the same way, determines this block's input.
     checksum: int
     arguments: _Arguments
     context: tuple[torch.Tensor, ...]
@@ -295,7 +299,6 @@ class ChainRun:
         xw, self.r = on_grid(x0.detach(), self._scalar(2.0**s), self._scalar(2.0**-s))
         x = self._decoded(xw)
         del xw
-        self.checksum = _sampled_checksum(self._xw(x), self.r)
         # The whole initial state, for the check that backward returns to it exactly.
         self.start_sums = (checksum(self._xw(x), self.r), self.V.sum() if self.has_v0 else 0)
         return x
@@ -369,7 +372,7 @@ class ChainRun:
         rec = _BlockRecord(
             shift=0,
             scale=self.s,
-            checksum=self.checksum,
+            checksum=0,
             arguments=arguments,
             context=tuple(context),
         )
@@ -425,7 +428,7 @@ class ChainRun:
         c = self._scalar(self.g * 2.0 ** (self.s + GAMMA_BITS))
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(n)
-        xw_next = forward_step_(
+        xw_next, v_sum = forward_step_(
             xw,
             self.r,
             self.V,
@@ -439,7 +442,7 @@ class ChainRun:
         )
         del xw, out, x_f
         x_next = self._decoded(xw_next)
-        self.checksum = _sampled_checksum(xw_next, self.r)
+        rec.checksum = int(v_sum)
         stats = state_stats(xw_next, self.V)
         xwm, self.vm = stats.tolist()
         self.xm = xwm * 2.0**self.s
@@ -468,7 +471,6 @@ class ChainRun:
         self.kept_v = _pack(self.V, int(self.vm).bit_length() + 1)
         self.V = None
         self.stack.freeze()
-        self.checksum = None
         # The output is held here rather than saved on the autograd node, so that backward can
         # let go of it as soon as the state has moved back past it (a saved tensor lives until
         # the node's backward returns, through the recomputation of the last block).
@@ -537,7 +539,7 @@ class ChainRun:
         # recomputed activations are alive, at the peak of the step's memory.
         x_next, self.x = self.x, None
         if 0 < shift < 32:
-            xw = unadd_unshift_(
+            xw, v_sum = unadd_unshift_(
                 self._xw(x_next),
                 self.r,
                 self.V,
@@ -551,6 +553,7 @@ class ChainRun:
             x = self._decoded(xw)
             del xw
         elif shift:
+            v_sum = self.V.sum()
             X = self._exact_x(x_next)
             X -= (self.V + _HALF) >> GAMMA_BITS
             _unshift_(X, low_x, shift)
@@ -559,7 +562,7 @@ class ChainRun:
             x = self._set_x(X)
             del X
         else:
-            xw = unadd_(
+            xw, v_sum = unadd_(
                 self._xw(x_next),
                 self.r,
                 self.V,
@@ -569,8 +572,9 @@ class ChainRun:
             x = self._decoded(xw)
             del xw
         del x_next
-        if _sampled_checksum(self._xw(x), self.r) != rec.checksum:
+        if int(v_sum) != rec.checksum:
             raise _not_rebuilt(f"the input of {spec.name(t)}", "a block after it")
+        del v_sum
         self.x = x
         x = x.detach().requires_grad_(True)
         context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
@@ -662,19 +666,6 @@ def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
         f"deterministic (a different result for the same input). Call "
         f"torch.use_deterministic_algorithms(True), or use use_backprop=True for this chain."
     )
-
-
-# Elements every so many apart make a block's checksum: a fraction of a pass per block; the
-# check at the chain's start covers every element.
-_SAMPLE_STRIDE = 61
-
-
-def _sampled_checksum(xw: torch.Tensor, r: torch.Tensor) -> int:
-    # A Python int, not a tensor: one small tensor kept per block lands on top of the block's
-    # freed temporaries and fragments the heap, which then grows with the chain's depth.
-    if not (xw.is_contiguous() and r.is_contiguous()):
-        return int(checksum(xw, r))
-    return int(checksum(xw.view(-1)[::_SAMPLE_STRIDE], r.view(-1)[::_SAMPLE_STRIDE]))
 
 
 class _ReversibleBlock(torch.autograd.Function):
