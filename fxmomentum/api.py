@@ -233,6 +233,7 @@ def _capture_tree(
     frontier: list[tuple[str, nn.Module]] = []
     name = type(root).__name__
     failure: CaptureError | None = None
+    shaped: tuple[list[int], list[str]] | CaptureError | None = None
 
     def take(path: str, m: nn.Module, cap: Capture) -> None:
         units.append(_Unit(path, m, cap, MatchResult()))
@@ -251,6 +252,7 @@ def _capture_tree(
             _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
         failure = e
         reason = e.reason
+        shaped = _shape_aware_chains(root, example_inputs, leaf_modules, concrete_args)
         leaves.append(LeafInfo("", name, _descended(reason), True))
         notes.append(
             f"{name}.forward cannot be traced ({reason}): it stays Python code, and its "
@@ -301,6 +303,35 @@ def _capture_tree(
                 continue
             take(path, m, cap)
             units[-1].before = before
+    if isinstance(shaped, CaptureError):
+        notes.append(f"a shape-aware trace of {name}.forward fails too ({shaped.reason})")
+    elif failure is not None and shaped is not None:
+        chains = [len(c.blocks) for u in units for c in find_chains(u.capture.graph, dict(
+            u.module.named_modules())).chains]  # fmt: skip
+        found, data = shaped
+        joins = sum(found) > sum(chains) or (sum(found) == sum(chains) and len(found) < len(chains))
+        if joins and data:
+            notes.append(
+                f"a shape-aware trace of {name}.forward would find {len(found)} chains of "
+                f"{sum(found)} blocks, but its graph would serve only inputs whose values take "
+                f"the example's path ({', '.join(data[:3])}): descended instead"
+            )
+        elif joins:
+            # The shape-aware graph holds the loop over the blocks that the model's Python
+            # forward keeps: its chains join what descending leaves apart.
+            for unit in reversed(units):
+                if unit.before is not None:
+                    undo_tracing(unit.module, unit.before)
+            cap = capture(root, example_inputs, leaf_modules=leaf_modules,
+                          concrete_args=concrete_args, shape_aware=True)  # fmt: skip
+            units, leaves, frontier = [], [], []
+            notes = [
+                f"{name}.forward cannot be traced by torch.fx alone ({reason}): it was traced "
+                f"shape-aware, which finds {len(found)} chain(s) of {sum(found)} blocks where "
+                f"its submodules hold {len(chains)} of {sum(chains)}"
+            ]
+            take("", root, cap)
+            failure = None
     # Chains in the order of the modules: the model's own graph first, then the submodules.
     order = {id(m): i for i, m in enumerate(root.modules())}
     units.sort(key=lambda u: (u.path != "", order.get(id(u.module), 0)))
@@ -316,6 +347,30 @@ def _capture_tree(
             "to capture them as their parent calls them"
         )
     return _Plan(root, units, leaves, notes)
+
+
+def _shape_aware_chains(
+    root: nn.Module,
+    example_inputs: Any,
+    leaf_modules: list[str | type],
+    concrete_args: dict[str, Any] | None,
+) -> tuple[list[int], list[str]] | CaptureError | None:
+    """The block counts of the chains a shape-aware trace of ``root`` finds (see
+    :mod:`fxmomentum.shaped`) and where its graph checks tensor values, or why it fails, or
+    None without example inputs; ``root`` is left as it was."""
+    if example_inputs is None:
+        return None
+    before = tracing_snapshot(root)
+    try:
+        cap = capture(root, example_inputs, leaf_modules=leaf_modules,
+                      concrete_args=concrete_args, shape_aware=True)  # fmt: skip
+        found = find_chains(cap.graph, dict(root.named_modules())).chains
+        data = sorted({c.where for c in cap.checks if c.data})
+        return [len(c.blocks) for c in found], data
+    except CaptureError as e:
+        return e
+    finally:
+        undo_tracing(root, before)
 
 
 def _descended(reason: str) -> str:

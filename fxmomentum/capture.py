@@ -35,6 +35,7 @@ from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .chain import MomentumChain
+from .shaped import ShapedTracing, Specialisation
 
 __all__ = [
     "TRACE_INTO",
@@ -42,6 +43,7 @@ __all__ = [
     "Capture",
     "CaptureError",
     "CaptureTracer",
+    "GraphCodeTracer",
     "LeafInfo",
     "ShapePropagationError",
     "Specialised",
@@ -210,7 +212,7 @@ def check_none(value: Any, message: str) -> None:
         raise AssertionError(message)
 
 
-class CaptureTracer(fx.Tracer):
+class CaptureTracer(ShapedTracing, fx.Tracer):
     """A :class:`torch.fx.Tracer` for conversion.
 
     Parameters
@@ -227,6 +229,9 @@ class CaptureTracer(fx.Tracer):
         What the traced ``forward``'s ``**kwargs`` holds (torch.fx's ``concrete_args``
         cannot fix it): None, flags, numbers and strings are fixed and checked at run time,
         tensors stay graph inputs (read from the ``**kwargs`` placeholder).
+    examples : mapping, optional
+        Example values of the root's arguments, by name: trace shape-aware (see
+        :mod:`fxmomentum.shaped`), with the checks that makes in ``checks``.
 
     Attributes
     ----------
@@ -255,8 +260,10 @@ class CaptureTracer(fx.Tracer):
         autowrap_modules: tuple[Any, ...] = (math,),
         autowrap_functions: tuple[Any, ...] = (check_keywords, check_none),
         var_keyword: Mapping[str, Any] | None = None,
+        examples: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(autowrap_modules=autowrap_modules, autowrap_functions=autowrap_functions)
+        self.set_examples(examples)
         self.var_keyword = None if var_keyword is None else dict(var_keyword)
         self.leaves = dict(leaves or {})
         self.leaf_types = tuple(leaf_types)
@@ -310,6 +317,7 @@ class CaptureTracer(fx.Tracer):
         self.training_reads = {}
         self.unwrapped = []
         self._stack = []
+        self.checks = []
         if isinstance(root, nn.Module):
             self._param_names, self._buffer_names = {}, {}
             for name, p in root.named_parameters():
@@ -319,6 +327,10 @@ class CaptureTracer(fx.Tracer):
         with contextlib.ExitStack() as stack:
             stack.enter_context(_transformers_traceable())
             if isinstance(root, nn.Module):
+                if self.shaped:
+                    # The example runs as it is traced: buffers and the random state stay.
+                    stack.enter_context(no_side_effects(root, grad=torch.is_grad_enabled()))
+                    stack.enter_context(self.symbolic_indexing())
                 stack.enter_context(self._training_read(root, ""))
             try:
                 return super().trace(root, concrete_args)
@@ -358,6 +370,11 @@ class CaptureTracer(fx.Tracer):
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
                 return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def concrete_value(self, a: Any) -> Any:
+        if isinstance(a, _TrainingRead):
+            return a.value
+        return super().concrete_value(a)
 
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, _TrainingRead):
@@ -402,6 +419,16 @@ class CaptureTracer(fx.Tracer):
         flag.training = read.value
         target = f"{read.path}.{FLAG_NAME}" if read.path else FLAG_NAME
         return self.create_node("call_module", target, (), {})
+
+
+class GraphCodeTracer(CaptureTracer):
+    """Traces a captured graph's own code again, as unpickling a GraphModule does.
+
+    That code has no control flow, so buffers may be proxies: a buffer sliced to a traced
+    length (``pos[:, :n]``, from a shape-aware capture) then traces as it did.
+    """
+
+    proxy_buffer_attributes = True
 
 
 @contextlib.contextmanager
@@ -461,6 +488,9 @@ class Capture:
     var_keyword : dict or None
         What the graph's ``**kwargs`` placeholder receives with ``inputs`` (a recorded
         call's), else None.
+    checks : list of Specialisation
+        Values of the example that steered the model's code, which the graph checks at run
+        time (a shape-aware trace, see :mod:`fxmomentum.shaped`).
     """
 
     root: nn.Module
@@ -471,6 +501,7 @@ class Capture:
     notes: list[str] = field(default_factory=list)
     inputs: tuple[Any, ...] | None = None
     var_keyword: dict[str, Any] | None = None
+    checks: list[Specialisation] = field(default_factory=list)
 
 
 def _reason(e: BaseException) -> str:
@@ -506,6 +537,7 @@ def capture(
     leaf_modules: Iterable[str | type] | None = None,
     concrete_args: dict[str, Any] | None = None,
     call: CallRecord | None = None,
+    shape_aware: bool = False,
 ) -> Capture:
     """Trace ``model`` with torch.fx; make untraceable submodules leaves; propagate shapes.
 
@@ -532,6 +564,10 @@ def capture(
     call : CallRecord, optional
         A recorded call to trace and check against (instead of ``example_inputs`` and
         ``concrete_args``).
+    shape_aware : bool
+        Where plain tracing of ``model.forward`` fails, trace it again with the example's
+        values (see :mod:`fxmomentum.shaped`); needs example inputs or ``call``. The graph
+        must return what the model returns on them.
 
     Returns
     -------
@@ -559,7 +595,9 @@ def capture(
     leaves, leaf_types = _leaf_arguments(model, leaf_modules)
     snapshot = tracing_snapshot(model)
     try:
-        return _capture(model, example_inputs, leaves, leaf_types, concrete_args, call, var_keyword)
+        return _capture(
+            model, example_inputs, leaves, leaf_types, concrete_args, call, var_keyword, shape_aware
+        )
     except CaptureError:
         # What the failed attempts added would stay in a module whose Python forward keeps
         # running (harmless, but a change to the module tree): take it out.
@@ -617,15 +655,37 @@ def _capture(
     concrete_args: dict[str, Any] | None,
     call: CallRecord | None,
     var_keyword: dict[str, Any] | None,
+    shape_aware: bool,
 ) -> Capture:
     modules = dict(model.named_modules())
     found: list[LeafInfo] = []
     notes: list[str] = []
-    for _ in range(len(modules) + 1):
-        tracer = CaptureTracer(leaves, leaf_types, var_keyword=var_keyword)
+    examples = None
+    if shape_aware:
+        examples = _examples_by_name(model, example_inputs, concrete_args, var_keyword)
+    shaped = False
+    reference = call
+    for _ in range(len(modules) + 2):
+        tracer = CaptureTracer(
+            leaves, leaf_types, var_keyword=var_keyword, examples=examples if shaped else None
+        )
         try:
             graph = tracer.trace(model, concrete_args)
         except Exception as e:
+            if not shaped and examples is not None:
+                # Python code that looks at tensors: trace again with the example's values,
+                # arguments that were None, flags, numbers or strings fixed to them.
+                shaped = True
+                fixed = {k: v for k, v in examples.items() if v is None or type(v) in _FIXED_TYPES}
+                concrete_args = {**fixed, **(concrete_args or {})}
+                if reference is None:
+                    # The graph must return what the model returns (a decorator that torch.fx
+                    # cannot run may fill arguments in: use_cache from the config, say).
+                    with contextlib.suppress(Exception):
+                        reference = record_calls(model, example_inputs, [model]).get(id(model))
+                # One input per placeholder, as a recorded call gives them.
+                example_inputs = tuple(examples[name] for name in _named_arguments(model))
+                continue
             stack = tracer.failure[0] if tracer.failure is not None else ()
             culprit = next(
                 (p for p in reversed(stack) if not tracer.is_leaf_module(modules[p], p)), None
@@ -656,6 +716,8 @@ def _capture(
             break
     else:  # pragma: no cover - every retry adds a leaf, so this cannot loop forever
         raise CaptureError("tracing did not settle")
+    if tracer.checks:
+        notes.append(_describe_checks(type(model).__name__, tracer.checks))
     if tracer.unwrapped:
         notes.append(
             f"{type(model).__name__}.forward was traced without its decorator wrapper "
@@ -671,6 +733,7 @@ def _capture(
             found.append(LeafInfo(path, type(modules[path]).__name__, reason))
 
     _keep_argument_names(graph, concrete_args)
+    graph._tracer_cls = GraphCodeTracer
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     verified = False
     if example_inputs is not None:
@@ -692,14 +755,72 @@ def _capture(
                 f"unverified for the whole graph and chains were matched from its structure "
                 f"only, as without example_inputs"
             )
-        if call is not None and _structure(out) != call.output:
+        if reference is not None and verified and _structure(out) != reference.output:
             raise CaptureError(
                 f"the graph of {type(model).__name__}.forward returns "
                 f"{_describe_structure(_structure(out))} where the module returns "
-                f"{_describe_structure(call.output)}"
+                f"{_describe_structure(reference.output)}"
             )
     inputs = _as_tuple(example_inputs) if verified else None
-    return Capture(model, graph, gm, found, verified, notes, inputs, var_keyword)
+    return Capture(model, graph, gm, found, verified, notes, inputs, var_keyword, tracer.checks)
+
+
+def _examples_by_name(
+    model: nn.Module,
+    example_inputs: Any,
+    concrete_args: Mapping[str, Any] | None,
+    var_keyword: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """The example value of each argument of ``model.forward``, by name (for shape-aware
+    tracing), or None if they are not all known."""
+    if example_inputs is None:
+        return None
+    try:
+        values = _as_tuple(example_inputs)
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {}
+    named = [p for p in params if p.name in _named_arguments(model)]
+    if len(values) > len(named):
+        return None
+    for i, p in enumerate(named):
+        if i < len(values):
+            out[p.name] = values[i]
+        elif p.default is not p.empty:
+            out[p.name] = p.default
+        else:
+            return None
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            out[p.name] = ()
+        elif p.kind is p.VAR_KEYWORD:
+            out[p.name] = dict(var_keyword or {})
+    out.update(concrete_args or {})
+    return out
+
+
+def _named_arguments(model: nn.Module) -> list[str]:
+    """The arguments of ``model.forward`` other than ``*args`` and ``**kwargs``, in order."""
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _describe_checks(name: str, checks: Sequence[Specialisation]) -> str:
+    data = [c for c in checks if c.data]
+    places = sorted({c.where for c in checks})
+    shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+    text = (
+        f"{name}.forward reads its inputs' values in Python ({shown}): it was traced with the "
+        f"example inputs' values, and the graph checks {len(checks)} of them at run time "
+        f"(a call where one differs raises an error naming the line)"
+    )
+    if data:
+        text += (
+            f"; {len(data)} depend on tensor contents, not only on shapes and dtypes "
+            f"({', '.join(sorted({c.where for c in data})[:3])})"
+        )
+    return text
 
 
 def _keep_argument_names(graph: fx.Graph, concrete_args: Mapping[str, Any] | None) -> None:

@@ -438,6 +438,8 @@ class _Candidate:
     branch: fx.Node
     inner: set[fx.Node]
     alpha: float | None
+    #: Nodes that read only x's shape, dtype or device (see _release_metadata).
+    meta: set[fx.Node] = field(default_factory=set)
 
 
 def _candidate(g: _Graph, add: fx.Node) -> _Candidate | str | None:
@@ -508,8 +510,10 @@ def _release_metadata(g: _Graph, c: _Candidate) -> None:
                 meta.add(n)
         elif n.op == "call_method" and n.target in _META_METHODS:
             meta.add(n)
-        elif n.op == "call_function" and n.target in _META_ARITHMETIC and inputs:
+        elif inputs and c.entry not in n.all_input_nodes:
+            # Reads x's shape or dtype only, e.g. a mask expanded to the batch size of x.
             meta.add(n)
+    c.meta = meta
     escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
     if not escaping:
         return
@@ -577,7 +581,9 @@ def _make_block(g: _Graph, c: _Candidate, tail: list[fx.Node]) -> Block:
             if i not in region and i is not c.entry:
                 context.setdefault(i, None)
     ordered = sorted(context, key=g.index.__getitem__)
-    paths = [module_path(n) for n in nodes]
+    # What reads only x's metadata may be code of the enclosing module (a mask built from
+    # the batch size): it does not say where the block is.
+    paths = [module_path(n) for n in nodes if n not in c.meta]
     path = _common_path(paths)
     if not path:
         path = _common_path(module_path(n) for n in c.inner if n is not c.skip)

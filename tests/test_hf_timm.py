@@ -5,13 +5,16 @@ torch.fx tracer, ``transformers.utils.fx``):
 
 - timm's models trace whole with plain torch.fx and automatic leaves: the result is a
   GraphModule.
-- A transformers model's own ``forward`` does not trace (input checks, mask creation,
-  decorators that fill defaults from the config): conversion descends. Each layer is traced
-  as the model called it (``**kwargs`` and None arguments fixed, the layer's decorator
-  wrapper left out) with its attention kept whole (``(*shape, -1, head_dim)`` unpacks a
-  traced shape). Where the loop over the layers lives in a module that traces
-  (``BertEncoder``), the layers form one chain; where it lives in the model's own forward
-  (``GPT2Model``, ``ViTModel``), each layer is a chain of its two residual sublayers.
+- A transformers model's own ``forward`` does not trace with plain torch.fx (input checks on
+  shapes, mask creation, decorators that fill defaults from the config): conversion descends,
+  each submodule traced as the model called it (None arguments fixed, the decorator wrapper
+  left out), attention kept whole (it branches on ``self.training``). Where the loop over the
+  layers lives in a module that traces (``BertEncoder``), the layers form one chain. Where it
+  lives in the model's own forward (``GPT2Model``, ``ViTModel``), that forward is traced
+  shape-aware (:mod:`fxmomentum.shaped`: shapes and dtypes read from the example and checked
+  at run time), which puts the loop in the graph: the layers form one chain. Where that graph
+  would not return what the model returns (a key/value cache the decorator creates from the
+  config), conversion descends: one chain per layer.
 
 Relative errors as in DESIGN.md; reversible gradients against backprop's in float64, with a
 loss that depends on the output's direction (the sum of squares of a LayerNorm's output does
@@ -74,16 +77,14 @@ def images():
 # name: (builder, inputs, expected chains as (first block, blocks, kind), result is a
 # GraphModule). Each expectation follows from the architecture:
 MODELS = {
-    # Post-norm layers, LayerNorm(x + sublayer(x)) twice per layer: generalized blocks. The
-    # encoder's loop traces, so the 2 layers are one chain of 4.
+    # Post-norm layers, LayerNorm(x + sublayer(x)) twice per layer: generalized blocks; the
+    # 2 layers are one chain of 4.
     "bert": (bert, padded_ids, [("encoder.layer.0.attention", 4, "generalized")], False),
-    # Pre-norm, x + attn(ln_1(x)) and x + mlp(ln_2(x)): 2 pure blocks per layer, one chain
-    # per layer (the loop is in GPT2Model.forward). Blocks are written in the layer's
-    # forward: their names are the layer's path and the add's node name.
-    "gpt2": (gpt2, lambda: (ids(),), [("h.0.add", 2, "pure"), ("h.1.add", 2, "pure")], False),
+    # Pre-norm, x + attn(ln_1(x)) and x + mlp(ln_2(x)): 2 pure blocks per layer, the 2
+    # layers one chain of 4 (the loop is in GPT2Model.forward, traced shape-aware).
+    "gpt2": (gpt2, lambda: (ids(),), [("h.0", 4, "pure")], True),
     # Pre-norm like GPT-2, the loop in ViTModel.forward.
-    "hf_vit": (hf_vit, images, [("layers.0.add", 2, "pure"), ("layers.1.add", 2, "pure")],
-               False),
+    "hf_vit": (hf_vit, images, [("layers.0", 4, "pure")], True),
     # torchvision-style basic blocks: relu(x + F(x)); the first block of layers 2-4 has a
     # projection shortcut.
     "timm_resnet18": (
@@ -176,21 +177,24 @@ def test_reversible_gradients_equal_backprop(name):
 def test_transformers_report_says_how_the_model_was_captured():
     model, inputs, _, _ = build("hf_vit")
     report = fxmomentum.inspect(model, inputs)
-    (root,) = [leaf for leaf in report.leaves if leaf.path == ""]
-    assert root.type == "ViTModel" and "forward not traceable" in root.reason
+    assert not [leaf for leaf in report.leaves if leaf.path == ""]
     attention = {leaf.path for leaf in report.leaves if leaf.type == "ViTAttention"}
     assert attention == {"layers.0.attention", "layers.1.attention"}
-    assert "`layers.0`, `layers.1`: ViTLayer: captured as one graph, 1 chain(s), 2 block(s)" in (
-        report.notes
+    (shaped,) = [n for n in report.notes if "reads its inputs' values in Python" in n]
+    assert shaped.startswith("ViTModel.forward") and "modeling_vit.py:" in shaped
+    assert any(
+        "traced shape-aware, which finds 1 chain(s) of 4 blocks where its submodules hold 2 of 4"
+        in n
+        for n in report.notes
     )
     assert any("traced without its decorator wrapper" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "hf_vit"])
-def test_descended_chains_get_a_memory_estimate(name):
-    # Their layers' forwards take None, flags and **kwargs: the estimate runs the layer's
-    # graph on the call recorded on example_inputs, and what autograd saves inside each
-    # two-block chain (attention and MLP activations) outweighs its reversible state.
+def test_transformers_chains_get_a_memory_estimate(name):
+    # Their forwards take None, flags and **kwargs: the estimate runs the graph on every
+    # argument the example call had, and what autograd saves inside each chain (attention
+    # and MLP activations) outweighs its reversible state.
     model, inputs, _, _ = build(name)
     report = fxmomentum.inspect(model, inputs)
     assert report.chains
@@ -202,6 +206,27 @@ def test_a_key_value_cache_keeps_gpt2_layers_unconverted_when_reversible():
     torch.manual_seed(0)
     model = gpt2(use_cache=True)
     report = fxmomentum.inspect(model, (ids(),))
+    # The shape-aware graph would not return the cache the model's decorator asks for from
+    # the config: conversion descends, one chain per layer, which the cache reaches.
+    (shaped,) = [n for n in report.notes if "shape-aware trace" in n]
+    assert "fails too" in shaped and "cache: DynamicCache" in shaped
     assert [c.num_blocks for c in report.chains] == [2, 2]
     assert not any(c.converted for c in report.chains)
     assert all("`cache` (a DynamicCache)" in c.reason for c in report.chains)
+
+
+def test_shape_aware_gpt2_serves_other_batch_sizes_and_lengths():
+    # The graph reads batch size and length from its input; GPT-2's mask code takes another
+    # path for a batch of one (``if batch_size != position_ids.shape[0]``), which the graph
+    # checks and refuses with the line that decided.
+    model, inputs, _, _ = build("gpt2")
+    out = fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=inputs)
+    assert isinstance(out, fx.GraphModule)
+    model.eval()
+    out.eval()
+    for batch, n in [(3, 5), (4, 12)]:
+        x = ids(batch, n)
+        with torch.no_grad():
+            assert max_rel_err([output(out, (x,))], [output(model, (x,))]) <= 1e-5
+    with pytest.raises(AssertionError, match=r"masking_utils.py:\d+ \(`if batch_size != "):
+        out(ids(1, 7))

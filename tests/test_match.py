@@ -327,6 +327,35 @@ def test_shape_read_before_the_blocks_stays_outside():
     assert torch.equal(gm(x), model(x))
 
 
+class MaskOnce(nn.Module):
+    """Builds a mask from the chain input's batch size, before the blocks, for all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.fs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        keep = torch.ones((x.shape[0], 1, 1), dtype=x.dtype).cumsum(0)
+        for f in self.fs:
+            x = x + f(x) * keep
+        return x
+
+
+def test_a_value_built_from_the_input_shape_alone_stays_outside():
+    # ``ones`` and ``cumsum`` read nothing of x but its shape: context of every block, not
+    # part of the first one (whose later readers would otherwise break the chain there).
+    model = MaskOnce()
+    x = torch.randn(4, 8, 3)
+    gm, report = fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=x,
+                                    return_report=True)  # fmt: skip
+    (chain,) = report.chains
+    assert chain.num_blocks == 3 and report.skipped == []
+    assert all("cumsum" in b.context for b in chain.blocks)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_identity_shortcut_is_seen_through():
     (chain,) = chains_of(Identity(), torch.randn(2, 4)).chains
     assert chain.num_blocks == 1 and chain.blocks[0].entry == "x"

@@ -1,0 +1,346 @@
+"""Shape-aware tracing: proxies that carry the example's values.
+
+Plain torch.fx fails on Python code that looks at a tensor: ``if batch != ids.shape[0]``,
+``for h in x.shape``, ``torch.finfo(x.dtype)``, ``range(n)`` with ``n`` read from a shape. With
+example inputs, :class:`ShapedTracing` runs every operation it records on real values as it
+records it, so each proxy knows the value it stands for, and
+
+* a structural attribute (``dtype``, ``device``, ``is_nested``, ``ndim``, ``dim()``, ...)
+  answers with the example's value;
+* a proxy used in control flow, as an int (``int(n)``), by ``len`` or by iteration answers
+  with the example's value too.
+
+Each such answer is a *specialisation*, and the graph checks it: a ``torch._assert`` node
+compares the value at run time with the example's and raises a clear error, naming the line of
+the model's code that made the decision, on a call where it differs. Shapes themselves stay
+symbolic (``x.view(b, n, -1)`` with ``b, n = x.shape[:2]`` reads the actual sizes), so the graph
+serves other batch sizes and sequence lengths unless a check says it cannot.
+
+Examples
+--------
+>>> import torch
+>>> from torch import fx, nn
+>>> class Net(nn.Module):
+...     def forward(self, x):
+...         if x.shape[0] > 1:
+...             return x * 2
+...         return x
+>>> class Tracer(ShapedTracing, fx.Tracer):
+...     pass
+>>> tracer = Tracer()
+>>> tracer.set_examples({"x": torch.ones(3, 2)})
+>>> gm = fx.GraphModule(Net(), tracer.trace(Net()))
+>>> gm(torch.ones(4, 2)).sum().item()
+16.0
+>>> len(tracer.checks)
+1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import operator
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx import _symbolic_trace
+from torch.fx.node import map_aggregate
+from torch.fx.proxy import Attribute
+
+__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation"]
+
+#: ``node.meta`` key of a node's example value.
+EXAMPLE = "fxmomentum_example"
+
+# A device stays a graph value (``torch.arange(n, device=x.device)`` is traced as such), so a
+# converted graph still moves with ``.to()``; a dtype is answered (``torch.finfo(x.dtype)``
+# cannot take a proxy) and checked.
+_STRUCTURE_ATTRS = frozenset(
+    {"dtype", "layout", "is_nested", "is_sparse", "is_quantized", "ndim"}
+)  # fmt: skip
+_STRUCTURE_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_complex"})
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no example value>"
+
+
+_MISSING: Any = _Missing()
+
+
+class _Unknown(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    """A value of the example that steered the model's Python code, checked at run time."""
+
+    #: Where the decision was made (``file:line``), in the model's code.
+    where: str
+    #: What was decided, e.g. ``bool(ne) is False`` or ``len(size) == 2``.
+    what: str
+    #: Whether it depends on tensor values (not only on shapes, dtypes and devices).
+    data: bool
+
+
+class ShapedProxy(fx.Proxy):
+    """A proxy that answers structural questions with its example value (see module doc)."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _STRUCTURE_ATTRS or k in _STRUCTURE_METHODS:
+            found = self.tracer.structure(self, k)  # type: ignore[attr-defined]
+            if found is not _MISSING:
+                return found
+        return _ShapedAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.length(self)  # type: ignore[attr-defined]
+
+    # No __index__: tensor indexing would call it before torch.fx sees the proxy, and bake
+    # ``t[:, :n]`` to the example's n where torch.fx traces it.
+    def __int__(self) -> int:
+        return self.tracer.to_int(self)  # type: ignore[attr-defined]
+
+
+class _ShapedAttribute(Attribute, ShapedProxy):
+    pass
+
+
+def _caller() -> tuple[str, str]:
+    """``file:line`` of the innermost frame in the model's code (not torch's, not ours), and
+    the text of that line."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_HERE) or path.startswith(_TORCH)):
+            line = linecache.getline(path, frame.f_lineno).strip()
+            return f"{os.path.basename(path)}:{frame.f_lineno}", line
+        frame = frame.f_back
+    return "?", ""
+
+
+class ShapedTracing:
+    """Mixin for a :class:`torch.fx.Tracer`: shape-aware tracing once :meth:`set_examples`
+    has given the root's arguments; without it the tracer behaves as torch.fx's.
+
+    Attributes
+    ----------
+    checks : list of Specialisation
+        The decisions the traced graph checks at run time.
+    """
+
+    _examples: dict[str, Any] | None = None
+
+    def set_examples(self, examples: Mapping[str, Any] | None) -> None:
+        """Trace with these example values of the root's arguments (by parameter name;
+        ``**kwargs`` by its own name), or plainly with None."""
+        self._examples = None if examples is None else dict(examples)
+        self.checks: list[Specialisation] = []
+        if examples is not None:
+            # A buffer read in forward is a graph value too (``self.pos.expand(b, -1)``, with
+            # b a proxy, is beyond a tensor's own argument parsing).
+            self.proxy_buffer_attributes = True
+        self._checked: set[tuple[fx.Node, str]] = set()
+
+    @property
+    def shaped(self) -> bool:
+        return self._examples is not None
+
+    @contextlib.contextmanager
+    def symbolic_indexing(self) -> Iterator[None]:
+        """Trace ``t[:, :n]`` on a tensor that is not a proxy (a buffer) with a proxy ``n``,
+        which torch.fx cannot (the tensor's own indexing wants an int)."""
+        original = torch.Tensor.__getitem__
+        tracer = self
+
+        def getitem(t: torch.Tensor, index: Any) -> Any:
+            if _holds_proxy(index):
+                return tracer.create_proxy("call_function", operator.getitem, (t, index), {})  # type: ignore[attr-defined]
+            return original(t, index)
+
+        torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            torch.Tensor.__getitem__ = original  # type: ignore[method-assign]
+
+    # -- proxies carry their example ----------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if self._examples is None:
+            return super().proxy(node)  # type: ignore[misc]
+        return ShapedProxy(node, self)  # type: ignore[arg-type]
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **kw: Any):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)  # type: ignore[misc]
+        if self._examples is not None and EXAMPLE not in proxy.node.meta:
+            proxy.node.meta[EXAMPLE] = self._evaluate(kind, target, args, kwargs)
+        return proxy
+
+    def concrete_value(self, a: Any) -> Any:
+        """The example value of a traced argument (override for other stand-ins)."""
+        if isinstance(a, fx.Proxy):
+            value = self.example_of(a.node)
+            if value is _MISSING:
+                raise _Unknown
+            return value
+        if isinstance(a, fx.Node):
+            return self.concrete_value(fx.Proxy(a, self))  # type: ignore[arg-type]
+        return a
+
+    def example_of(self, node: fx.Node) -> Any:
+        """The example value of ``node``, or a marker for none."""
+        if EXAMPLE in node.meta:
+            return node.meta[EXAMPLE]
+        value = _MISSING
+        if node.op in ("get_attr", "call_module"):
+            value = self._run(node.op, node.target, node.args, node.kwargs)
+        node.meta[EXAMPLE] = value
+        return value
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "placeholder":
+            name = str(target).lstrip("*")
+            if name in self._examples:  # type: ignore[operator]
+                value = self._examples[name]  # type: ignore[index]
+            else:
+                # A fixed argument's placeholder is ``name_1``: its value is the fixed one.
+                base, _, _ = name.rpartition("_")
+                value = self._examples.get(base, _MISSING)  # type: ignore[union-attr]
+            return value.clone() if isinstance(value, torch.Tensor) else value
+        return self._run(kind, target, args, kwargs)
+
+    def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            a = map_aggregate(args, self.concrete_value)
+            k = map_aggregate(kwargs, self.concrete_value)
+        except _Unknown:
+            return _MISSING
+        # torch.fx patches nn.Module.__call__ and __getattr__ while it traces: the example
+        # runs the real ones.
+        with _symbolic_trace._maybe_revert_all_patches():
+            try:
+                if kind == "call_function":
+                    return target(*a, **k)
+                if kind == "call_method":
+                    return getattr(a[0], target)(*a[1:], **k)
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*a, **k)  # type: ignore[attr-defined]
+                if kind == "get_attr":
+                    value = self.root  # type: ignore[attr-defined]
+                    for name in str(target).split("."):
+                        value = getattr(value, name)
+                    return value
+            except Exception:
+                return _MISSING
+        return _MISSING
+
+    # -- answers, each checked in the graph ---------------------------------------------------
+    def _known(self, obj: fx.Proxy) -> Any:
+        return self.example_of(obj.node) if self._examples is not None else _MISSING
+
+    def _check(self, key: tuple[fx.Node, str], make_cond: Any, what: str, data: bool) -> None:
+        if key in self._checked:
+            return
+        self._checked.add(key)
+        where, line = _caller()
+        code = f" (`{line}`)" if line else ""
+        message = (
+            f"{where}{code}: the graph was captured with example inputs for which {what}; "
+            f"not so for this call, which takes another path through the model's code. "
+            f"Convert again with example_inputs like this call's"
+        )
+        self.create_proxy("call_function", torch._assert, (make_cond(), message), {})
+        self.checks.append(Specialisation(where, what, data))
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._known(obj)
+        if value is _MISSING:
+            return super().to_bool(obj)  # type: ignore[misc]
+        result = bool(value)
+
+        def cond() -> Any:
+            # ``== False``, not ``not``: a graph is traced again when it is unpickled, and
+            # ``not`` would ask the proxy for a bool.
+            return (
+                obj if result else self.create_proxy("call_function", operator.eq, (obj, False), {})
+            )
+
+        self._check((obj.node, "bool"), cond, f"it is {result}", _depends_on_data(obj.node))
+        return result
+
+    def to_int(self, obj: fx.Proxy) -> int:
+        value = self._known(obj)
+        if value is _MISSING:
+            raise fx.proxy.TraceError(f"{obj.node.name} is used as an int and has no example value")
+        result = operator.index(value)
+
+        def cond() -> Any:
+            return self.create_proxy("call_function", operator.eq, (obj, result), {})
+
+        self._check((obj.node, "int"), cond, f"a value is {result}", _depends_on_data(obj.node))
+        return result
+
+    def length(self, obj: fx.Proxy) -> int:
+        value = self._known(obj)
+        if value is _MISSING:
+            raise RuntimeError(f"len() of {obj.node.name}, which has no example value")
+        result = len(value)
+
+        def cond() -> Any:
+            size = self.create_proxy("call_function", len, (obj,), {})
+            return self.create_proxy("call_function", operator.eq, (size, result), {})
+
+        self._check((obj.node, "len"), cond, f"a length is {result}", False)
+        return result
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self._known(obj)
+        if value is _MISSING or isinstance(value, Mapping):
+            return super().iter(obj)  # type: ignore[misc]
+        return iter([obj[i] for i in range(self.length(obj))])
+
+    def structure(self, obj: fx.Proxy, attr: str) -> Any:
+        """``obj.<attr>`` (or the method ``attr``) answered with the example tensor's value."""
+        value = self._known(obj)
+        if not isinstance(value, torch.Tensor):
+            return _MISSING
+        method = attr in _STRUCTURE_METHODS
+        result = getattr(value, attr)() if method else getattr(value, attr)
+
+        def cond() -> Any:
+            if method:
+                read = self.create_proxy("call_method", attr, (obj,), {})
+            else:
+                read = self.create_proxy("call_function", getattr, (obj, attr), {})
+            return self.create_proxy("call_function", operator.eq, (read, result), {})
+
+        what = f"`{attr}{'()' if method else ''}` is {result}"
+        self._check((obj.node, attr), cond, what, False)
+        return (lambda *args, **kwargs: result) if method else result
+
+
+def _holds_proxy(index: Any) -> bool:
+    if isinstance(index, fx.Proxy):
+        return True
+    if isinstance(index, slice):
+        return any(isinstance(i, fx.Proxy) for i in (index.start, index.stop, index.step))
+    if isinstance(index, (tuple, list)):
+        return any(_holds_proxy(i) for i in index)
+    return False
+
+
+def _depends_on_data(node: fx.Node) -> bool:
+    """Whether ``node``'s value reads tensor contents (not only sizes, dtypes, devices)."""
+    value = node.meta.get(EXAMPLE, _MISSING)
+    return isinstance(value, torch.Tensor)

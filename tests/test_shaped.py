@@ -1,0 +1,172 @@
+"""Shape-aware capture: models whose Python code looks at their tensors.
+
+Plain torch.fx cannot trace ``b, n, d = x.shape`` followed by ``if n > ...``, ``torch.finfo``
+of a dtype, or a buffer sliced to a traced length. With example inputs, capture traces such a
+model with the example's values (fxmomentum.shaped): the graph keeps shapes symbolic where the
+code allows and checks, at run time, every value that steered the code.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import converted_pair, grad_err, max_rel_err, round_trips
+from torch import fx, nn
+
+import fxmomentum
+from fxmomentum.capture import capture
+from fxmomentum.shaped import ShapedTracing
+
+
+class Looks(nn.Module):
+    """Blocks x + f(x) behind code that reads the input's shape, dtype and values."""
+
+    def __init__(self, width: int = 8, depth: int = 3, max_len: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.Tanh())
+            for _ in range(depth)
+        )
+        self.register_buffer("pos", torch.randn(1, max_len, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        if n > self.pos.shape[1]:
+            raise ValueError("sequence longer than the positions")
+        x = x + self.pos[:, :n].expand(b, -1, -1)
+        eps = torch.finfo(x.dtype).eps
+        for block in self.blocks:
+            x = x + block(x)
+        if mask is not None:
+            x = x * mask
+        return x * (1 + eps)
+
+
+def test_plain_torch_fx_cannot_trace_it():
+    with pytest.raises(fx.proxy.TraceError):
+        fx.symbolic_trace(Looks())
+
+
+def test_one_chain_and_the_original_outputs_for_other_shapes():
+    torch.manual_seed(0)
+    model = Looks()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert isinstance(out, fx.GraphModule)
+    # The adds are written in the forward that loops: a block is named by its add.
+    assert [(c.first, c.num_blocks) for c in report.chains] == [("add_1", 3)]
+    assert all(c.converted for c in report.chains)
+    (note,) = [n for n in report.notes if "reads its inputs' values in Python" in n]
+    assert note.startswith("Looks.forward") and "test_shaped.py:" in note
+    # Batch size and length are not baked in: the graph reads them from its input.
+    for shape in [(2, 5, 8), (3, 9, 8), (1, 16, 8)]:
+        x = torch.randn(shape)
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6, shape
+
+
+def test_a_call_down_another_path_raises_naming_the_line():
+    torch.manual_seed(0)
+    model = Looks()
+    out = fxmomentum.convert(model, 0.5, example_inputs=(torch.randn(2, 5, 8),))
+    line = re.escape("(`if n > self.pos.shape[1]:`)")
+    with pytest.raises(AssertionError, match=rf"test_shaped.py:\d+ {line}"):
+        out(torch.randn(2, 20, 8))  # the original raises its ValueError on this path
+    with pytest.raises(AssertionError, match=r"`dtype` is torch.float32"):
+        out(torch.randn(2, 5, 8, dtype=torch.float64))
+
+
+def test_reversible_gradients_equal_backprop():
+    torch.manual_seed(0)
+    model = Looks().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    reversible, backprop = converted_pair(model, (x,))
+    grads = []
+    for net in (reversible, backprop):
+        y = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y.requires_grad_(True)
+        out = net(y)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([y.grad, *(p.grad for p in net.parameters())])
+    assert grad_err(grads[0], grads[1]) <= 1e-8
+
+
+def test_the_converted_graph_survives_pickling_with_its_checks():
+    torch.manual_seed(0)
+    model = Looks()
+    out = fxmomentum.convert(model, 0.5, example_inputs=(torch.randn(2, 5, 8),))
+    x = torch.randn(3, 6, 8)
+    for copy in round_trips(out).values():
+        assert torch.equal(copy(x), out(x))
+        with pytest.raises(AssertionError, match=re.escape("if n > self.pos.shape")):
+            copy(torch.randn(2, 20, 8))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class Clamps(nn.Module):
+    """Python control flow on tensor values, not only on shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.ModuleList([Residual(), Residual()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.abs() > 10).any():
+            x = x.clamp(-10, 10)
+        for block in self.body:
+            x = block(x)
+        return x
+
+
+def test_a_graph_that_checks_tensor_values_is_not_taken():
+    # Shape-aware, the blocks would be one chain, but the graph would serve only inputs
+    # within [-10, 10]: conversion descends (one chain per Residual) and the model's own
+    # forward keeps serving every input.
+    torch.manual_seed(0)
+    model = Clamps()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.zeros(2, 4),), return_report=True
+    )
+    assert type(out) is Clamps and [c.num_blocks for c in report.chains] == [1, 1]
+    (note,) = [n for n in report.notes if "shape-aware trace" in n]
+    assert "would find 1 chains of 2 blocks" in note and "test_shaped.py:" in note
+    x = torch.full((2, 4), 50.0)
+    assert torch.equal(out(x), model(x))
+
+
+def test_capture_reports_a_check_on_tensor_values_as_such():
+    model = Clamps()
+    cap = capture(model, torch.zeros(2, 4), shape_aware=True)
+    assert [c.data for c in cap.checks] == [True]
+    (note,) = [n for n in cap.notes if "reads its inputs' values in Python" in n]
+    assert "1 depend on tensor contents" in note
+    gm = cap.graph_module
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match="it is False"):
+        gm(torch.full((2, 4), 50.0))
+
+
+class _Tracer(ShapedTracing, fx.Tracer):
+    pass
+
+
+def test_without_examples_the_tracer_is_torch_fx_s():
+    tracer = _Tracer()
+    tracer.set_examples(None)
+    with pytest.raises(fx.proxy.TraceError):
+        tracer.trace(Looks())
+    tracer.set_examples({"x": torch.randn(2, 5, 8), "mask": None})
+    graph = tracer.trace(Looks(), {"mask": None})
+    asserts = [n for n in graph.nodes if n.target is torch._assert]
+    assert len(asserts) == len(tracer.checks) >= 2
