@@ -549,48 +549,39 @@ def _report(
     )
 
 
-def _own_methods(cls: type) -> dict[str, Any]:
-    """Methods and properties ``cls`` adds to nn.Module (not its forward, dunders, or names
-    a GraphModule has)."""
-    methods: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if klass is nn.Module or klass is object:
-            break
-        for name, value in vars(klass).items():
-            if (
-                name in methods
-                or name == "forward"
-                or (name.startswith("__") and name.endswith("__"))
-                or hasattr(fx.GraphModule, name)
-            ):
-                continue
-            if isinstance(value, (staticmethod, classmethod, property)) or callable(value):
-                methods[name] = value
-    return methods
-
-
 _METHOD_CLASSES: dict[type, type] = {}
 
 
 def _keep_methods(gm: fx.GraphModule, cls: type) -> None:
-    """Give ``gm`` the methods of the module class it replaces.
+    """Make ``gm`` an instance of the module class it replaces, with its methods.
 
-    The graph module gets a class of the replaced class's name holding its methods, which
-    ``copy.deepcopy`` keeps (torch.fx builds each copy's class on it) and pickling restores
-    when the replaced class can be imported. A method calling ``super()`` without arguments
-    still fails: the graph module is not an instance of the replaced class.
+    The graph module's class derives from GraphModule and then ``cls``: the graph's forward
+    and GraphModule's own machinery come first, then every method, property and override of
+    ``cls`` (``super()`` in them works, and ``isinstance(gm, cls)`` holds). ``cls.__init__`` is
+    not run again: the graph module holds the replaced module's attributes. ``copy.deepcopy``
+    keeps the class (torch.fx builds each copy's class on it) and pickling restores it when
+    ``cls`` can be imported.
     """
-    methods = _own_methods(cls)
-    if not methods:
+    if cls is nn.Module or not issubclass(cls, nn.Module) or issubclass(cls, fx.GraphModule):
         return
     base = _METHOD_CLASSES.get(cls)
     if base is None:
-        base = type(cls.__name__, (fx.GraphModule,), {**methods, "__reduce__": _reduce_kept})
+        # GraphModule.__init__ calls super().__init__(), which would reach cls.__init__: a
+        # class in between sends it to nn.Module's.
+        init = type(f"_{cls.__name__}Init", (cls,), {"__init__": _module_init})
+        base = type(cls.__name__, (fx.GraphModule, init), {"__reduce__": _reduce_kept})
         base._fxmomentum_methods_of = cls  # type: ignore[attr-defined]
         _METHOD_CLASSES[cls] = base
-    # One class per instance, as torch.fx makes them: recompile puts forward on it.
-    gm.__class__ = type("GraphModuleImpl", (base,), {})
+    # One class per instance, as torch.fx makes them (its qualified name tells torch.fx so):
+    # recompile puts forward on it.
+    impl = type("GraphModuleImpl", (base,), {})
+    impl.__name__ = cls.__name__
+    gm.__class__ = impl
     gm.recompile()
+
+
+def _module_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    nn.Module.__init__(self)
 
 
 def _reduce_kept(self: fx.GraphModule) -> tuple[Any, ...]:

@@ -556,6 +556,12 @@ class Trunk(nn.Module):
     def classify(self, x):
         return self.head(x) / self.width
 
+    def train(self, mode: bool = True) -> Trunk:
+        # The head stays in eval mode, as a frozen layer would: an override calling super().
+        super().train(mode)
+        self.head.train(False)
+        return self
+
     def forward(self, x):
         for f in self.blocks:
             x = x + f(x)
@@ -585,3 +591,8 @@ def test_a_parent_calling_its_converted_childs_methods_keeps_working():
     expected = model(x)
     for how, other in {"converted": out, **round_trips(out)}.items():
         assert max_rel_err([other(x)], [expected]) < 1e-6, how
+        # The child is an instance of its class: its train() override, which calls super(),
+        # runs as the original's would.
+        assert isinstance(other.trunk, Trunk), how
+        other.eval().train()
+        assert other.trunk.training and not other.trunk.head.training, how
