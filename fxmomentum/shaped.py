@@ -52,6 +52,7 @@ from torch import fx
 from torch.fx import _symbolic_trace
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute
+from torch.utils._pytree import tree_map
 
 __all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation"]
 
@@ -217,7 +218,8 @@ class ShapedTracing:
                 # A fixed argument's placeholder is ``name_1``: its value is the fixed one.
                 base, _, _ = name.rpartition("_")
                 value = self._examples.get(base, _MISSING)  # type: ignore[union-attr]
-            return value.clone() if isinstance(value, torch.Tensor) else value
+            # The example runs in place where the model does: not on the caller's tensors.
+            return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
         return self._run(kind, target, args, kwargs)
 
     def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:

@@ -10,11 +10,11 @@ torch.fx tracer, ``transformers.utils.fx``):
   each submodule traced as the model called it (None arguments fixed, the decorator wrapper
   left out), attention kept whole (it branches on ``self.training``). Where the loop over the
   layers lives in a module that traces (``BertEncoder``), the layers form one chain. Where it
-  lives in the model's own forward (``GPT2Model``, ``ViTModel``), that forward is traced
-  shape-aware (:mod:`fxmomentum.shaped`: shapes and dtypes read from the example and checked
-  at run time), which puts the loop in the graph: the layers form one chain. Where that graph
-  would not return what the model returns (a key/value cache the decorator creates from the
-  config), conversion descends: one chain per layer.
+  lives in the model's own forward (``GPT2Model``, ``LlamaModel``, ``ViTModel``), that
+  forward is traced shape-aware (:mod:`fxmomentum.shaped`: shapes and dtypes read from the
+  example and checked at run time), which puts the loop in the graph: the layers form one
+  chain. Where that graph would not return what the model returns (a key/value cache the
+  decorator creates from the config), conversion descends: one chain per layer.
 
 Relative errors as in DESIGN.md; reversible gradients against backprop's in float64, with a
 loss that depends on the output's direction (the sum of squares of a LayerNorm's output does
@@ -56,6 +56,15 @@ def gpt2(use_cache: bool = False) -> nn.Module:
     return transformers.GPT2Model(config)
 
 
+def llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        use_cache=False,
+    )  # fmt: skip
+    return transformers.LlamaModel(config)
+
+
 def hf_vit() -> nn.Module:
     config = transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -83,6 +92,9 @@ MODELS = {
     # Pre-norm, x + attn(ln_1(x)) and x + mlp(ln_2(x)): 2 pure blocks per layer, the 2
     # layers one chain of 4 (the loop is in GPT2Model.forward, traced shape-aware).
     "gpt2": (gpt2, lambda: (ids(),), [("h.0", 4, "pure")], True),
+    # Pre-norm with RMSNorm, rotary position embeddings (context of every attention block)
+    # and grouped-query attention: like GPT-2, the loop in LlamaModel.forward.
+    "llama": (llama, lambda: (ids(),), [("layers.0", 4, "pure")], True),
     # Pre-norm like GPT-2, the loop in ViTModel.forward.
     "hf_vit": (hf_vit, images, [("layers.0", 4, "pure")], True),
     # torchvision-style basic blocks: relu(x + F(x)); the first block of layers 2-4 has a
