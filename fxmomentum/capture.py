@@ -338,6 +338,8 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
                 if self.failure is None:
                     self.failure = ((), e)
                 raise
+            finally:
+                self.forget_examples()
 
     def call_module(
         self,

@@ -229,8 +229,9 @@ class ShapedTracing:
         except _Unknown:
             return _MISSING
         # torch.fx patches nn.Module.__call__ and __getattr__ while it traces: the example
-        # runs the real ones.
-        with _symbolic_trace._maybe_revert_all_patches():
+        # runs the real ones. Without grad: an autograd graph per value would hold every
+        # activation's saved tensors as well.
+        with _symbolic_trace._maybe_revert_all_patches(), torch.no_grad():
             try:
                 if kind == "call_function":
                     return target(*a, **k)
@@ -246,6 +247,14 @@ class ShapedTracing:
             except Exception:
                 return _MISSING
         return _MISSING
+
+    def forget_examples(self) -> None:
+        """Drop the example values from the traced graph's nodes (each holds an activation
+        of the example's forward)."""
+        graph = getattr(self, "graph", None)
+        if graph is not None:
+            for node in graph.nodes:
+                node.meta.pop(EXAMPLE, None)
 
     # -- answers, each checked in the graph ---------------------------------------------------
     def _known(self, obj: fx.Proxy) -> Any:
@@ -267,7 +276,8 @@ class ShapedTracing:
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self._known(obj)
-        if value is _MISSING:
+        if value is _MISSING or _reads_requires_grad(obj.node):
+            # The example runs without grad: whether a tensor requires grad is not known.
             return super().to_bool(obj)  # type: ignore[misc]
         result = bool(value)
 
@@ -330,6 +340,22 @@ class ShapedTracing:
         what = f"`{attr}{'()' if method else ''}` is {result}"
         self._check((obj.node, attr), cond, what, False)
         return (lambda *args, **kwargs: result) if method else result
+
+
+def _reads_requires_grad(node: fx.Node) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is getattr and n.args[1:] == ("requires_grad",):
+            return True
+        if n.op in ("call_function", "call_method") and not isinstance(
+            n.meta.get(EXAMPLE), torch.Tensor
+        ):
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def _holds_proxy(index: Any) -> bool:

@@ -16,8 +16,8 @@ from conftest import converted_pair, grad_err, max_rel_err, round_trips
 from torch import fx, nn
 
 import fxmomentum
-from fxmomentum.capture import capture
-from fxmomentum.shaped import ShapedTracing
+from fxmomentum.capture import CaptureError, capture
+from fxmomentum.shaped import EXAMPLE, ShapedTracing
 
 
 class Looks(nn.Module):
@@ -170,3 +170,26 @@ def test_without_examples_the_tracer_is_torch_fx_s():
     graph = tracer.trace(Looks(), {"mask": None})
     asserts = [n for n in graph.nodes if n.target is torch._assert]
     assert len(asserts) == len(tracer.checks) >= 2
+
+
+class GradSwitch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and x.requires_grad:  # the example runs without grad
+            x = x * 2
+        return x + self.f(x)
+
+
+def test_a_branch_on_requires_grad_is_not_decided_by_the_example():
+    with pytest.raises(CaptureError, match=r"cannot trace GradSwitch\.forward"):
+        capture(GradSwitch(), torch.zeros(2, 4), shape_aware=True)
+
+
+def test_the_graph_keeps_no_example_values():
+    # Each would hold an activation of the example's forward for as long as the model lives.
+    cap = capture(Looks(), torch.randn(2, 5, 8), shape_aware=True)
+    assert cap.checks
+    assert not [n for n in cap.graph.nodes if EXAMPLE in n.meta]
