@@ -68,6 +68,11 @@ class MomentumChain(GammaSetting, nn.Module):
         ``False``: it keeps the blocks at their original paths so that ``state_dict`` keys stay.
     names : sequence of str, optional
         Block names used in error messages.
+    reads : sequence of sequence of int, optional
+        Per block, the positions of ``args`` it reads (a converted graph knows them); by
+        default every block may read every argument. Only the tensors a block reads get their
+        gradients from its node, so a parameter passed in ``args`` has its gradient
+        accumulated as soon as its block has gone backward.
 
     Examples
     --------
@@ -86,6 +91,7 @@ class MomentumChain(GammaSetting, nn.Module):
         use_backprop: bool = False,
         register_blocks: bool = True,
         names: Sequence[str] | None = None,
+        reads: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -100,6 +106,9 @@ class MomentumChain(GammaSetting, nn.Module):
         self.residual = [bool(r) for r in residual]
         default_names = [f"block {t}" for t in range(len(blocks))]
         self.names = list(names) if names is not None else default_names
+        if reads is not None and len(reads) != len(blocks):
+            raise ValueError(f"{len(reads)} reads for {len(blocks)} blocks")
+        self.reads = [tuple(r) for r in reads] if reads is not None else None
         if register_blocks:
             self.blocks = nn.ModuleList(blocks)
         else:
@@ -125,7 +134,8 @@ class MomentumChain(GammaSetting, nn.Module):
     def forward(
         self, x: torch.Tensor, *args: object, v0: torch.Tensor | None = None
     ) -> torch.Tensor:
-        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names)
+        reads = self.reads or ()
+        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names, reads)
         if self.use_backprop or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0, args)
         return reversible_chain(spec, x, v0, args)

@@ -71,12 +71,19 @@ class ChainSpec:
         ``gamma = gamma_num / 2**16``.
     names : sequence of str
         Block names for error messages.
+    reads : sequence of (sequence of int or None)
+        Per block, the positions of the chain's arguments it reads (None, or an empty
+        ``reads``: all of them). A tensor a block does not read is not an input of its
+        autograd node: a parameter handed to every block would otherwise have its gradient
+        held until the whole chain has gone backward (autograd waits for every node that
+        takes it).
     """
 
     blocks: Sequence[Callable[..., torch.Tensor]]
     residual: Sequence[bool]
     gamma_num: int
     names: Sequence[str] = ()
+    reads: Sequence[Sequence[int] | None] = ()
 
     def name(self, t: int) -> str:
         return self.names[t] if t < len(self.names) else f"block {t}"
@@ -124,6 +131,20 @@ class _Arguments:
         self.leaves = [None if isinstance(a, torch.Tensor) else a for a in leaves]
         self.tensors = [leaves[i] for i in self.tensor_slots]
 
+    def tensor_indices(self, positions: Sequence[int] | None) -> list[int]:
+        """Indices into :attr:`tensors` of the tensors in positional arguments ``positions``
+        (every tensor for None)."""
+        if positions is None:
+            return list(range(len(self.tensors)))
+        args, _ = tree_unflatten(list(range(len(self.leaves))), self.tree)
+        slot = {leaf: k for k, leaf in enumerate(self.tensor_slots)}
+        found: list[int] = []
+        for p in positions:
+            for leaf in tree_flatten(args[p])[0]:
+                if leaf in slot:
+                    found.append(slot[leaf])
+        return sorted(set(found))
+
     def build(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         leaves = list(self.leaves)
         for i, t in zip(self.tensor_slots, tensors, strict=True):
@@ -142,6 +163,8 @@ class _BlockRecord:
     checksum: int
     arguments: _Arguments
     context: tuple[torch.Tensor, ...]
+    # Indices into context of the tensors the block's autograd node takes (see ChainSpec.reads).
+    reads: tuple[int, ...] = ()
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
     mutated_buffers: list[torch.Tensor] = field(default_factory=list)
@@ -342,11 +365,17 @@ class ChainRun:
         return cached
 
     def forward_block(
-        self, t: int, x: torch.Tensor, arguments: _Arguments, context: Sequence[torch.Tensor]
+        self,
+        t: int,
+        x: torch.Tensor,
+        arguments: _Arguments,
+        context: Sequence[torch.Tensor],
+        reads: Sequence[int] = (),
     ) -> torch.Tensor:
         """Run block ``t`` on its input ``x`` (the decoded state); return the next input.
 
-        ``context`` holds the tensors of the block's extra ``arguments``.
+        ``context`` holds the tensors of the block's extra ``arguments``; ``reads`` indexes
+        those that are inputs of its autograd node (which get gradients).
         """
         spec, stack, n, R = self.spec, self.stack, self.n, self.R
         block = spec.blocks[t]
@@ -375,6 +404,7 @@ class ChainRun:
             checksum=0,
             arguments=arguments,
             context=tuple(context),
+            reads=tuple(reads),
         )
         if not torch.equal(cpu_rng, torch.get_rng_state()):
             rec.cpu_rng = cpu_rng
@@ -529,7 +559,8 @@ class ChainRun:
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
 
-        Returns ``(grad_x, grad_context, grad_params)``.
+        Returns ``(grad_x, grad_context, grad_params)``, ``grad_context`` for the context
+        tensors the block's node takes (``reads`` of :meth:`forward_block`).
         """
         spec, stack, n = self.spec, self.stack, self.n
         rec = self.records[t]
@@ -577,7 +608,11 @@ class ChainRun:
         del v_sum
         self.x = x
         x = x.detach().requires_grad_(True)
-        context = [c.detach().requires_grad_(c.requires_grad) for c in rec.context]
+        taken = set(rec.reads)
+        context = [
+            c.detach().requires_grad_(c.requires_grad and i in taken)
+            for i, c in enumerate(rec.context)
+        ]
         args, kwargs = rec.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
@@ -621,7 +656,8 @@ class ChainRun:
         grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
         grad_x = _input_grad(grads, grad_out, None if x_f is None else grad_f, grad_f)
         it = iter(grads[1 : 1 + len(wanted)])
-        grad_context = [next(it) if ci.requires_grad else None for ci in context]
+        grad_all = [next(it) if ci.requires_grad else None for ci in context]
+        grad_context = [grad_all[i] for i in rec.reads]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
 
     def grad_v0(self) -> torch.Tensor:
@@ -672,10 +708,20 @@ class _ReversibleBlock(torch.autograd.Function):
     """One block of a reversible chain: saves nothing (the run holds the chain's output)."""
 
     @staticmethod
-    def forward(ctx, run: ChainRun, t: int, arguments: _Arguments, n_params: int, x, v0, *tensors):  # type: ignore[override]
+    def forward(
+        ctx,
+        run: ChainRun,
+        t: int,
+        arguments: _Arguments,
+        reads: list[int],
+        n_params: int,
+        x,
+        v0,
+        *tensors,
+    ):  # type: ignore[override]
         if t == 0:
             x = run.start(x, v0)
-        y = run.forward_block(t, x, arguments, tensors[: len(tensors) - n_params])
+        y = run.forward_block(t, x, arguments, arguments.tensors, reads)
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(tensors) - n_params :]
         return y
@@ -695,7 +741,7 @@ class _ReversibleBlock(torch.autograd.Function):
             grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
         grad_x = grad_x.to(run.dtype)
         grad_v0 = run.grad_v0().to(run.dtype) if ctx.t == 0 and run.has_v0 else None
-        return (None, None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
+        return (None, None, None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
@@ -858,6 +904,7 @@ def run_block(
 ) -> torch.Tensor:
     """Apply block ``t`` of ``run`` as its own autograd node; return the next input."""
     params = [p for p in _block_params(run.spec.blocks[t]) if p.requires_grad]
-    return _ReversibleBlock.apply(
-        run, t, arguments, len(params), x, v0, *arguments.tensors, *params
-    )
+    spec = run.spec
+    reads = arguments.tensor_indices(spec.reads[t] if spec.reads else None)
+    taken = [arguments.tensors[i] for i in reads]
+    return _ReversibleBlock.apply(run, t, arguments, reads, len(params), x, v0, *taken, *params)

@@ -458,6 +458,7 @@ def rewrite(
             use_backprop=use_backprop,
             register_blocks=False,
             names=_block_names(chain.blocks),
+            reads=[[positions[c] for c in b.context] for b in chain.blocks],
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)

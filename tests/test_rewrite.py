@@ -305,3 +305,47 @@ def test_train_eval_mode_reaches_stochastic_depth():
     gm.train()
     with torch.no_grad():
         assert not torch.equal(gm(x), gm(x))
+
+
+class WeightsAsContext(nn.Module):
+    """Blocks that read their weights by attribute (``F.linear(x, self.w[i])``, as Hugging
+    Face's Conv1D does): in the graph, each weight is a ``get_attr`` the block takes as
+    context."""
+
+    def __init__(self, depth: int = 3, width: int = 6) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(width, width) / 4) for _ in range(depth))
+
+    def forward(self, x):
+        for w in self.w:
+            x = x + torch.tanh(nn.functional.linear(x, w))
+        return x
+
+
+def test_each_block_node_takes_only_the_context_it_reads():
+    # A weight handed to every block's autograd node would have its gradient held until the
+    # whole chain had gone backward (autograd waits for every node that takes it): memory
+    # growing with depth by the size of the weights.
+    torch.manual_seed(0)
+    model = WeightsAsContext().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    gm = fxmomentum.convert(model, 0.9, example_inputs=(x,))
+    (chain,) = [m for m in gm.modules() if isinstance(m, MomentumChain)]
+    assert chain.reads == [(0,), (1,), (2,)]
+    out = gm(x.clone().requires_grad_(True))
+    taken, todo, seen = [], [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nexts = [f for f, _ in node.next_functions]
+        if "ReversibleBlock" in node.name():
+            variables = [f.variable for f in nexts if f is not None and hasattr(f, "variable")]
+            taken.append(sorted(i for i, w in enumerate(gm.w) for v in variables if v is w))
+        todo.extend(nexts)
+    assert sorted(taken) == [[0], [1], [2]]
+    out.sum().backward()
+    backprop = fxmomentum.convert(model, 0.9, example_inputs=(x,), use_backprop=True)
+    backprop(x).sum().backward()
+    assert max_rel_err([w.grad for w in gm.w], [w.grad for w in backprop.w]) <= 1e-10
