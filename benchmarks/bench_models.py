@@ -1,6 +1,6 @@
 """Benchmark of whole models: activation memory and time of a training step, converted or not.
 
-Three models, random weights, one training step (forward, ``output.sum()``, backward):
+Four models, random weights, one training step (forward, ``output.sum()``, backward):
 
 - torchvision ResNet-101 (batch 8, 3x96x96; time also at 3x64x64): the original; fxmomentum.convert
   (reversible, and with ``use_backprop=True``); ``torch.utils.checkpoint`` around each Bottleneck
@@ -10,7 +10,14 @@ Three models, random weights, one training step (forward, ``output.sum()``, back
   dropout 0.1) at 12 and 48 layers: the original, reversible (fxmomentum.convert when it captures
   the chain, else fxmomentum.transform_to_momentumnet with ``split_layers=True``), checkpoint
   per layer;
-- torchvision vit_b_16 at 96x96 (batch 8): the original and fxmomentum.convert (reversible).
+- torchvision vit_b_16 at 96x96 (batch 8): the original and fxmomentum.convert (reversible);
+- Hugging Face ``GPT2Model`` from a ``GPT2Config`` (d=256, 8 heads, inner 1024, 256 positions,
+  vocabulary 1000, default dropouts, ``use_cache=False``), input ids batch 8 x seq 256, loss
+  ``last_hidden_state.sum()``, at 12 and 48 layers: the original, fxmomentum.convert (one chain
+  across the layers) and the model's own ``gradient_checkpointing_enable()``. It needs
+  ``transformers`` (skipped, with the reason logged, without it) and is not in the default run
+  (about 4 minutes on 2 threads): ``--only gpt2 --out DIR``, whose ``models.md`` and
+  ``models.json`` are kept as ``benchmarks/results/models_gpt2.*``.
 
 Run ``python benchmarks/bench_models.py`` to regenerate ``benchmarks/results/models.md``,
 ``models.json`` and the ``models_*.png`` bar plots; ``--quick`` runs tiny sizes in seconds (a smoke
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -99,6 +107,14 @@ class Sizes:
     vit_hidden: int
     vit_mlp: int
     vit_batch: int
+    gpt2_width: int
+    gpt2_heads: int
+    gpt2_inner: int
+    gpt2_seq: int
+    gpt2_batch: int
+    gpt2_vocab: int
+    gpt2_memory_layers: list[int]
+    gpt2_time_layers: int
     time_repeats: int
     time_warmup: int
     #: Steps of the reversible configuration alone before its interleaved pairs.
@@ -130,6 +146,14 @@ FULL = Sizes(
     vit_hidden=768,
     vit_mlp=3072,
     vit_batch=8,
+    gpt2_width=256,
+    gpt2_heads=8,
+    gpt2_inner=1024,
+    gpt2_seq=256,
+    gpt2_batch=8,
+    gpt2_vocab=1000,
+    gpt2_memory_layers=[12, 48],
+    gpt2_time_layers=12,
     time_repeats=3,
     time_warmup=1,
 )
@@ -157,12 +181,20 @@ QUICK = Sizes(
     vit_hidden=32,
     vit_mlp=64,
     vit_batch=2,
+    gpt2_width=32,
+    gpt2_heads=4,
+    gpt2_inner=64,
+    gpt2_seq=16,
+    gpt2_batch=2,
+    gpt2_vocab=100,
+    gpt2_memory_layers=[2, 4],
+    gpt2_time_layers=2,
     time_repeats=2,
     time_warmup=1,
     solo_warmup=0,
     memory_jobs=2,
     threads=1,
-    memory_only={"resnet": ["original", "reversible"], "transformer": [], "vit": []},
+    memory_only={"resnet": ["original", "reversible"], "transformer": [], "vit": [], "gpt2": []},
 )
 
 
@@ -174,6 +206,15 @@ def official_status() -> tuple[bool, str]:
     except Exception as exc:  # any import failure means "skip it"
         return False, f"{type(exc).__name__}: {exc}"
     return True, str(getattr(momentumnet, "__version__", "unknown version"))
+
+
+def transformers_status() -> tuple[bool, str]:
+    """Whether Hugging Face ``transformers`` imports, and its version or the error."""
+    try:
+        import transformers
+    except Exception as exc:  # any import failure means "skip the GPT-2 benchmark"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, str(transformers.__version__)
 
 
 class Checkpointed(nn.Module):
@@ -209,24 +250,72 @@ def convert_captures_stack(width: int = 32, heads: int = 4, ff: int = 64) -> boo
     return [c.num_blocks for c in report.converted] == [4]
 
 
+def gpt2_model(layers: int, width: int, heads: int, inner: int, seq: int, vocab: int) -> nn.Module:
+    """A Hugging Face ``GPT2Model`` with random weights (default dropouts, ``use_cache=False``)."""
+    from transformers import GPT2Config, GPT2Model
+    from transformers.utils import logging
+
+    # The default bos/eos token ids (50256) lie outside the small vocabulary: a warning per
+    # build that would hide a failing child's own error.
+    logging.set_verbosity_error()
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        n_inner=inner,
+        n_positions=seq,
+        vocab_size=vocab,
+        use_cache=False,
+    )
+    return GPT2Model(config)
+
+
+def _hf_checkpointing(model: nn.Module) -> None:
+    # Deprecated in favour of activation_checkpointing_enable in transformers 5, same behaviour
+    # (non-reentrant torch.utils.checkpoint around each GPT2Block).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+
+
+def gpt2_checkpoint_method() -> str:
+    """``"hf"`` when a tiny GPT2Model takes ``gradient_checkpointing_enable()`` and trains, else
+    ``"wrap"`` (each block of ``model.h`` under :class:`Checkpointed`)."""
+    try:
+        model = gpt2_model(1, 16, 2, 32, 8, 50)
+        _hf_checkpointing(model)
+        model.train()(torch.randint(0, 50, (2, 8))).last_hidden_state.sum().backward()
+    except Exception:
+        return "wrap"
+    return "hf"
+
+
+def last_hidden_sum(output: Any) -> torch.Tensor:
+    """The loss of the GPT-2 benchmark: ``output.last_hidden_state.sum()``."""
+    return output.last_hidden_state.sum()
+
+
 def build(bench: str, kind: str, method: str = "convert", **sizes: Any) -> Workload:
     """One configuration's workload: the builder ``harness.measure_memory`` runs in the child.
 
     Parameters
     ----------
-    bench : {"resnet", "transformer", "vit"}
+    bench : {"resnet", "transformer", "vit", "gpt2"}
     kind : str
         A key of :data:`LABELS`.
-    method : {"convert", "transform"}
+    method : {"convert", "transform", "hf", "wrap"}
         For the transformer's ``reversible``: fxmomentum.convert, or
-        fxmomentum.transform_to_momentumnet (``split_layers=True``).
+        fxmomentum.transform_to_momentumnet (``split_layers=True``). For GPT-2's
+        ``checkpoint``: the model's ``gradient_checkpointing_enable()`` (``"hf"``), or each block
+        of ``model.h`` under :class:`Checkpointed` (``"wrap"``).
     **sizes
         ``batch`` and the sizes of the model (see the ``_build_*`` functions).
 
     Returns
     -------
     Workload
-        The model in training mode and its input (which does not require grad).
+        The model in training mode and its input (which does not require grad); GPT-2's loss
+        is :func:`last_hidden_sum`.
 
     Examples
     --------
@@ -239,6 +328,9 @@ def build(bench: str, kind: str, method: str = "convert", **sizes: Any) -> Workl
         model, x = _build_transformer(kind, method, **sizes)
     elif bench == "vit":
         model, x = _build_vit(kind, **sizes)
+    elif bench == "gpt2":
+        model, x = _build_gpt2(kind, method, **sizes)
+        return Workload(model.train(), (x,), loss=last_hidden_sum)
     else:
         raise ValueError(f"unknown benchmark {bench!r}")
     return Workload(model.train(), (x,))
@@ -323,6 +415,35 @@ def _build_vit(
     raise ValueError(f"unknown kind {kind!r} for vit")
 
 
+def _build_gpt2(
+    kind: str,
+    method: str,
+    layers: int,
+    width: int,
+    heads: int,
+    inner: int,
+    seq: int,
+    vocab: int,
+    batch: int,
+) -> tuple[nn.Module, torch.Tensor]:
+    model = gpt2_model(layers, width, heads, inner, seq, vocab)
+    ids = torch.randint(0, vocab, (batch, seq))
+    if kind == "original":
+        return model, ids
+    if kind in ("reversible", "backprop"):
+        # Converted on a small example: the shape-aware graph reads batch size and length
+        # from its input (a batch of two, as GPT-2's mask code takes another path for one).
+        return _convert(model, kind, ids[:2, :32]), ids
+    if kind == "checkpoint" and method == "hf":
+        _hf_checkpointing(model)
+        return model, ids
+    if kind == "checkpoint" and method == "wrap":
+        for i in range(len(model.h)):
+            model.h[i] = Checkpointed(model.h[i])
+        return model, ids
+    raise ValueError(f"unknown kind {kind!r} / method {method!r} for gpt2")
+
+
 # -- measuring -------------------------------------------------------------------------------------
 Log = Callable[[str], None]
 
@@ -344,7 +465,9 @@ def _memory(
         try:
             res = measure_memory(name, BUILDER, kwargs, threads=threads)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            last = str(exc).strip().splitlines()[-1][:300]
+            # The first line holds the child's exit status (-9: killed, e.g. out of memory).
+            lines = str(exc).strip().splitlines()
+            last = lines[-1][:300] if len(lines) < 2 else f"{lines[0][:200]} {lines[-1][:300]}"
             log(f"  memory {name}: FAILED ({last})")
             return name, {"error": last}
         log(
@@ -472,6 +595,56 @@ def run_vit(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
     )
     chains = [c.num_blocks for c in report.converted]
     return {"kinds": kinds, "memory": memory, "time": times, "chains": chains}
+
+
+def run_gpt2(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
+    """GPT-2: memory at each of ``gpt2_memory_layers``, time and chains at ``gpt2_time_layers``.
+
+    Returns ``{"skipped": reason}`` when ``transformers`` does not import.
+    """
+    available, version = transformers_status()
+    if not available:
+        log(f"GPT-2: skipped, transformers is not available ({version})")
+        return {"skipped": f"transformers is not available ({version})"}
+    method = gpt2_checkpoint_method()
+    log(
+        f"GPT-2 (transformers {version}): checkpoint through "
+        + ("gradient_checkpointing_enable()" if method == "hf" else "Checkpointed per block")
+    )
+    kinds = ["original", "reversible", "checkpoint"]
+    base = {
+        "bench": "gpt2",
+        "method": method,
+        "width": s.gpt2_width,
+        "heads": s.gpt2_heads,
+        "inner": s.gpt2_inner,
+        "seq": s.gpt2_seq,
+        "vocab": s.gpt2_vocab,
+        "batch": s.gpt2_batch,
+    }
+    jobs = [
+        (f"{k}-{n}", {**base, "kind": k, "layers": n}) for n in s.gpt2_memory_layers for k in kinds
+    ]
+    memory = _memory(jobs, s, threads, log, "gpt2")
+    n = s.gpt2_time_layers
+    log(f"GPT-2: time at {n} layers")
+    times = _time({k: {**base, "kind": k, "layers": n} for k in kinds}, s, log, f"{n} layers")
+    # The chains fxmomentum.convert finds on the example it converts with (a batch of one
+    # would also take the position embedding's add, then of equal shapes, for a 1-block chain).
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    w = build("gpt2", "original", layers=n, **{k: v for k, v in base.items() if k != "bench"})
+    report = fxmomentum.inspect(w.model, (w.inputs[0][:2, :32],))
+    chains = [c.num_blocks for c in report.converted]
+    log(f"GPT-2: chains at {n} layers {chains} ({time.perf_counter() - start:.0f} s)")
+    return {
+        "kinds": kinds,
+        "method": method,
+        "transformers": version,
+        "memory": memory,
+        "time": times,
+        "chains": {str(n): chains},
+    }
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -660,6 +833,81 @@ def vit_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, Any]]
     return lines, ratios
 
 
+def gpt2_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, Any]]:
+    title = (
+        f"## Hugging Face GPT2Model: d={s.gpt2_width}, {s.gpt2_heads} heads, inner "
+        f"{s.gpt2_inner}, vocabulary {s.gpt2_vocab}, seq {s.gpt2_seq}, batch {s.gpt2_batch}, "
+        "default dropouts, random weights"
+    )
+    if "skipped" in r:
+        return [title, "", f"Skipped: {r['skipped']}.", ""], {}
+    mem = r["memory"]
+    ns = s.gpt2_memory_layers
+    n0, n1 = ns[0], ns[-1]
+    head = ["configuration"]
+    for n in ns:
+        head += [f"activation memory {n} layers (MiB)", f"memory ratio {n}"]
+    head += [f"memory {n1} / {n0} layers", f"time ratio {s.gpt2_time_layers} layers"]
+    labels = {
+        "original": "original",
+        "reversible": "fxmomentum.convert (reversible)",
+        "checkpoint": "gradient_checkpointing_enable() (per layer)"
+        if r["method"] == "hf"
+        else "torch.utils.checkpoint per layer (Checkpointed)",
+    }
+    rows, ratios = [], {}
+    for kind in r["kinds"]:
+        row = [labels[kind]]
+        ratios[kind] = {}
+        for n in ns:
+            peak = _peak(mem, f"{kind}-{n}")
+            ratio = _ratio(peak, _peak(mem, f"original-{n}"))
+            ratios[kind][f"memory_{n}"] = ratio
+            failed = "error" in mem.get(f"{kind}-{n}", {})
+            row += ["failed" if failed else _mib(peak), _x(ratio)]
+        growth = _ratio(_peak(mem, f"{kind}-{n1}"), _peak(mem, f"{kind}-{n0}"))
+        ratios[kind]["growth"] = growth
+        row += [_x(growth), _time_cell(r["time"], kind)]
+        ratios[kind]["time"] = r["time"].get(kind, {}).get("ratio")
+        rows.append(row)
+    failures = [
+        f"- {name}: the measurement failed ({entry['error']})."
+        for name, entry in mem.items()
+        if "error" in entry
+    ]
+    chains = "; ".join(
+        (f"1 chain of {c[0]} blocks" if len(c) == 1 else f"{len(c)} chains of {c} blocks")
+        + f" at {n} layers"
+        for n, c in r["chains"].items()
+    )
+    how = (
+        "`model.gradient_checkpointing_enable()` (non-reentrant torch.utils.checkpoint around "
+        "each GPT2Block)"
+        if r["method"] == "hf"
+        else "each block of `model.h` under torch.utils.checkpoint (non-reentrant): "
+        "`gradient_checkpointing_enable()` failed on a GPT2Config-built model"
+    )
+    lines = [
+        title,
+        "",
+        *_table(head, rows),
+        "",
+        f"- transformers {r['transformers']}; `GPT2Config(n_embd={s.gpt2_width}, "
+        f"n_head={s.gpt2_heads}, n_inner={s.gpt2_inner}, n_positions={s.gpt2_seq}, "
+        f"vocab_size={s.gpt2_vocab}, use_cache=False)`, random input ids; loss "
+        "`last_hidden_state.sum()`.",
+        f"- Reversible: `fxmomentum.convert(model, 0.9, example_inputs=(ids[:2, :32],))`, which "
+        f"traces GPT2Model.forward shape-aware (the graph reads batch size and length from its "
+        f"input); `fxmomentum.inspect` finds {chains} (attention and MLP of each layer).",
+        f"- Checkpoint: {how}.",
+        f"- `memory {n1} / {n0} layers`: each configuration's activation memory at {n1} layers "
+        f"over its own at {n0}.",
+        *failures,
+        "",
+    ]
+    return lines, ratios
+
+
 def _env(threads: int, official: tuple[bool, str], quick: bool) -> dict[str, Any]:
     try:
         commit = subprocess.run(
@@ -717,6 +965,7 @@ def write_markdown(path: Path, results: dict[str, Any], s: Sizes, argv: list[str
         ("resnet", resnet_section),
         ("transformer", transformer_section),
         ("vit", vit_section),
+        ("gpt2", gpt2_section),
     ):
         if key in results:
             text, ratios[key] = section(results[key], s)
@@ -807,6 +1056,22 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         written.append(out / "models_vit.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+
+    if ratios.get("gpt2"):
+        kinds = results["gpt2"]["kinds"]
+        r = ratios["gpt2"]
+        ns = s.gpt2_memory_layers
+        fig, axes = plt.subplots(1, len(ns) + 1, figsize=(4.2 * (len(ns) + 1), 3.6))
+        for ax, n in zip(axes, ns, strict=False):
+            vals = [1.0 if k == "original" else r[k][f"memory_{n}"] for k in kinds]
+            bars(ax, kinds, vals, f"activation memory ratio ({n} layers)")
+        bars(axes[-1], kinds, [1.0 if k == "original" else r[k]["time"] for k in kinds],
+             f"time ratio ({s.gpt2_time_layers} layers)")  # fmt: skip
+        fig.suptitle(f"Hugging Face GPT2Model, d={s.gpt2_width}, seq {s.gpt2_seq}")
+        fig.tight_layout()
+        written.append(out / "models_gpt2.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written
 
 
@@ -818,7 +1083,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results)")
     parser.add_argument(
-        "--only", default="resnet,transformer,vit", help="comma-separated: resnet,transformer,vit"
+        "--only",
+        default="resnet,transformer,vit",
+        help="comma-separated: resnet,transformer,vit,gpt2 (default: all but gpt2, which takes "
+        "about 20 minutes; run it with --only gpt2)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-official", action="store_true", help="leave momentumnet out")
@@ -835,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tempfile.mkdtemp(prefix="bench_models_")) if args.quick else HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    unknown = only - {"resnet", "transformer", "vit"}
+    unknown = only - {"resnet", "transformer", "vit", "gpt2"}
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
     torch.set_num_threads(threads)
@@ -854,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
         results["transformer"] = run_transformer(s, threads, log)
     if "vit" in only:
         results["vit"] = run_vit(s, threads, log)
+    if "gpt2" in only:
+        results["gpt2"] = run_gpt2(s, threads, log)
     results["seconds"] = round(time.perf_counter() - start, 1)
 
     ratios = write_markdown(out / "models.md", results, s, argv)

@@ -66,3 +66,32 @@ def test_quick_plots(quick_run):
         pytest.skip("matplotlib is not installed")
     for name in ("models_resnet101.png", "models_transformer.png", "models_vit.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def quick_gpt2(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("bench_models_gpt2")
+    cmd = [sys.executable, str(BENCH), "--quick", "--only", "gpt2", "--out", str(out)]
+    cmd += [] if importlib.util.find_spec("matplotlib") else ["--no-plots"]
+    env = dict(os.environ, FXMOMENTUM_COMPILE="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_quick_gpt2(quick_gpt2):
+    out = quick_gpt2
+    text = (out / "models.md").read_text()
+    assert "## Hugging Face GPT2Model" in text
+    assert "| fxmomentum.convert (reversible) |" in text
+    data = json.loads((out / "models.json").read_text())
+    gpt2, sizes = data["gpt2"], data["sizes"]
+    # One chain across all the layers: attention and MLP of each.
+    assert gpt2["chains"] == {str(sizes["gpt2_time_layers"]): [2 * sizes["gpt2_time_layers"]]}
+    for kind in ("reversible", "checkpoint"):
+        assert gpt2["time"][kind]["ratio"] > 0, (kind, gpt2["time"][kind])
+        assert len(gpt2["time"][kind]["ratios"]) == sizes["time_repeats"]
+    assert gpt2["method"] in ("hf", "wrap")
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "models_gpt2.png").read_bytes().startswith(b"\x89PNG")
