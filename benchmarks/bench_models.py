@@ -561,14 +561,29 @@ def run_transformer(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
         "seq": s.tf_seq,
         "batch": s.tf_batch,
     }
-    jobs = [
-        (f"{k}-{n}", {**base, "kind": k, "layers": n}) for n in s.tf_memory_layers for k in kinds
-    ]
-    memory = _memory(jobs, s, threads, log, "transformer")
-    log(f"Transformer stack: time at {s.tf_time_layers} layers")
-    configs = {k: {**base, "kind": k, "layers": s.tf_time_layers} for k in kinds}
-    times = _time(configs, s, log, f"{s.tf_time_layers} layers")
+    memory, times = _by_depth(
+        base, kinds, s.tf_memory_layers, s.tf_time_layers, s, threads, log, "Transformer stack"
+    )
     return {"kinds": kinds, "method": method, "memory": memory, "time": times}
+
+
+def _by_depth(
+    base: dict[str, Any],
+    kinds: list[str],
+    memory_layers: list[int],
+    time_layers: int,
+    s: Sizes,
+    threads: int,
+    log: Log,
+    label: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Memory of each kind at each of ``memory_layers`` (``"<kind>-<layers>"``), and time at
+    ``time_layers``."""
+    jobs = [(f"{k}-{n}", {**base, "kind": k, "layers": n}) for n in memory_layers for k in kinds]
+    memory = _memory(jobs, s, threads, log, base["bench"])
+    log(f"{label}: time at {time_layers} layers")
+    configs = {k: {**base, "kind": k, "layers": time_layers} for k in kinds}
+    return memory, _time(configs, s, log, f"{time_layers} layers")
 
 
 def run_vit(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
@@ -622,13 +637,8 @@ def run_gpt2(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
         "vocab": s.gpt2_vocab,
         "batch": s.gpt2_batch,
     }
-    jobs = [
-        (f"{k}-{n}", {**base, "kind": k, "layers": n}) for n in s.gpt2_memory_layers for k in kinds
-    ]
-    memory = _memory(jobs, s, threads, log, "gpt2")
     n = s.gpt2_time_layers
-    log(f"GPT-2: time at {n} layers")
-    times = _time({k: {**base, "kind": k, "layers": n} for k in kinds}, s, log, f"{n} layers")
+    memory, times = _by_depth(base, kinds, s.gpt2_memory_layers, n, s, threads, log, "GPT-2")
     # The chains fxmomentum.convert finds on the example it converts with (a batch of one
     # would also take the position embedding's add, then of equal shapes, for a 1-block chain).
     torch.manual_seed(0)
@@ -731,6 +741,32 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
     return lines, ratios
 
 
+def _depth_rows(
+    r: dict[str, Any], layers: list[int], labels: dict[str, str], growth: bool
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """A row per kind: MiB and ratio to the original at each depth, then (with ``growth``)
+    the last depth's MiB over the first's, then the time ratio; and those ratios."""
+    mem = r["memory"]
+    rows, ratios = [], {}
+    for kind in r["kinds"]:
+        row = [labels[kind]]
+        ratios[kind] = {}
+        for n in layers:
+            peak = _peak(mem, f"{kind}-{n}")
+            ratio = _ratio(peak, _peak(mem, f"original-{n}"))
+            ratios[kind][f"memory_{n}"] = ratio
+            failed = "error" in mem.get(f"{kind}-{n}", {})
+            row += ["failed" if failed else _mib(peak), _x(ratio)]
+        if growth:
+            grew = _ratio(_peak(mem, f"{kind}-{layers[-1]}"), _peak(mem, f"{kind}-{layers[0]}"))
+            ratios[kind]["growth"] = grew
+            row.append(_x(grew))
+        row.append(_time_cell(r["time"], kind))
+        ratios[kind]["time"] = r["time"].get(kind, {}).get("ratio")
+        rows.append(row)
+    return rows, ratios
+
+
 def transformer_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, Any]]:
     mem = r["memory"]
     n0, n1 = s.tf_memory_layers[0], s.tf_memory_layers[-1]
@@ -738,26 +774,10 @@ def transformer_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[st
     for n in s.tf_memory_layers:
         head += [f"activation memory {n} layers (MiB)", f"memory ratio {n}"]
     head.append(f"time ratio {s.tf_time_layers} layers")
-    rows, ratios = [], {}
-    for kind in r["kinds"]:
-        label = LABELS[kind]
-        if kind == "reversible":
-            label = (
-                "fxmomentum.convert (reversible)"
-                if r["method"] == "convert"
-                else "fxmomentum.transform_to_momentumnet (split_layers=True)"
-            )
-        row = [label]
-        ratios[kind] = {}
-        for n in s.tf_memory_layers:
-            peak = _peak(mem, f"{kind}-{n}")
-            ratio = _ratio(peak, _peak(mem, f"original-{n}"))
-            ratios[kind][f"memory_{n}"] = ratio
-            failed = "error" in mem.get(f"{kind}-{n}", {})
-            row += ["failed" if failed else _mib(peak), _x(ratio)]
-        row.append(_time_cell(r["time"], kind))
-        ratios[kind]["time"] = r["time"].get(kind, {}).get("ratio")
-        rows.append(row)
+    labels = dict(LABELS)
+    if r["method"] != "convert":
+        labels["reversible"] = "fxmomentum.transform_to_momentumnet (split_layers=True)"
+    rows, ratios = _depth_rows(r, s.tf_memory_layers, labels, growth=False)
     rev0, rev1 = _peak(mem, f"reversible-{n0}"), _peak(mem, f"reversible-{n1}")
     growth = _ratio(rev1, rev0)
     ratios["reversible"]["growth"] = growth
@@ -855,21 +875,7 @@ def gpt2_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, Any]
         if r["method"] == "hf"
         else "torch.utils.checkpoint per layer (Checkpointed)",
     }
-    rows, ratios = [], {}
-    for kind in r["kinds"]:
-        row = [labels[kind]]
-        ratios[kind] = {}
-        for n in ns:
-            peak = _peak(mem, f"{kind}-{n}")
-            ratio = _ratio(peak, _peak(mem, f"original-{n}"))
-            ratios[kind][f"memory_{n}"] = ratio
-            failed = "error" in mem.get(f"{kind}-{n}", {})
-            row += ["failed" if failed else _mib(peak), _x(ratio)]
-        growth = _ratio(_peak(mem, f"{kind}-{n1}"), _peak(mem, f"{kind}-{n0}"))
-        ratios[kind]["growth"] = growth
-        row += [_x(growth), _time_cell(r["time"], kind)]
-        ratios[kind]["time"] = r["time"].get(kind, {}).get("ratio")
-        rows.append(row)
+    rows, ratios = _depth_rows(r, ns, labels, growth=True)
     failures = [
         f"- {name}: the measurement failed ({entry['error']})."
         for name, entry in mem.items()
