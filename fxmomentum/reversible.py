@@ -138,12 +138,8 @@ class _Arguments:
             return list(range(len(self.tensors)))
         args, _ = tree_unflatten(list(range(len(self.leaves))), self.tree)
         slot = {leaf: k for k, leaf in enumerate(self.tensor_slots)}
-        found: list[int] = []
-        for p in positions:
-            for leaf in tree_flatten(args[p])[0]:
-                if leaf in slot:
-                    found.append(slot[leaf])
-        return sorted(set(found))
+        leaves = {leaf for p in positions for leaf in tree_flatten(args[p])[0]}
+        return sorted(slot[leaf] for leaf in leaves if leaf in slot)
 
     def build(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         leaves = list(self.leaves)
@@ -370,7 +366,7 @@ class ChainRun:
         x: torch.Tensor,
         arguments: _Arguments,
         context: Sequence[torch.Tensor],
-        reads: Sequence[int] = (),
+        reads: Sequence[int],
     ) -> torch.Tensor:
         """Run block ``t`` on its input ``x`` (the decoded state); return the next input.
 
