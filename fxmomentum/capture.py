@@ -317,7 +317,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         self.training_reads = {}
         self.unwrapped = []
         self._stack = []
-        self.checks = []
+        self.set_examples(self._examples)  # a new trace makes its own checks
         if isinstance(root, nn.Module):
             self._param_names, self._buffer_names = {}, {}
             for name, p in root.named_parameters():
@@ -783,7 +783,7 @@ def _examples_by_name(
     except (TypeError, ValueError):
         return None
     out: dict[str, Any] = {}
-    named = [p for p in params if p.name in _named_arguments(model)]
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if len(values) > len(named):
         return None
     for i, p in enumerate(named):

@@ -158,8 +158,8 @@ class _BlockRecord:
     # input, checked the same way, determines this block's input.
     checksum: int
     arguments: _Arguments
-    context: tuple[torch.Tensor, ...]
-    # Indices into context of the tensors the block's autograd node takes (see ChainSpec.reads).
+    # Indices into arguments.tensors of those the block's autograd node takes (see
+    # ChainSpec.reads).
     reads: tuple[int, ...] = ()
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
@@ -365,13 +365,12 @@ class ChainRun:
         t: int,
         x: torch.Tensor,
         arguments: _Arguments,
-        context: Sequence[torch.Tensor],
         reads: Sequence[int],
     ) -> torch.Tensor:
         """Run block ``t`` on its input ``x`` (the decoded state); return the next input.
 
-        ``context`` holds the tensors of the block's extra ``arguments``; ``reads`` indexes
-        those that are inputs of its autograd node (which get gradients).
+        ``reads`` indexes the tensors of the block's extra ``arguments`` that are inputs of its
+        autograd node (which get gradients).
         """
         spec, stack, n, R = self.spec, self.stack, self.n, self.R
         block = spec.blocks[t]
@@ -382,7 +381,7 @@ class ChainRun:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if x.is_cuda else None
 
-        args, kwargs = arguments.build(context)
+        args, kwargs = arguments.build(arguments.tensors)
         version = x._version
         with _same_path_as_backward():
             out = spec.output(t, x, args, kwargs)
@@ -399,7 +398,6 @@ class ChainRun:
             scale=self.s,
             checksum=0,
             arguments=arguments,
-            context=tuple(context),
             reads=tuple(reads),
         )
         if not torch.equal(cpu_rng, torch.get_rng_state()):
@@ -607,7 +605,7 @@ class ChainRun:
         taken = set(rec.reads)
         context = [
             c.detach().requires_grad_(c.requires_grad and i in taken)
-            for i, c in enumerate(rec.context)
+            for i, c in enumerate(rec.arguments.tensors)
         ]
         args, kwargs = rec.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
@@ -717,7 +715,7 @@ class _ReversibleBlock(torch.autograd.Function):
     ):  # type: ignore[override]
         if t == 0:
             x = run.start(x, v0)
-        y = run.forward_block(t, x, arguments, arguments.tensors, reads)
+        y = run.forward_block(t, x, arguments, reads)
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(tensors) - n_params :]
         return y
