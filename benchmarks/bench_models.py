@@ -63,6 +63,7 @@ LABELS = {
     "reversible": "fxmomentum.convert (reversible)",
     "backprop": "fxmomentum.convert (use_backprop=True)",
     "checkpoint": "torch.utils.checkpoint per block",
+    "checkpoint_reentrant": "torch.utils.checkpoint per block (use_reentrant=True)",
     "official": "momentumnet.transform_to_momentumnet",
 }
 SHORT = {
@@ -70,6 +71,7 @@ SHORT = {
     "reversible": "reversible",
     "backprop": "convert backprop",
     "checkpoint": "checkpoint",
+    "checkpoint_reentrant": "checkpoint (reentrant)",
     "official": "momentumnet",
 }
 
@@ -218,14 +220,21 @@ def transformers_status() -> tuple[bool, str]:
 
 
 class Checkpointed(nn.Module):
-    """``module`` under ``torch.utils.checkpoint`` (non-reentrant): only its inputs are kept."""
+    """``module`` under ``torch.utils.checkpoint``: only its inputs are kept.
 
-    def __init__(self, module: nn.Module) -> None:
+    Non-reentrant by default, as torch recommends. The reentrant variant runs the forward
+    without grad and recomputes in backward, as a reversible chain does, so it is the cost of
+    recomputation alone; it gives no gradient to a module whose inputs do not require grad,
+    so it is only used where every wrapped module's input does (ResNet's blocks).
+    """
+
+    def __init__(self, module: nn.Module, reentrant: bool = False) -> None:
         super().__init__()
         self.module = module
+        self.reentrant = reentrant
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(self.module, *args, use_reentrant=False, **kwargs)
+        return checkpoint(self.module, *args, use_reentrant=self.reentrant, **kwargs)
 
 
 def encoder_stack(layers: int, width: int, heads: int, ff: int) -> nn.Sequential:
@@ -349,10 +358,10 @@ def _build_resnet(
         return model, x
     if kind in ("reversible", "backprop"):
         return _convert(model, kind, x), x
-    if kind == "checkpoint":
+    if kind in ("checkpoint", "checkpoint_reentrant"):
         for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
             for i in range(len(stage)):
-                stage[i] = Checkpointed(stage[i])
+                stage[i] = Checkpointed(stage[i], reentrant=kind == "checkpoint_reentrant")
         return model, x
     if kind == "official":
         from momentumnet import transform_to_momentumnet
@@ -532,7 +541,7 @@ def _ratios_text(ratios: list[float]) -> str:
 
 def run_resnet(s: Sizes, official: bool, threads: int, log: Log) -> dict[str, Any]:
     """ResNet: memory at ``resnet_memory_size``, time at each of ``resnet_time_sizes``."""
-    kinds = ["original", "reversible", "backprop", "checkpoint"] + (
+    kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"] + (
         ["official"] if official else []
     )
     base = {"bench": "resnet", "layers": s.resnet_layers, "batch": s.resnet_batch}
@@ -734,7 +743,9 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
         f"{_check(time_ok)}.",
         "- References (DESIGN.md, same machine class): momentumnet 1.04x memory / 1.87x time; "
         "checkpoint per block 0.42x / 1.18x; floor (nothing inside the chains kept) 0.40x.",
-        "- checkpoint wraps each Bottleneck of layer1..4 (non-reentrant); momentumnet is "
+        "- checkpoint wraps each Bottleneck of layer1..4 (non-reentrant, and reentrant: "
+        "forward without grad, recomputation in backward, what a reversible chain does besides "
+        "its exact arithmetic); momentumnet is "
         "`transform_to_momentumnet(model, gamma=0.9, use_backprop=False)`.",
         "",
     ]
@@ -993,6 +1004,7 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         "reversible": "#1f77b4",
         "backprop": "#aec7e8",
         "checkpoint": "#ff7f0e",
+        "checkpoint_reentrant": "#ffbb78",
         "official": "#2ca02c",
     }
 

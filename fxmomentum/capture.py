@@ -35,7 +35,7 @@ from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .chain import MomentumChain
-from .shaped import ShapedTracing, Specialisation
+from .shaped import ShapedTracing, Specialisation, traced_sizes
 
 __all__ = [
     "TRACE_INTO",
@@ -299,6 +299,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             # small``). The wrapped function is traced instead.
             self.unwrapped.append(getattr(getattr(root_fn, "__code__", None), "co_name", "?"))
             root_fn = inner
+        self.patch_range(getattr(root_fn, "__globals__", {}))
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
         if self.var_keyword is None or not code.co_flags & inspect.CO_VARKEYWORDS:
             return fn, args
@@ -326,6 +327,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
                 self._buffer_names.setdefault(id(b), name)
         with contextlib.ExitStack() as stack:
             stack.enter_context(_transformers_traceable())
+            stack.enter_context(traced_sizes())
             if isinstance(root, nn.Module):
                 if self.shaped:
                     # The example runs as it is traced: buffers and the random state stay.
@@ -353,6 +355,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         try:
             if self.is_leaf_module(m, path):
                 return super().call_module(m, forward, args, kwargs)
+            self.patch_range(getattr(getattr(m, "forward", None), "__globals__", {}))
             with self._training_read(m, path):
                 return super().call_module(m, forward, args, kwargs)
         except Exception as e:

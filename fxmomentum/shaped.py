@@ -7,8 +7,8 @@ records it, so each proxy knows the value it stands for, and
 
 * a structural attribute (``dtype``, ``device``, ``is_nested``, ``ndim``, ``dim()``, ...)
   answers with the example's value;
-* a proxy used in control flow, as an int (``int(n)``), by ``len`` or by iteration answers
-  with the example's value too.
+* a proxy used in control flow, as an int (``int(n)``, ``range(n)``), by ``len`` or by
+  iteration answers with the example's value too.
 
 Each such answer is a *specialisation*, and the graph checks it: a ``torch._assert`` node
 compares the value at run time with the example's and raises a clear error, naming the line of
@@ -54,7 +54,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_map
 
-__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation"]
+__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation", "traced_sizes"]
 
 #: ``node.meta`` key of a node's example value.
 EXAMPLE = "fxmomentum_example"
@@ -108,8 +108,9 @@ class ShapedProxy(fx.Proxy):
     def __len__(self) -> int:
         return self.tracer.length(self)  # type: ignore[attr-defined]
 
-    # No __index__: tensor indexing would call it before torch.fx sees the proxy, and bake
-    # ``t[:, :n]`` to the example's n where torch.fx traces it.
+    # No __index__: torch's argument parsers would call it on a size in ``torch.ones((b, n))``
+    # or ``torch.narrow(x, 1, 0, n)`` and bake the example's value in, where torch.fx traces
+    # them. ``range(n)`` gets its ints from ShapedTracing.patch_range instead.
     def __int__(self) -> int:
         return self.tracer.to_int(self)  # type: ignore[attr-defined]
 
@@ -175,6 +176,13 @@ class ShapedTracing:
             yield
         finally:
             torch.Tensor.__getitem__ = original  # type: ignore[method-assign]
+
+    def patch_range(self, fn_globals: dict[str, Any]) -> None:
+        """Make ``range`` in the code with these globals take traced ints (``range(n)`` with
+        ``n`` read from a shape), each checked like ``int(n)``; for the rest of the trace."""
+        patcher = _symbolic_trace.CURRENT_PATCHER
+        if self._examples is not None and patcher is not None:
+            patcher.patch(fn_globals, "range", _range)
 
     # -- proxies carry their example ----------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -340,6 +348,52 @@ class ShapedTracing:
         what = f"`{attr}{'()' if method else ''}` is {result}"
         self._check((obj.node, attr), cond, what, False)
         return (lambda *args, **kwargs: result) if method else result
+
+
+def _range(*args: Any) -> range:
+    return range(*(int(a) if isinstance(a, fx.Proxy) else a for a in args))
+
+
+#: Factories whose size may be given as separate arguments (``torch.zeros(b, n)``).
+_SIZE_FACTORIES = ("empty", "ones", "rand", "randn", "zeros")
+
+
+@contextlib.contextmanager
+def traced_sizes() -> Iterator[None]:
+    """Let ``torch.zeros(b, n)`` take traced sizes, in plain and shape-aware tracing alike.
+
+    torch's argument parser rejects a proxy among separate size arguments before torch.fx
+    sees it (it reads the first as the whole size); the same sizes as one tuple are traced. So
+    while this is active, those factories pass separate sizes holding a proxy as one tuple.
+
+    Examples
+    --------
+    >>> def f(x):
+    ...     return x + torch.ones(x.shape[0], 1)
+    >>> with traced_sizes():
+    ...     gm = fx.symbolic_trace(f)
+    >>> gm(torch.zeros(3, 2)).shape
+    torch.Size([3, 2])
+    """
+    originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
+
+    def sized(factory: Any) -> Any:
+        def call(*size: Any, **kwargs: Any) -> Any:
+            if len(size) > 1 and any(isinstance(s, fx.Proxy) for s in size):
+                return factory(size, **kwargs)
+            return factory(*size, **kwargs)
+
+        call.__name__ = call.__qualname__ = factory.__name__
+        call.__doc__ = factory.__doc__
+        return call
+
+    for name, factory in originals.items():
+        setattr(torch, name, sized(factory))
+    try:
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
 
 
 def _reads_requires_grad(node: fx.Node) -> bool:

@@ -193,3 +193,51 @@ def test_the_graph_keeps_no_example_values():
     cap = capture(Looks(), torch.randn(2, 5, 8), shape_aware=True)
     assert cap.checks
     assert not [n for n in cap.graph.nodes if EXAMPLE in n.meta]
+
+
+class Sizes(nn.Module):
+    """Sizes read from the input as separate factory arguments and as Python ints."""
+
+    def __init__(self, width: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        x = x + torch.ones(b, n, 1)  # separate sizes: torch's parser alone rejects proxies
+        for block in self.blocks:
+            x = x + block(x)
+        # range() wants a true int: the example's, checked at run time.
+        return x + sum(range(n))
+
+
+def test_sizes_given_separately_stay_symbolic_and_a_range_is_checked():
+    torch.manual_seed(0)
+    model = Sizes()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert [c.num_blocks for c in report.chains] == [3]
+    # The batch size is free (torch.ones gets it from the graph); the length is checked.
+    for shape in [(2, 5, 8), (4, 5, 8)]:
+        x = torch.randn(shape)
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6, shape
+    assert any("the graph checks 1 of them" in note for note in report.notes), report.notes
+    with pytest.raises(AssertionError, match=re.escape("(`return x + sum(range(n))`)")):
+        out(torch.randn(2, 6, 8))
+
+
+def test_plain_tracing_takes_separate_traced_sizes():
+    class Ones(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.zeros(x.shape[0], 1)
+
+    cap = capture(Ones())  # no example inputs: plain torch.fx
+    assert not cap.checks
+    for rows in (2, 7):
+        assert cap.graph_module(torch.ones(rows, 3)).shape == (rows, 3)
+    # The factories are torch's own again after tracing.
+    with pytest.raises(TypeError):
+        torch.zeros(fx.Proxy(fx.Graph().placeholder("n")), 1)
