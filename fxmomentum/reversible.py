@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .attention import forward_attention_kernels
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
 from .kernels import (
     abs_max_f,
@@ -614,7 +615,7 @@ class ChainRun:
         grad_f = self.grad_f
         # Buffers are restored after the block's backward, which may read them.
         with _replay(self, rec, x.device):
-            with torch.enable_grad():
+            with torch.enable_grad(), forward_attention_kernels():
                 out = spec.output(t, x, args, kwargs)
             x_f = None if spec.residual[t] else x.detach()
             scale = self._scalar(self.g * 2.0 ** (rec.scale + GAMMA_BITS))

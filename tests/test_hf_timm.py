@@ -65,6 +65,14 @@ def llama() -> nn.Module:
     return transformers.LlamaModel(config)
 
 
+def t5_encoder() -> nn.Module:
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        dropout_rate=0.0,  # attention dropout would take the math kernel with or without grad
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config)
+
+
 def hf_vit() -> nn.Module:
     config = transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -95,6 +103,11 @@ MODELS = {
     # Pre-norm with RMSNorm, rotary position embeddings (context of every attention block)
     # and grouped-query attention: like GPT-2, the loop in LlamaModel.forward.
     "llama": (llama, lambda: (ids(),), [("layers.0", 4, "pure")], True),
+    # Pre-norm like GPT-2. The first attention block computes the relative position bias
+    # that every later attention reads (an intermediate value used outside its block), so
+    # it stays out; the other 3 blocks are one chain. The bias, from a parameter, is the
+    # attention mask: recomputed with grad it would take another attention kernel.
+    "t5_encoder": (t5_encoder, lambda: (ids(),), [("encoder.block.0.layer.1", 3, "pure")], True),
     # Pre-norm like GPT-2, the loop in ViTModel.forward.
     "hf_vit": (hf_vit, images, [("layers.0", 4, "pure")], True),
     # torchvision-style basic blocks: relu(x + F(x)); the first block of layers 2-4 has a
