@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import io
 import math
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,7 +36,8 @@ from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .chain import MomentumChain
-from .shaped import ShapedTracing, Specialisation, traced_sizes
+from .factories import traced_factories
+from .shaped import ShapedTracing, Specialisation, caller
 
 __all__ = [
     "TRACE_INTO",
@@ -71,6 +73,8 @@ TRACE_INTO: tuple[type[nn.Module], ...] = (
 
 #: Attribute name of the :class:`TrainingFlag` added to a module that passes ``self.training``.
 FLAG_NAME = "_training_flag"
+#: Marks the nodes that check a graph's train / eval mode (see CaptureTracer.branch_on_training).
+MODE_CHECK = "fxmomentum_mode_check"
 
 
 class CaptureError(RuntimeError):
@@ -142,7 +146,7 @@ class _TrainingRead:
         self.tracer, self.module, self.path, self.value = tracer, module, path, value
 
     def _branch(self) -> bool:
-        self.tracer.training_reads[self.path] = "control flow"
+        self.tracer.branch_on_training(self)
         return self.value
 
     def __bool__(self) -> bool:
@@ -327,7 +331,8 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
                 self._buffer_names.setdefault(id(b), name)
         with contextlib.ExitStack() as stack:
             stack.enter_context(_transformers_traceable())
-            stack.enter_context(traced_sizes())
+            stack.enter_context(traced_factories(self))
+            stack.callback(self.unpatch_range)
             if isinstance(root, nn.Module):
                 if self.shaped:
                     # The example runs as it is traced: buffers and the random state stay.
@@ -414,6 +419,26 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             yield
         finally:
             m.__dict__["training"] = value
+
+    def branch_on_training(self, read: _TrainingRead) -> None:
+        """``read.module.training`` steers Python control flow: the graph takes the current
+        mode's path and checks the mode at run time (a submodule that branches is made a leaf
+        and traced again, so this check stays in the root's graph only)."""
+        if self.training_reads.get(read.path) == "control flow":
+            return
+        self.training_reads[read.path] = "control flow"
+        where, line = caller()
+        mode, other = ("train", "eval") if read.value else ("eval", "train")
+        message = (
+            f"{type(read.module).__name__}.forward branches on self.training at {where}"
+            f"{f' (`{line}`)' if line else ''}, and its graph was captured in {mode} mode; "
+            f"this call is in {other} mode. Convert the model in the mode it runs in "
+            f"(model.{other}() before fxmomentum.convert)"
+        )
+        flag = self._flag_node(read)
+        same = self.create_node("call_function", operator.eq, (flag, read.value), {})
+        check = self.create_node("call_function", torch._assert, (same, message), {})
+        same.meta[MODE_CHECK] = check.meta[MODE_CHECK] = True
 
     def _flag_node(self, read: _TrainingRead) -> fx.Node:
         self.training_reads.setdefault(read.path, "argument")
@@ -709,11 +734,8 @@ def _capture(
         redo = False
         for path in branching:
             if path == "":
-                notes.append(
-                    f"{type(model).__name__}.forward branches on self.training: the graph is "
-                    f"specialised to {'train' if model.training else 'eval'} mode"
-                )
-            elif path not in leaves:
+                continue
+            if path not in leaves:
                 leaves[path] = "branches on self.training (kept whole so that both modes work)"
                 found.append(LeafInfo(path, type(modules[path]).__name__, leaves[path], True))
                 redo = True
@@ -721,6 +743,24 @@ def _capture(
             break
     else:  # pragma: no cover - every retry adds a leaf, so this cannot loop forever
         raise CaptureError("tracing did not settle")
+    if tracer.training_reads.get("") == "control flow":
+        name, mode = type(model).__name__, "train" if model.training else "eval"
+        other = _trace_in_other_mode(
+            model, leaves, leaf_types, var_keyword, examples if shaped else None, concrete_args
+        )
+        if other is not None and _signature(other) == _signature(graph):
+            _drop_mode_checks(graph)
+            if not any(n.op == "call_module" and n.target == FLAG_NAME for n in graph.nodes):
+                del model._modules[FLAG_NAME]  # the checks' flag, read by nothing else
+            notes.append(
+                f"{name}.forward branches on self.training, but its graph is the same in train "
+                f"and eval mode"
+            )
+        else:
+            notes.append(
+                f"{name}.forward branches on self.training: the graph is specialised to {mode} "
+                f"mode, which it checks at run time"
+            )
     if tracer.checks:
         notes.append(_describe_checks(type(model).__name__, tracer.checks))
     if tracer.unwrapped:
@@ -768,6 +808,54 @@ def _capture(
             )
     inputs = _as_tuple(example_inputs) if verified else None
     return Capture(model, graph, gm, found, verified, notes, inputs, var_keyword, tracer.checks)
+
+
+def _trace_in_other_mode(
+    model: nn.Module,
+    leaves: dict[str, str],
+    leaf_types: tuple[type, ...],
+    var_keyword: dict[str, Any] | None,
+    examples: dict[str, Any] | None,
+    concrete_args: dict[str, Any] | None,
+) -> fx.Graph | None:
+    """``model``'s graph traced in the other mode (None if that fails); the modes and the
+    module tree are left as they were."""
+    modes = {m: m.training for m in model.modules()}
+    before = tracing_snapshot(model)
+    model.train(not model.training)
+    try:
+        tracer = CaptureTracer(leaves, leaf_types, var_keyword=var_keyword, examples=examples)
+        return tracer.trace(model, dict(concrete_args or {}))
+    except Exception:
+        return None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        undo_tracing(model, before)
+
+
+def _signature(graph: fx.Graph) -> list[tuple]:
+    """What a graph computes, without its mode checks, for comparing two traces."""
+    index: dict[fx.Node, int] = {}
+    out = []
+    for node in graph.nodes:
+        if node.meta.get(MODE_CHECK):
+            continue
+        index[node] = len(index)
+        number = lambda a: ("node", index.get(a, -1))  # noqa: E731
+        out.append(
+            (node.op, str(node.target), repr(fx.node.map_arg(node.args, number)),
+             repr(fx.node.map_arg(node.kwargs, number)))
+        )  # fmt: skip
+    return out
+
+
+def _drop_mode_checks(graph: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if node.meta.get(MODE_CHECK) or (
+            node.op == "call_module" and str(node.target).endswith(FLAG_NAME) and not node.users
+        ):
+            graph.erase_node(node)
 
 
 def _examples_by_name(

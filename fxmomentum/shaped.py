@@ -54,7 +54,9 @@ from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_map
 
-__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation", "traced_sizes"]
+from .factories import python_random
+
+__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation"]
 
 #: ``node.meta`` key of a node's example value.
 EXAMPLE = "fxmomentum_example"
@@ -119,7 +121,7 @@ class _ShapedAttribute(Attribute, ShapedProxy):
     pass
 
 
-def _caller() -> tuple[str, str]:
+def caller() -> tuple[str, str]:
     """``file:line`` of the innermost frame in the model's code (not torch's, not ours), and
     the text of that line."""
     frame = sys._getframe(1)
@@ -143,6 +145,7 @@ class ShapedTracing:
     """
 
     _examples: dict[str, Any] | None = None
+    _running = False
 
     def set_examples(self, examples: Mapping[str, Any] | None) -> None:
         """Trace with these example values of the root's arguments (by parameter name;
@@ -154,6 +157,7 @@ class ShapedTracing:
             # b a proxy, is beyond a tensor's own argument parsing).
             self.proxy_buffer_attributes = True
         self._checked: set[tuple[fx.Node, str]] = set()
+        self._range_globals: list[dict[str, Any]] = []
 
     @property
     def shaped(self) -> bool:
@@ -179,10 +183,22 @@ class ShapedTracing:
 
     def patch_range(self, fn_globals: dict[str, Any]) -> None:
         """Make ``range`` in the code with these globals take traced ints (``range(n)`` with
-        ``n`` read from a shape), each checked like ``int(n)``; for the rest of the trace."""
-        patcher = _symbolic_trace.CURRENT_PATCHER
-        if self._examples is not None and patcher is not None:
-            patcher.patch(fn_globals, "range", _range)
+        ``n`` read from a shape), each checked like ``int(n)``, until :meth:`unpatch_range`."""
+        if self._examples is not None and "range" not in fn_globals:
+            fn_globals["range"] = _range
+            self._range_globals.append(fn_globals)
+
+    def unpatch_range(self) -> None:
+        """Undo :meth:`patch_range` (the end of a trace)."""
+        for fn_globals in getattr(self, "_range_globals", []):
+            if fn_globals.get("range") is _range:
+                del fn_globals["range"]
+        self._range_globals = []
+
+    @property
+    def recording(self) -> bool:
+        """False while real code runs in the middle of the trace (an example's operation)."""
+        return not self._running
 
     # -- proxies carry their example ----------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -239,7 +255,7 @@ class ShapedTracing:
         # torch.fx patches nn.Module.__call__ and __getattr__ while it traces: the example
         # runs the real ones. Without grad: an autograd graph per value would hold every
         # activation's saved tensors as well.
-        with _symbolic_trace._maybe_revert_all_patches(), torch.no_grad():
+        with _symbolic_trace._maybe_revert_all_patches(), torch.no_grad(), self._real_code():
             try:
                 if kind == "call_function":
                     return target(*a, **k)
@@ -255,6 +271,14 @@ class ShapedTracing:
             except Exception:
                 return _MISSING
         return _MISSING
+
+    @contextlib.contextmanager
+    def _real_code(self) -> Iterator[None]:
+        running, self._running = self._running, True
+        try:
+            yield
+        finally:
+            self._running = running
 
     def forget_examples(self) -> None:
         """Drop the example values from the traced graph's nodes (each holds an activation
@@ -272,7 +296,7 @@ class ShapedTracing:
         if key in self._checked:
             return
         self._checked.add(key)
-        where, line = _caller()
+        where, line = caller()
         code = f" (`{line}`)" if line else ""
         message = (
             f"{where}{code}: the graph was captured with example inputs for which {what}; "
@@ -354,48 +378,6 @@ def _range(*args: Any) -> range:
     return range(*(int(a) if isinstance(a, fx.Proxy) else a for a in args))
 
 
-#: Factories whose size may be given as separate arguments (``torch.zeros(b, n)``).
-_SIZE_FACTORIES = ("empty", "ones", "rand", "randn", "zeros")
-
-
-@contextlib.contextmanager
-def traced_sizes() -> Iterator[None]:
-    """Let ``torch.zeros(b, n)`` take traced sizes, in plain and shape-aware tracing alike.
-
-    torch's argument parser rejects a proxy among separate size arguments before torch.fx
-    sees it (it reads the first as the whole size); the same sizes as one tuple are traced. So
-    while this is active, those factories pass separate sizes holding a proxy as one tuple.
-
-    Examples
-    --------
-    >>> def f(x):
-    ...     return x + torch.ones(x.shape[0], 1)
-    >>> with traced_sizes():
-    ...     gm = fx.symbolic_trace(f)
-    >>> gm(torch.zeros(3, 2)).shape
-    torch.Size([3, 2])
-    """
-    originals = {name: getattr(torch, name) for name in _SIZE_FACTORIES}
-
-    def sized(factory: Any) -> Any:
-        def call(*size: Any, **kwargs: Any) -> Any:
-            if len(size) > 1 and any(isinstance(s, fx.Proxy) for s in size):
-                return factory(size, **kwargs)
-            return factory(*size, **kwargs)
-
-        call.__name__ = call.__qualname__ = factory.__name__
-        call.__doc__ = factory.__doc__
-        return call
-
-    for name, factory in originals.items():
-        setattr(torch, name, sized(factory))
-    try:
-        yield
-    finally:
-        for name, factory in originals.items():
-            setattr(torch, name, factory)
-
-
 def _reads_requires_grad(node: fx.Node) -> bool:
     todo, seen = [node], set()
     while todo:
@@ -423,6 +405,20 @@ def _holds_proxy(index: Any) -> bool:
 
 
 def _depends_on_data(node: fx.Node) -> bool:
-    """Whether ``node``'s value reads tensor contents (not only sizes, dtypes, devices)."""
-    value = node.meta.get(EXAMPLE, _MISSING)
-    return isinstance(value, torch.Tensor)
+    """Whether ``node``'s value reads tensor contents or a random draw of Python's (not only
+    sizes, dtypes, devices)."""
+    if isinstance(node.meta.get(EXAMPLE, _MISSING), torch.Tensor):
+        return True
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is python_random:
+            return True
+        # A tensor's sizes are not data; a Python draw does not hide behind a tensor.
+        todo.extend(
+            a for a in n.all_input_nodes if not isinstance(a.meta.get(EXAMPLE), torch.Tensor)
+        )
+    return False

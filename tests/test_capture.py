@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import archs
 import pytest
@@ -143,9 +144,45 @@ def test_model_own_forward_that_cannot_be_traced_raises():
         capture(DataDependent())
 
 
-def test_root_branching_on_training_is_noted():
+def test_root_branching_on_training_is_noted_and_checked():
     cap = capture(BranchesOnTraining().train())
-    assert any("specialised to train mode" in note for note in cap.notes)
+    assert any("specialised to train mode, which it checks" in note for note in cap.notes)
+    gm = cap.graph_module
+    x = torch.ones(2)
+    assert torch.equal(gm(x), x * 0.5)
+    gm.eval()  # the path taken in eval mode is not in the graph: a clear error, not x * 0.5
+    line = re.escape("(`if self.training:`), and its graph was captured in train mode")
+    with pytest.raises(AssertionError, match=rf"test_capture.py:\d+ {line}"):
+        gm(x)
+    assert list(gm.state_dict()) == []
+
+
+class SameEitherWay(nn.Module):
+    """Branches on self.training, then on a setting that makes both paths the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layerdrop = 0.0
+
+    def forward(self, x):
+        if self.training and self.layerdrop > 0:
+            x = x * torch.rand([])
+        return x + 1
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_root_traced_the_same_in_both_modes_is_not_checked(mode):
+    model = getattr(SameEitherWay(), mode)()
+    cap = capture(model)
+    assert any("the same in train and eval mode" in note for note in cap.notes)
+    assert not [n for n in cap.graph.nodes if n.target is torch._assert]
+    gm = cap.graph_module
+    for switch in ("train", "eval"):
+        assert torch.equal(getattr(gm, switch)()(torch.ones(2)), torch.full((2,), 2.0))
+    # Tracing in the other mode left the model as it was.
+    assert model.training is (mode == "train") and not list(model.children())
+    model.layerdrop = 0.5  # now the paths differ: the graph is specialised and checked
+    assert any("which it checks at run time" in note for note in capture(model).notes)
 
 
 def test_momentum_chain_is_a_leaf():
