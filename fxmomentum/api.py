@@ -294,13 +294,17 @@ def _capture_tree(
                 notes.append(_about(path, "not called on example_inputs: left as it is"))
                 continue
             before = tracing_snapshot(m)
+            relative = _relative_leaves(requested, types, path)
             try:
-                cap = capture(m, leaf_modules=_relative_leaves(requested, types, path),
-                              call=call)  # fmt: skip
+                cap = capture(m, leaf_modules=relative, call=call)
             except CaptureError as e:
-                leaves.append(LeafInfo(path, type(m).__name__, _descended(e.reason), True))
-                frontier.extend(_children(path, m))
-                continue
+                cap = _shape_aware_submodule(m, relative, call)
+                if cap is None:
+                    leaves.append(LeafInfo(path, type(m).__name__, _descended(e.reason), True))
+                    frontier.extend(_children(path, m))
+                    continue
+                why = f"cannot be traced by torch.fx alone ({e.reason}): traced shape-aware"
+                notes.append(_about(path, f"{type(m).__name__}.forward {why}"))
             take(path, m, cap)
             units[-1].before = before
     if isinstance(shaped, CaptureError):
@@ -371,6 +375,25 @@ def _shape_aware_chains(
         return e
     finally:
         undo_tracing(root, before)
+
+
+def _shape_aware_submodule(
+    m: nn.Module, leaf_modules: list[str | type], call: CallRecord | None
+) -> Capture | None:
+    """``m`` traced shape-aware on the arguments its parent passed (``call``), or None where
+    that fails or its graph would check tensor values (a data-dependent branch); ``m`` is
+    then left as it was."""
+    if call is None:
+        return None
+    before = tracing_snapshot(m)
+    try:
+        cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
+    except CaptureError:
+        return None
+    if any(c.data for c in cap.checks):
+        undo_tracing(m, before)
+        return None
+    return cap
 
 
 def _descended(reason: str) -> str:

@@ -241,3 +241,34 @@ def test_plain_tracing_takes_separate_traced_sizes():
     # The factories are torch's own again after tracing.
     with pytest.raises(TypeError):
         torch.zeros(fx.Proxy(fx.Graph().placeholder("n")), 1)
+
+
+class ValueGate(nn.Module):
+    """A root that branches on tensor values (not capturable) around a child that needs the
+    example's shapes (``Looks``): the child is captured shape-aware, its loop one chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Looks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 100:
+            return x
+        return self.body(x)
+
+
+def test_a_descended_submodule_is_captured_shape_aware():
+    torch.manual_seed(0)
+    model = ValueGate()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert isinstance(out, ValueGate) and isinstance(out.body, fx.GraphModule)
+    assert [(c.first, c.num_blocks) for c in report.chains] == [("body.add_1", 3)]
+    assert any(n.startswith("`body`: Looks.forward cannot be traced by torch.fx alone") and
+               "traced shape-aware" in n for n in report.notes)  # fmt: skip
+    for shape in [(2, 5, 8), (3, 9, 8)]:
+        x = torch.randn(shape)
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6, shape
+    with pytest.raises(AssertionError, match=re.escape("(`if n > self.pos.shape[1]:`)")):
+        out(torch.randn(2, 20, 8))
