@@ -43,7 +43,7 @@ import linecache
 import operator
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,20 +378,29 @@ def _range(*args: Any) -> range:
     return range(*(int(a) if isinstance(a, fx.Proxy) else a for a in args))
 
 
-def _reads_requires_grad(node: fx.Node) -> bool:
+def _computed_from(node: fx.Node, found: Callable[[fx.Node], bool]) -> bool:
+    """Whether ``found`` holds for ``node`` or a node its value is computed from through
+    values that are not tensors (a tensor ends the search: its sizes are not its data)."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target is getattr and n.args[1:] == ("requires_grad",):
+        if found(n):
             return True
-        if n.op in ("call_function", "call_method") and not isinstance(
-            n.meta.get(EXAMPLE), torch.Tensor
-        ):
+        if not isinstance(n.meta.get(EXAMPLE), torch.Tensor):
             todo.extend(n.all_input_nodes)
     return False
+
+
+def _reads_requires_grad(node: fx.Node) -> bool:
+    return _computed_from(
+        node,
+        lambda n: (
+            n.op == "call_function" and n.target is getattr and n.args[1:] == ("requires_grad",)
+        ),
+    )
 
 
 def _holds_proxy(index: Any) -> bool:
@@ -409,16 +418,4 @@ def _depends_on_data(node: fx.Node) -> bool:
     sizes, dtypes, devices)."""
     if isinstance(node.meta.get(EXAMPLE, _MISSING), torch.Tensor):
         return True
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target is python_random:
-            return True
-        # A tensor's sizes are not data; a Python draw does not hide behind a tensor.
-        todo.extend(
-            a for a in n.all_input_nodes if not isinstance(a.meta.get(EXAMPLE), torch.Tensor)
-        )
-    return False
+    return _computed_from(node, lambda n: n.op == "call_function" and n.target is python_random)
