@@ -71,7 +71,7 @@ SHORT = {
     "reversible": "reversible",
     "backprop": "convert backprop",
     "checkpoint": "checkpoint",
-    "checkpoint_reentrant": "checkpoint (reentrant)",
+    "checkpoint_reentrant": "reentrant ckpt",
     "official": "momentumnet",
 }
 
