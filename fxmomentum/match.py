@@ -491,6 +491,12 @@ _META_ARITHMETIC = frozenset(
 )  # fmt: skip
 
 
+def _metadata_read(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in _META_ATTRS
+    return n.op == "call_method" and n.target in _META_METHODS
+
+
 def _release_metadata(g: _Graph, c: _Candidate) -> None:
     """Leave outside the block the shape metadata of ``x`` that code after the block reads.
 
@@ -505,13 +511,9 @@ def _release_metadata(g: _Graph, c: _Candidate) -> None:
         inputs = [i for i in n.all_input_nodes if i in inner]
         if not all(i in meta for i in inputs):
             continue
-        if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
-            if n.args[1] in _META_ATTRS:
-                meta.add(n)
-        elif n.op == "call_method" and n.target in _META_METHODS:
-            meta.add(n)
-        elif inputs and c.entry not in n.all_input_nodes:
-            # Reads x's shape or dtype only, e.g. a mask expanded to the batch size of x.
+        # A read of x's shape or dtype, or a value built from them only (a mask expanded to
+        # the batch size of x).
+        if _metadata_read(n) or (inputs and c.entry not in n.all_input_nodes):
             meta.add(n)
     c.meta = meta
     escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
@@ -526,6 +528,16 @@ def _release_metadata(g: _Graph, c: _Candidate) -> None:
         released.add(n)
         todo.extend(i for i in n.all_input_nodes if i in meta)
     c.inner = inner - released
+
+
+def _reads_values(g: _Graph, c: _Candidate) -> bool:
+    """Whether F's output depends on the values of ``x``, not only on its shape, dtype or
+    device (``x[:, :, -1]`` read only for its shape does not count)."""
+    valued = {c.entry}
+    for n in sorted(c.inner, key=g.index.__getitem__):
+        if not _metadata_read(n) and any(i in valued for i in n.all_input_nodes):
+            valued.add(n)
+    return c.branch in valued
 
 
 def _check(g: _Graph, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
@@ -556,6 +568,11 @@ def _check(g: _Graph, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
         return (
             f"encloses {len(nested)} other residual block(s) (converted on their own): "
             f"an outer skip connection, not a chain element"
+        )
+    if not _reads_values(g, c):
+        return (
+            f"F reads only the shape of `{x.name}`, not its values (a position embedding?): "
+            f"x + F(x) with F constant in x is no residual block"
         )
     _release_metadata(g, c)
     inner = c.inner

@@ -351,6 +351,37 @@ def test_a_value_built_from_the_input_shape_alone_stays_outside():
     assert torch.equal(gm(x), model(x))
 
 
+class Positions(ShapeOnce):
+    """Adds a position embedding sized from the embedded input (as BART does, through a slice
+    of it read for its shape only), then residual blocks."""
+
+    def __init__(self, sliced: bool):
+        super().__init__()
+        self.positions, self.sliced = nn.Embedding(16, 8), sliced
+
+    def forward(self, x):
+        x = self.embed(x)
+        sized = x[:, :, -1] if self.sliced else x
+        b, n = sized.shape[:2]
+        x = x + self.positions(torch.arange(n)).expand(b, -1, -1)
+        for f in self.fs:
+            x = x + f(x)
+        return x
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["shape", "slice-shape"])
+def test_an_embedding_sized_from_the_input_is_no_block(sliced):
+    model = Positions(sliced)
+    x = torch.randn(2, 5, 3)
+    gm, report = fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=x,
+                                    return_report=True)  # fmt: skip
+    (chain,) = report.chains
+    assert (chain.first, chain.num_blocks) == ("fs.0", 3)
+    (skipped,) = report.skipped
+    assert "F reads only the shape of `embed`, not its values" in skipped.reason
+    assert torch.equal(gm(x), model(x))
+
+
 def test_identity_shortcut_is_seen_through():
     (chain,) = chains_of(Identity(), torch.randn(2, 4)).chains
     assert chain.num_blocks == 1 and chain.blocks[0].entry == "x"
