@@ -28,6 +28,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .capture import (
     _FIXED_TYPES,
     TRACE_INTO,
+    UNTRACEABLE,
     CallRecord,
     Capture,
     CaptureError,
@@ -235,14 +236,24 @@ def _capture_tree(
     failure: CaptureError | None = None
     shaped: tuple[list[int], list[str]] | CaptureError | None = None
 
+    # Submodules a parent's trace made leaves because their forward failed: each is tried
+    # shape-aware on its recorded call before conversion descends into it.
+    untraced: set[str] = set()
+
     def take(path: str, m: nn.Module, cap: Capture) -> None:
         units.append(_Unit(path, m, cap, MatchResult()))
         for leaf in cap.leaves:
             full = _join(path, leaf.path)
             leaves.append(LeafInfo(full, leaf.type, leaf.reason, leaf.automatic))
-            if leaf.automatic:
-                frontier.extend(_children(full, m.get_submodule(leaf.path)))
+            sub = m.get_submodule(leaf.path)
+            if leaf.automatic and leaf.reason.startswith(UNTRACEABLE) and recorded:
+                untraced.add(full)
+                frontier.append((full, sub))
+            elif leaf.automatic:
+                frontier.extend(_children(full, sub))
         notes.extend(_about(path, n) for n in cap.notes)
+
+    recorded = example_inputs is not None
 
     try:
         take("", root, capture(root, example_inputs, leaf_modules=leaf_modules,
@@ -260,7 +271,6 @@ def _capture_tree(
         )
         frontier = _children("", root)
     seen: set[int] = {id(root)}
-    recorded = example_inputs is not None
     while frontier:
         todo = []
         for path, m in frontier:
@@ -290,6 +300,18 @@ def _capture_tree(
                 frontier.extend(_children(path, m))
                 continue
             call = records.get(id(m))
+            if path in untraced:
+                before = tracing_snapshot(m)
+                cap = _shape_aware_submodule(m, _relative_leaves(requested, types, path), call)
+                if cap is None:
+                    frontier.extend(_children(path, m))
+                    continue
+                untraced.discard(path)
+                leaves = [leaf for leaf in leaves if leaf.path != path]
+                notes.append(_about(path, f"{type(m).__name__}.forward: traced shape-aware"))
+                take(path, m, cap)
+                units[-1].before = before
+                continue
             if recorded and call is None:
                 notes.append(_about(path, "not called on example_inputs: left as it is"))
                 continue
@@ -381,8 +403,9 @@ def _shape_aware_submodule(
     m: nn.Module, leaf_modules: list[str | type], call: CallRecord | None
 ) -> Capture | None:
     """``m`` traced shape-aware on the arguments its parent passed (``call``), or None where
-    that fails or its graph would check tensor values (a data-dependent branch); ``m`` is
-    then left as it was."""
+    that fails, where its graph would check tensor values (a data-dependent branch), or where
+    it has no chain that descending would not find as well (one with a block in ``m``'s own
+    code, or blocks in two of its submodules); ``m`` is then left as it was."""
     if call is None:
         return None
     before = tracing_snapshot(m)
@@ -390,10 +413,19 @@ def _shape_aware_submodule(
         cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
     except CaptureError:
         return None
-    if any(c.data for c in cap.checks):
+    chains = find_chains(cap.graph, dict(m.named_modules())).chains
+    owners = [{_traced_in(b.add) for b in c.blocks} for c in chains]
+    if not any("" in o or len(o) > 1 for o in owners) or any(c.data for c in cap.checks):
         undo_tracing(m, before)
         return None
     return cap
+
+
+def _traced_in(node: fx.Node) -> str:
+    """The submodule of the traced module whose code made ``node`` ("" for its own code):
+    torch.fx records the stack of the modules it traced through."""
+    stack = node.meta.get("nn_module_stack")
+    return next(iter(stack.values()))[0] if stack else ""
 
 
 def _descended(reason: str) -> str:

@@ -73,6 +73,8 @@ TRACE_INTO: tuple[type[nn.Module], ...] = (
 
 #: Attribute name of the :class:`TrainingFlag` added to a module that passes ``self.training``.
 FLAG_NAME = "_training_flag"
+#: How a leaf's reason starts when the submodule's own forward failed to trace.
+UNTRACEABLE = "not traceable"
 #: Marks the nodes that check a graph's train / eval mode (see CaptureTracer.branch_on_training).
 MODE_CHECK = "fxmomentum_mode_check"
 
@@ -651,12 +653,23 @@ def tracing_snapshot(module: nn.Module) -> TracingSnapshot:
     return TracingSnapshot(owners, frozenset(module.__dict__))
 
 
+def _modules_outside_graphs(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and its submodules, but not those of a GraphModule below it (a converted
+    submodule, whose graph reads the flags it holds)."""
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        yield m
+        todo.extend(c for c in m.children() if not isinstance(c, fx.GraphModule))
+
+
 def undo_tracing(module: nn.Module, snapshot: TracingSnapshot) -> None:
     """Remove what tracing added to ``module`` since ``snapshot``.
 
     That is :class:`TrainingFlag` children and the tensor constants torch.fx stores on the
     traced root (``_tensor_constant0``...): for a module that was traced but keeps its Python
-    ``forward``, which never reads them.
+    ``forward``, which never reads them. A GraphModule below ``module`` (a submodule converted
+    on its own) keeps its flags.
 
     Examples
     --------
@@ -667,7 +680,7 @@ def undo_tracing(module: nn.Module, snapshot: TracingSnapshot) -> None:
     >>> FLAG_NAME in model[0]._modules
     False
     """
-    for m in module.modules():
+    for m in _modules_outside_graphs(module):
         if id(m) not in snapshot.flag_owners and isinstance(
             m._modules.get(FLAG_NAME), TrainingFlag
         ):
@@ -727,7 +740,7 @@ def _capture(
                     f"steer control flow.",
                     _reason(e),
                 ) from e
-            leaves[culprit] = f"not traceable: {_reason(e)}"
+            leaves[culprit] = f"{UNTRACEABLE}: {_reason(e)}"
             found.append(LeafInfo(culprit, type(modules[culprit]).__name__, leaves[culprit], True))
             continue
         branching = [p for p, how in tracer.training_reads.items() if how == "control flow"]

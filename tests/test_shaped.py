@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import converted_pair, grad_err, max_rel_err, round_trips
 from torch import fx, nn
 
@@ -272,3 +273,116 @@ def test_a_descended_submodule_is_captured_shape_aware():
         assert max_rel_err([out(x)], [model(x)]) <= 1e-6, shape
     with pytest.raises(AssertionError, match=re.escape("(`if n > self.pos.shape[1]:`)")):
         out(torch.randn(2, 20, 8))
+
+
+class Wraps(nn.Module):
+    """A forward torch.fx traces around a child it cannot (``Looks``): the child becomes a
+    leaf of the graph, then is captured shape-aware on the call the graph makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Looks()
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_leaf_that_failed_to_trace_is_captured_shape_aware():
+    torch.manual_seed(0)
+    model = Wraps()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert isinstance(out, fx.GraphModule) and isinstance(out.body, fx.GraphModule)
+    assert [(c.first, c.num_blocks) for c in report.chains] == [("body.add_1", 3)]
+    assert not [leaf for leaf in report.leaves if leaf.path == "body"]
+    for shape in [(2, 5, 8), (3, 9, 8)]:
+        x = torch.randn(shape)
+        assert max_rel_err([out(x)], [model(x)]) <= 1e-6, shape
+
+
+class DropLooks(Looks):
+    """``Looks`` with dropout that reads ``self.training`` as an argument (a flag in the
+    graph)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.dropout(super().forward(x, mask), 0.5, self.training)
+
+
+class Holder(nn.Module):
+    """Traces (its child as a leaf) but holds no chain of its own: it stays Python code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = DropLooks(), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Gate(ValueGate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Holder()
+
+
+def test_a_converted_child_keeps_its_mode_flag_when_its_parent_is_left_alone():
+    torch.manual_seed(0)
+    model = Gate()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert not isinstance(out.body, fx.GraphModule)
+    assert isinstance(out.body.body, fx.GraphModule)
+    assert [(c.first, c.num_blocks) for c in report.chains] == [("body.body.add_1", 3)]
+    x = torch.randn(3, 6, 8)
+    for mode in ("train", "eval"):  # the dropout reads the mode through its flag
+        getattr(out, mode)()
+        getattr(model, mode)()
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        assert max_rel_err([out(x)], [expected]) <= 1e-6, mode
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class Scales(nn.Module):
+    """Needs the example to trace (``int`` of a size), around a child that traces alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = Stack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(x) / int(x.shape[1])
+
+
+class GateScales(ValueGate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Scales()
+
+
+def test_a_shape_aware_capture_that_joins_nothing_is_not_taken():
+    # Scales' chain lies in one child, which descending captures as well, without the check
+    # that would tie Scales' graph to the example's length.
+    torch.manual_seed(0)
+    model = GateScales()
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
+    )
+    assert not isinstance(out.body, fx.GraphModule)
+    assert [(c.first, c.num_blocks) for c in report.chains] == [("body.stack.blocks.0", 3)]
+    x = torch.randn(2, 7, 8)
+    assert max_rel_err([out(x)], [model(x)]) <= 1e-6
