@@ -45,6 +45,14 @@ class Looks(nn.Module):
         return x * (1 + eps)
 
 
+def original_twin(model: nn.Module, shape=(2, 5, 8)):
+    """``model`` converted at gamma 0 with backprop (it computes what the original does),
+    with an example of ``shape``; and the report."""
+    example = (torch.randn(shape),)
+    return fxmomentum.convert(model, 0.0, use_backprop=True, example_inputs=example,
+                              return_report=True)  # fmt: skip
+
+
 def test_plain_torch_fx_cannot_trace_it():
     with pytest.raises(fx.proxy.TraceError):
         fx.symbolic_trace(Looks())
@@ -53,9 +61,7 @@ def test_plain_torch_fx_cannot_trace_it():
 def test_one_chain_and_the_original_outputs_for_other_shapes():
     torch.manual_seed(0)
     model = Looks()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    out, report = original_twin(model)
     assert isinstance(out, fx.GraphModule)
     # The adds are written in the forward that loops: a block is named by its add.
     assert [(c.first, c.num_blocks) for c in report.chains] == [("add_1", 3)]
@@ -217,9 +223,7 @@ class Sizes(nn.Module):
 def test_sizes_given_separately_stay_symbolic_and_a_range_is_checked():
     torch.manual_seed(0)
     model = Sizes()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    out, report = original_twin(model)
     assert [c.num_blocks for c in report.chains] == [3]
     # The batch size is free (torch.ones gets it from the graph); the length is checked.
     for shape in [(2, 5, 8), (4, 5, 8)]:
@@ -248,9 +252,9 @@ class ValueGate(nn.Module):
     """A root that branches on tensor values (not capturable) around a child that needs the
     example's shapes (``Looks``): the child is captured shape-aware, its loop one chain."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: nn.Module | None = None) -> None:
         super().__init__()
-        self.body = Looks()
+        self.body = Looks() if body is None else body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.mean() > 100:
@@ -261,9 +265,7 @@ class ValueGate(nn.Module):
 def test_a_descended_submodule_is_captured_shape_aware():
     torch.manual_seed(0)
     model = ValueGate()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    out, report = original_twin(model)
     assert isinstance(out, ValueGate) and isinstance(out.body, fx.GraphModule)
     assert [(c.first, c.num_blocks) for c in report.chains] == [("body.add_1", 3)]
     assert any(n.startswith("`body`: Looks.forward cannot be traced by torch.fx alone") and
@@ -291,9 +293,7 @@ class Wraps(nn.Module):
 def test_a_leaf_that_failed_to_trace_is_captured_shape_aware():
     torch.manual_seed(0)
     model = Wraps()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    out, report = original_twin(model)
     assert isinstance(out, fx.GraphModule) and isinstance(out.body, fx.GraphModule)
     assert [(c.first, c.num_blocks) for c in report.chains] == [("body.add_1", 3)]
     assert not [leaf for leaf in report.leaves if leaf.path == "body"]
@@ -321,18 +321,10 @@ class Holder(nn.Module):
         return self.head(self.body(x))
 
 
-class Gate(ValueGate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = Holder()
-
-
 def test_a_converted_child_keeps_its_mode_flag_when_its_parent_is_left_alone():
     torch.manual_seed(0)
-    model = Gate()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    model = ValueGate(Holder())
+    out, report = original_twin(model)
     assert not isinstance(out.body, fx.GraphModule)
     assert isinstance(out.body.body, fx.GraphModule)
     assert [(c.first, c.num_blocks) for c in report.chains] == [("body.body.add_1", 3)]
@@ -368,20 +360,12 @@ class Scales(nn.Module):
         return self.stack(x) / int(x.shape[1])
 
 
-class GateScales(ValueGate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = Scales()
-
-
 def test_a_shape_aware_capture_that_joins_nothing_is_not_taken():
     # Scales' chain lies in one child, which descending captures as well, without the check
     # that would tie Scales' graph to the example's length.
     torch.manual_seed(0)
-    model = GateScales()
-    out, report = fxmomentum.convert(
-        model, 0.0, use_backprop=True, example_inputs=(torch.randn(2, 5, 8),), return_report=True
-    )
+    model = ValueGate(Scales())
+    out, report = original_twin(model)
     assert not isinstance(out.body, fx.GraphModule)
     assert [(c.first, c.num_blocks) for c in report.chains] == [("body.stack.blocks.0", 3)]
     x = torch.randn(2, 7, 8)
