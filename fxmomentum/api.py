@@ -307,8 +307,10 @@ def _capture_tree(
                     frontier.extend(_children(path, m))
                     continue
                 untraced.discard(path)
-                leaves = [leaf for leaf in leaves if leaf.path != path]
-                notes.append(_about(path, f"{type(m).__name__}.forward: traced shape-aware"))
+                failed = [leaf for leaf in leaves if leaf.path == path]
+                leaves[:] = [leaf for leaf in leaves if leaf.path != path]
+                why = failed[0].reason.replace(f"{UNTRACEABLE}: ", "", 1)
+                notes.append(_about(path, _shaped_note(type(m).__name__, why)))
                 take(path, m, cap)
                 units[-1].before = before
                 continue
@@ -325,8 +327,7 @@ def _capture_tree(
                     leaves.append(LeafInfo(path, type(m).__name__, _descended(e.reason), True))
                     frontier.extend(_children(path, m))
                     continue
-                why = f"cannot be traced by torch.fx alone ({e.reason}): traced shape-aware"
-                notes.append(_about(path, f"{type(m).__name__}.forward {why}"))
+                notes.append(_about(path, _shaped_note(type(m).__name__, e.reason)))
             take(path, m, cap)
             units[-1].before = before
     if isinstance(shaped, CaptureError):
@@ -419,6 +420,10 @@ def _shape_aware_submodule(
         undo_tracing(m, before)
         return None
     return cap
+
+
+def _shaped_note(name: str, reason: str) -> str:
+    return f"{name}.forward cannot be traced by torch.fx alone ({reason}): traced shape-aware"
 
 
 def _traced_in(node: fx.Node) -> str:

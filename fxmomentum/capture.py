@@ -850,12 +850,15 @@ def _trace_in_other_mode(
 def _signature(graph: fx.Graph) -> list[tuple]:
     """What a graph computes, without its mode checks, for comparing two traces."""
     index: dict[fx.Node, int] = {}
+
+    def number(a: fx.Node) -> tuple[str, int]:
+        return ("node", index.get(a, -1))
+
     out = []
     for node in graph.nodes:
         if node.meta.get(MODE_CHECK):
             continue
         index[node] = len(index)
-        number = lambda a: ("node", index.get(a, -1))  # noqa: E731
         out.append(
             (node.op, str(node.target), repr(fx.node.map_arg(node.args, number)),
              repr(fx.node.map_arg(node.kwargs, number)))
