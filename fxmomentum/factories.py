@@ -42,7 +42,16 @@ PYTHON_RANDOM = ("random", "uniform", "randint", "choice", "gauss")
 
 def python_random(name: str, *args: Any, **kwargs: Any) -> Any:
     """``random.<name>(*args, **kwargs)``, a draw of Python's random module as a graph node
-    (its functions are methods of a hidden instance, which a graph's code cannot name)."""
+    (its functions are methods of a hidden instance, which a graph's code cannot name).
+
+    Examples
+    --------
+    >>> random.seed(0)
+    >>> first = python_random("uniform", 2.0, 3.0)
+    >>> random.seed(0)
+    >>> first == random.uniform(2.0, 3.0)
+    True
+    """
     return getattr(random, name)(*args, **kwargs)
 
 
