@@ -69,8 +69,10 @@ _STRUCTURE_ATTRS = frozenset(
 )  # fmt: skip
 _STRUCTURE_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_complex"})
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+# Packages whose frames are not the model's code (with the separator: torchvision's are).
+_NOT_MODEL_CODE = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__)
+)
 
 
 class _Missing:
@@ -127,7 +129,7 @@ def caller() -> tuple[str, str]:
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if not (path.startswith(_HERE) or path.startswith(_TORCH)):
+        if not path.startswith(_NOT_MODEL_CODE):
             line = linecache.getline(path, frame.f_lineno).strip()
             return f"{os.path.basename(path)}:{frame.f_lineno}", line
         frame = frame.f_back

@@ -9,6 +9,7 @@ import archs
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import max_rel_err
 from torch import fx, nn
 
@@ -155,6 +156,16 @@ def test_root_branching_on_training_is_noted_and_checked():
     with pytest.raises(AssertionError, match=rf"test_capture.py:\d+ {line}"):
         gm(x)
     assert list(gm.state_dict()) == []
+
+
+def test_the_mode_check_names_the_line_in_a_library_s_model():
+    # torchvision's own code, not the caller's: "torchvision" starts like "torch".
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxmomentum.convert(model.train(), 0.0, use_backprop=True, example_inputs=x)
+    with pytest.raises(AssertionError, match=r"googlenet.py:\d+ \(`if self.training"):
+        gm.eval()(x)
 
 
 class SameEitherWay(nn.Module):
