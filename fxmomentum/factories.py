@@ -7,10 +7,10 @@ Two things torch.fx gets wrong about factories called in a traced forward:
   same sizes as one tuple are traced, so the factories below pass them so.
 * ``torch.rand([])`` (no traced argument) runs once, at trace time, and its value is frozen into
   the graph: Hugging Face's layer drop (``if torch.rand([]) < self.layerdrop: skip the
-  layer``) would drop the same layers on every call, silently. Random draws are recorded as
-  graph nodes instead, drawn at run time; a branch on one then cannot be traced (or, traced
-  with examples, is a check on tensor values), unless its outcome is certain
-  (:func:`certain_outcome`: ``torch.rand([]) < 0.0`` is always False).
+  layer``) would drop the same layers on every call, silently, and the random stream would
+  drift from the model's. Random draws are recorded as graph nodes instead, drawn at run
+  time; a branch on one then cannot be traced (or, traced with examples, is a check on data),
+  so the Python code that branches stays Python code.
 
 :func:`traced_factories` installs both for one trace.
 """
