@@ -655,6 +655,16 @@ class ChainRun:
         grad_context = [grad_all[i] for i in rec.reads]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
 
+    def release(self) -> None:
+        """Drop the state once block 0 has gone backward.
+
+        Autograd keeps every node, and so this run, until the whole backward has finished;
+        the chains before this one recompute their blocks meanwhile.
+        """
+        self.V = self.r = self.x = self.xw = self.grad_f = self.stack = None
+        self.records.clear()
+        self._scalars.clear()
+
     def grad_v0(self) -> torch.Tensor:
         """The gradient of the initial velocity, once block 0 has gone backward."""
         return self.grad_f if self.g == 0 else self.grad_f * (self.gamma / self.g)
@@ -736,6 +746,8 @@ class _ReversibleBlock(torch.autograd.Function):
             grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
         grad_x = grad_x.to(run.dtype)
         grad_v0 = run.grad_v0().to(run.dtype) if ctx.t == 0 and run.has_v0 else None
+        if ctx.t == 0:
+            run.release()
         return (None, None, None, None, None, grad_x, grad_v0, *grad_context, *grad_params)
 
 

@@ -520,3 +520,15 @@ def test_eval_mode_attention_with_grad_rebuilds_exactly(norm_first):
     g_rev, g_bp = grads_of(rev, x, w), grads_of(bp, x, w)
     assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is left as it was
     assert max_rel_err(g_rev, g_bp) < 1e-9
+
+
+def test_state_is_dropped_once_the_chain_has_gone_backward():
+    net = MomentumNet(mlp_blocks(4), 0.9, use_backprop=False)
+    x, _ = inputs(16, 32)
+    y = net(x)
+    y.sum().backward()
+    # y still holds the graph, and the graph the run: chains before this one in a model go
+    # backward after it, and its state would be alive during their recomputation.
+    run = y.grad_fn.run
+    assert run.V is None and run.r is None and run.grad_f is None and run.stack is None
+    assert not run.records
