@@ -291,6 +291,7 @@ class ChainRun:
         self.g = (GAMMA_DENOM - self.n) / GAMMA_DENOM
         self.records: list[_BlockRecord] = []
         self.consumed = False
+        self.shared: set[int] | None = None  # ids of parameters in more than one block
         self._scalars: dict[float | tuple[str, int], torch.Tensor] = {}
 
     # -- forward ------------------------------------------------------------------------------
@@ -639,12 +640,19 @@ class ChainRun:
             else:
                 # For a non-residual block f = out - x: the gradient goes through out, and x
                 # gets -grad_f besides (no f tensor is formed).
-                grads = torch.autograd.grad(
-                    out,
-                    [x, *wanted, *params],
-                    grad_outputs=grad_f.to(out.dtype),
-                    allow_unused=True,
-                )
+                if self._accumulates_in_place(params):
+                    # Each parameter's gradient goes into its .grad as soon as it is made, as
+                    # in the original's backward; returned, a block's would all be held at once.
+                    leaves = [x, *wanted]
+                    torch.autograd.backward(out, grad_f.to(out.dtype), inputs=[*leaves, *params])
+                    grads = [leaf.grad for leaf in leaves] + [None] * len(params)
+                else:
+                    grads = torch.autograd.grad(
+                        out,
+                        [x, *wanted, *params],
+                        grad_outputs=grad_f.to(out.dtype),
+                        allow_unused=True,
+                    )
         del out
         # Autograd may pass grad_outputs straight through (the gradient of a bias added at
         # the end is grad_f itself); grad_f changes in place at the next block.
@@ -654,6 +662,31 @@ class ChainRun:
         grad_all = [next(it) if ci.requires_grad else None for ci in context]
         grad_context = [grad_all[i] for i in rec.reads]
         return grad_x, grad_context, list(grads[1 + len(wanted) :])
+
+    def _accumulates_in_place(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether a block's parameter gradients may go straight into ``.grad``.
+
+        Only in a plain ``.backward()`` (``torch.autograd.grad`` and ``backward(inputs=...)``
+        want them returned), and only where accumulating from inside this node cannot be told
+        apart from accumulating after it: no distributed training (DDP's reducer marks each
+        parameter ready once per backward), no hooks on the parameters, and none shared with
+        another block of the chain (each block would accumulate and call hooks on its own).
+        """
+        if not params or not torch.autograd._is_checkpoint_valid():
+            return False
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return False
+        if self.shared is None:
+            seen: set[int] = set()
+            self.shared = set()
+            for block in self.spec.blocks:
+                for p in _block_params(block):
+                    (self.shared if id(p) in seen else seen).add(id(p))
+        return not any(
+            id(p) in self.shared or p._backward_hooks or p._post_accumulate_grad_hooks
+            for p in params
+        )
 
     def release(self) -> None:
         """Drop the state once block 0 has gone backward.

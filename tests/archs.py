@@ -249,3 +249,25 @@ class Synthetic(nn.Module):
         for block, scale in zip(self.blocks, self.scales, strict=True):
             x = x + scale * block(x)
         return x
+
+
+def wide_weight_chain(hooked: bool = False, width: int = 512, depth: int = 4):
+    """A reversible chain whose blocks hold 4 MiB of weights and almost no activations.
+
+    A workload for :func:`fxmomentum.measure.measure_memory`: its step's peak is the parameter
+    gradients alive at once. ``hooked`` puts a (no-op) hook on every parameter, which makes the
+    chain return a block's parameter gradients from its autograd node instead of accumulating
+    each into ``.grad`` as it is made.
+    """
+    from fxmomentum import MomentumNet
+    from fxmomentum.measure import Workload
+
+    blocks = [
+        nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(width, width), nn.Tanh())))
+        for _ in range(depth)
+    ]
+    net = MomentumNet(blocks, 0.9, use_backprop=False)
+    if hooked:
+        for p in net.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: None)
+    return Workload(net, (torch.randn(4, width),))
