@@ -32,6 +32,7 @@ from .capture import (
     CallRecord,
     Capture,
     CaptureError,
+    GraphPerModeError,
     LeafInfo,
     TracingSnapshot,
     _leaf_arguments,
@@ -234,7 +235,7 @@ def _capture_tree(
     frontier: list[tuple[str, nn.Module]] = []
     name = type(root).__name__
     failure: CaptureError | None = None
-    shaped: tuple[list[int], list[str]] | CaptureError | None = None
+    shaped: tuple[list[int], list[str], bool] | CaptureError | None = None
 
     # Submodules a parent's trace made leaves because their forward failed: each is tried
     # shape-aware on its recorded call before conversion descends into it.
@@ -255,9 +256,23 @@ def _capture_tree(
 
     recorded = example_inputs is not None
 
+    arguments = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
     try:
-        take("", root, capture(root, example_inputs, leaf_modules=leaf_modules,
-                               concrete_args=concrete_args))  # fmt: skip
+        take("", root, capture(root, example_inputs, **arguments))
+    except GraphPerModeError as e:
+        cap = _one_mode_capture(root, dict(example_inputs=example_inputs, **arguments))
+        if cap is not None:
+            notes.append(_one_mode_note(name))
+            take("", root, cap)
+        else:
+            failure, reason = e, e.reason
+            leaves.append(LeafInfo("", name, _descended(reason, _PER_MODE), True))
+            notes.append(
+                f"{name}.forward {_PER_MODE} ({reason}): it stays Python code, so that both "
+                f"modes work, and its submodules were captured one by one; convert returns a "
+                f"{name}, not a GraphModule"
+            )
+            frontier = _children("", root)
     except CaptureError as e:
         if leaf_modules:
             _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
@@ -321,6 +336,14 @@ def _capture_tree(
             relative = _relative_leaves(requested, types, path)
             try:
                 cap = capture(m, leaf_modules=relative, call=call)
+            except GraphPerModeError as e:
+                cap = _one_mode_capture(m, dict(leaf_modules=relative, call=call))
+                if cap is None:
+                    why = _descended(e.reason, _PER_MODE)
+                    leaves.append(LeafInfo(path, type(m).__name__, why, True))
+                    frontier.extend(_children(path, m))
+                    continue
+                notes.append(_about(path, _one_mode_note(type(m).__name__)))
             except CaptureError as e:
                 cap = _shape_aware_submodule(m, relative, call)
                 if cap is None:
@@ -335,7 +358,7 @@ def _capture_tree(
     elif failure is not None and shaped is not None:
         chains = [len(c.blocks) for u in units for c in find_chains(u.capture.graph, dict(
             u.module.named_modules())).chains]  # fmt: skip
-        found, data = shaped
+        found, data, one_mode = shaped
         joins = sum(found) > sum(chains) or (sum(found) == sum(chains) and len(found) < len(chains))
         if joins and data:
             notes.append(
@@ -349,14 +372,15 @@ def _capture_tree(
             for unit in reversed(units):
                 if unit.before is not None:
                     undo_tracing(unit.module, unit.before)
-            cap = capture(root, example_inputs, leaf_modules=leaf_modules,
-                          concrete_args=concrete_args, shape_aware=True)  # fmt: skip
+            cap = capture(root, example_inputs, shape_aware=True, one_mode=one_mode, **arguments)
             units, leaves, frontier = [], [], []
             notes = [
                 f"{name}.forward cannot be traced by torch.fx alone ({reason}): it was traced "
                 f"shape-aware, which finds {len(found)} chain(s) of {sum(found)} blocks where "
                 f"its submodules hold {len(chains)} of {sum(chains)}"
             ]
+            if one_mode:
+                notes.append(_one_mode_note(name))
             take("", root, cap)
             failure = None
     # Chains in the order of the modules: the model's own graph first, then the submodules.
@@ -381,19 +405,23 @@ def _shape_aware_chains(
     example_inputs: Any,
     leaf_modules: list[str | type],
     concrete_args: dict[str, Any] | None,
-) -> tuple[list[int], list[str]] | CaptureError | None:
+) -> tuple[list[int], list[str], bool] | CaptureError | None:
     """The block counts of the chains a shape-aware trace of ``root`` finds (see
-    :mod:`fxmomentum.shaped`) and where its graph checks tensor values, or why it fails, or
-    None without example inputs; ``root`` is left as it was."""
+    :mod:`fxmomentum.shaped`), where its graph checks tensor values and whether it serves
+    only the current mode (a graph per mode), or why it fails, or None without example
+    inputs; ``root`` is left as it was."""
     if example_inputs is None:
         return None
     before = tracing_snapshot(root)
+    arguments = dict(leaf_modules=leaf_modules, concrete_args=concrete_args, shape_aware=True)
     try:
-        cap = capture(root, example_inputs, leaf_modules=leaf_modules,
-                      concrete_args=concrete_args, shape_aware=True)  # fmt: skip
+        try:
+            cap, one_mode = capture(root, example_inputs, **arguments), False
+        except GraphPerModeError:
+            cap, one_mode = capture(root, example_inputs, one_mode=True, **arguments), True
         found = find_chains(cap.graph, dict(root.named_modules())).chains
         data = sorted({c.where for c in cap.checks if c.data})
-        return [len(c.blocks) for c in found], data
+        return [len(c.blocks) for c in found], data, one_mode
     except CaptureError as e:
         return e
     finally:
@@ -414,12 +442,44 @@ def _shape_aware_submodule(
         cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
     except CaptureError:
         return None
-    chains = find_chains(cap.graph, dict(m.named_modules())).chains
-    owners = [{_traced_in(b.add) for b in c.blocks} for c in chains]
-    if not any("" in o or len(o) > 1 for o in owners) or any(c.data for c in cap.checks):
+    if not _joins_chains(cap, m) or any(c.data for c in cap.checks):
         undo_tracing(m, before)
         return None
     return cap
+
+
+def _joins_chains(cap: Capture, m: nn.Module) -> bool:
+    """Whether ``cap``'s graph of ``m`` has a chain that capturing ``m``'s submodules one by
+    one would not find: one with a block in ``m``'s own code, or blocks in two submodules."""
+    chains = find_chains(cap.graph, dict(m.named_modules())).chains
+    owners = [{_traced_in(b.add) for b in c.blocks} for c in chains]
+    return any("" in o or len(o) > 1 for o in owners)
+
+
+#: Why a module whose ``forward`` has a graph per mode stays Python code.
+_PER_MODE = "has a different graph in train and eval mode"
+
+
+def _one_mode_capture(m: nn.Module, arguments: dict[str, Any]) -> Capture | None:
+    """``m`` captured in its current mode only (see ``capture``'s ``one_mode``), where that
+    graph joins chains that descending would not (:func:`_joins_chains`); else None, and
+    ``m`` is left as it was: its Python code then serves both modes."""
+    before = tracing_snapshot(m)
+    try:
+        cap = capture(m, one_mode=True, **arguments)
+    except CaptureError:
+        return None
+    if not _joins_chains(cap, m):
+        undo_tracing(m, before)
+        return None
+    return cap
+
+
+def _one_mode_note(name: str) -> str:
+    return (
+        f"{name}.forward {_PER_MODE}: its submodules one by one would not hold its chains, so "
+        f"the graph serves the mode it was converted in"
+    )
 
 
 def _shaped_note(name: str, reason: str) -> str:
@@ -433,8 +493,8 @@ def _traced_in(node: fx.Node) -> str:
     return next(iter(stack.values()))[0] if stack else ""
 
 
-def _descended(reason: str) -> str:
-    return f"forward not traceable ({reason}): kept as Python code, submodules captured one by one"
+def _descended(reason: str, what: str = "not traceable") -> str:
+    return f"forward {what} ({reason}): kept as Python code, submodules captured one by one"
 
 
 def _plan(

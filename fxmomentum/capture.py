@@ -46,6 +46,7 @@ __all__ = [
     "CaptureError",
     "CaptureTracer",
     "GraphCodeTracer",
+    "GraphPerModeError",
     "LeafInfo",
     "ShapePropagationError",
     "Specialised",
@@ -91,6 +92,12 @@ class CaptureError(RuntimeError):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = message if reason is None else reason
+
+
+class GraphPerModeError(CaptureError):
+    """The module's ``forward`` branches on ``self.training`` and traces to a different graph in
+    train and eval mode, so no one graph serves both (pass ``one_mode=True`` to
+    :func:`capture` to take the current mode's, which checks the mode at run time)."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,9 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
     training_reads : dict of str to str
         Module paths whose ``forward`` read ``self.training``: ``"argument"`` (read at run time
         through a :class:`TrainingFlag`) or ``"control flow"`` (baked into the graph).
+    branch_sites : dict of str to str
+        For the ``"control flow"`` paths: where the ``forward`` branched first
+        (``"file.py:12 (`if self.training:`)"``).
     unwrapped : list of str
         Names of the decorator wrappers of the root's ``forward`` that were not traced (see
         :meth:`create_args_for_root`).
@@ -275,6 +285,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         self.leaf_types = tuple(leaf_types)
         self.failure: tuple[tuple[str, ...], BaseException] | None = None
         self.training_reads: dict[str, str] = {}
+        self.branch_sites: dict[str, str] = {}
         self.unwrapped: list[str] = []
         self._stack: list[str] = []
         self._param_names: dict[int, str] = {}
@@ -322,6 +333,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
     def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.failure = None
         self.training_reads = {}
+        self.branch_sites = {}
         self.unwrapped = []
         self._stack = []
         self.set_examples(self._examples)  # a new trace makes its own checks
@@ -430,10 +442,11 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             return
         self.training_reads[read.path] = "control flow"
         where, line = caller()
+        self.branch_sites[read.path] = f"{where}{f' (`{line}`)' if line else ''}"
         mode, other = ("train", "eval") if read.value else ("eval", "train")
         message = (
-            f"{type(read.module).__name__}.forward branches on self.training at {where}"
-            f"{f' (`{line}`)' if line else ''}, and its graph was captured in {mode} mode; "
+            f"{type(read.module).__name__}.forward branches on self.training at "
+            f"{self.branch_sites[read.path]}, and its graph was captured in {mode} mode; "
             f"this call is in {other} mode. Convert the model in the mode it runs in "
             f"(model.{other}() before fxmomentum.convert)"
         )
@@ -570,6 +583,7 @@ def capture(
     concrete_args: dict[str, Any] | None = None,
     call: CallRecord | None = None,
     shape_aware: bool = False,
+    one_mode: bool = False,
 ) -> Capture:
     """Trace ``model`` with torch.fx; make untraceable submodules leaves; propagate shapes.
 
@@ -600,6 +614,10 @@ def capture(
         Where plain tracing of ``model.forward`` fails, trace it again with the example's
         values (see :mod:`fxmomentum.shaped`); needs example inputs or ``call``. The graph
         must return what the model returns on them.
+    one_mode : bool
+        Where ``model.forward`` branches on ``self.training`` and traces to a different graph
+        in the other mode, take the current mode's graph, which checks the mode at run time
+        and raises in the other one, instead of raising :class:`GraphPerModeError`.
 
     Returns
     -------
@@ -610,6 +628,9 @@ def capture(
     CaptureError
         If the model's own ``forward`` cannot be traced (a submodule's failure makes that
         submodule a leaf instead), or its graph does not reproduce ``call``.
+    GraphPerModeError
+        If the model's own ``forward`` has a graph per mode and ``one_mode`` is False (a
+        submodule's does not matter: it is kept whole).
 
     Examples
     --------
@@ -628,7 +649,15 @@ def capture(
     snapshot = tracing_snapshot(model)
     try:
         return _capture(
-            model, example_inputs, leaves, leaf_types, concrete_args, call, var_keyword, shape_aware
+            model,
+            example_inputs,
+            leaves,
+            leaf_types,
+            concrete_args,
+            call,
+            var_keyword,
+            shape_aware,
+            one_mode,
         )
     except CaptureError:
         # What the failed attempts added would stay in a module whose Python forward keeps
@@ -699,6 +728,7 @@ def _capture(
     call: CallRecord | None,
     var_keyword: dict[str, Any] | None,
     shape_aware: bool,
+    one_mode: bool,
 ) -> Capture:
     modules = dict(model.named_modules())
     found: list[LeafInfo] = []
@@ -768,6 +798,15 @@ def _capture(
             notes.append(
                 f"{name}.forward branches on self.training, but its graph is the same in train "
                 f"and eval mode"
+            )
+        elif not one_mode:
+            where = tracer.branch_sites[""]
+            raise GraphPerModeError(
+                f"{name}.forward branches on self.training at {where}, and its graph in train "
+                f"mode differs from the one in eval mode: no one graph serves both. Convert "
+                f"its submodules, or capture with one_mode=True for the {mode} mode's graph "
+                f"(which checks the mode at run time)",
+                f"it branches on self.training at {where}",
             )
         else:
             notes.append(

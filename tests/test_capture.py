@@ -18,6 +18,7 @@ from fxmomentum import MomentumChain
 from fxmomentum.capture import (
     CaptureError,
     CaptureTracer,
+    GraphPerModeError,
     TrainingFlag,
     capture,
     propagate_shapes,
@@ -146,7 +147,13 @@ def test_model_own_forward_that_cannot_be_traced_raises():
 
 
 def test_root_branching_on_training_is_noted_and_checked():
-    cap = capture(BranchesOnTraining().train())
+    # Its graph in eval mode would be another: by default no graph, with the reason.
+    with pytest.raises(
+        GraphPerModeError,
+        match=r"test_capture.py:\d+ \(`if self.training:`\), and its graph in train",
+    ):
+        capture(BranchesOnTraining().train())
+    cap = capture(BranchesOnTraining().train(), one_mode=True)
     assert any("specialised to train mode, which it checks" in note for note in cap.notes)
     gm = cap.graph_module
     x = torch.ones(2)
@@ -163,7 +170,7 @@ def test_the_mode_check_names_the_line_in_a_library_s_model():
     torch.manual_seed(0)
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
     x = torch.randn(2, 3, 64, 64)
-    gm = fxmomentum.convert(model.train(), 0.0, use_backprop=True, example_inputs=x)
+    gm = capture(model.train(), x, one_mode=True).graph_module
     with pytest.raises(AssertionError, match=r"googlenet.py:\d+ \(`if self.training"):
         gm.eval()(x)
 
@@ -193,7 +200,8 @@ def test_a_root_traced_the_same_in_both_modes_is_not_checked(mode):
     # Tracing in the other mode left the model as it was.
     assert model.training is (mode == "train") and not list(model.children())
     model.layerdrop = 0.5  # now the paths differ: the graph is specialised and checked
-    assert any("which it checks at run time" in note for note in capture(model).notes)
+    cap = capture(model, one_mode=True)
+    assert any("which it checks at run time" in note for note in cap.notes)
 
 
 def test_momentum_chain_is_a_leaf():
@@ -252,3 +260,86 @@ def test_tracer_reads_parameters_by_identity():
     graph = CaptureTracer().trace(model)
     attrs = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
     assert attrs == [f"scales.{i}" for i in range(5)]
+
+
+class Residual(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.f = archs.mlp(dim)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class AuxInTraining(nn.Module):
+    """A residual stack in a child, and an auxiliary output in training only (as Inception's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.body = nn.Sequential(*(Residual(16) for _ in range(3)))
+        self.aux = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        if self.training:
+            return x, self.aux(x)
+        return x
+
+
+class LoopAndTrainingPath(nn.Module):
+    """Its chain is its own loop, and training adds noise: descending would split the chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(archs.mlp(8) for _ in range(3))
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_root_with_a_graph_per_mode_stays_python_and_serves_both(mode):
+    torch.manual_seed(0)
+    model = getattr(AuxInTraining(), mode)()
+    x = torch.randn(4, 8)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=x, return_report=True
+    )
+    assert not isinstance(out, fx.GraphModule)
+    assert [(c.num_blocks, c.first, c.last) for c in report.chains] == [(3, "body.0", "body.2")]
+    assert any("a different graph in train and eval mode" in n for n in report.notes)
+    out.train(), model.train()
+    assert max_rel_err(list(out(x)), list(model(x))) <= 1e-6
+    out.eval(), model.eval()
+    assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+
+
+def test_a_root_whose_own_loop_is_the_chain_keeps_its_mode_s_graph():
+    torch.manual_seed(0)
+    model = LoopAndTrainingPath().eval()
+    x = torch.randn(4, 8)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=x, return_report=True
+    )
+    assert isinstance(out, fx.GraphModule)
+    assert [c.num_blocks for c in report.chains] == [3]
+    assert any("specialised to eval mode, which it checks" in n for n in report.notes)
+    assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+    with pytest.raises(AssertionError, match="captured in eval mode"):
+        out.train()(x)
+
+
+def test_googlenet_converted_in_train_mode_also_evaluates():
+    # Its forward returns the auxiliary logits in training only: no one graph serves both
+    # modes, so it stays Python code (it has no residual chain to lose).
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    x = torch.randn(2, 3, 64, 64)
+    out = fxmomentum.convert(model.train(), 0.0, use_backprop=True, example_inputs=x)
+    model.eval(), out.eval()
+    assert max_rel_err([out(x)], [model(x)]) <= 1e-6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import archs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -370,3 +371,38 @@ def test_a_shape_aware_capture_that_joins_nothing_is_not_taken():
     assert [(c.first, c.num_blocks) for c in report.chains] == [("body.stack.blocks.0", 3)]
     x = torch.randn(2, 7, 8)
     assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+
+
+class ShapedLayerDrop(nn.Module):
+    """A branch on ``x.dim()`` (plain torch.fx fails), and in training a draw per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(archs.mlp(8) for _ in range(3))
+
+    def forward(self, x):
+        shape = x.shape
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        for block in self.blocks:
+            if self.training and torch.rand([]) < 0.5:
+                continue
+            x = x + block(x)
+        return x.reshape(shape)
+
+
+def test_a_shape_aware_root_with_a_graph_per_mode_keeps_the_mode_that_joins_its_chain():
+    torch.manual_seed(0)
+    model = ShapedLayerDrop().eval()
+    x = torch.randn(2, 5, 8)
+    out, report = fxmomentum.convert(
+        model, 0.0, use_backprop=True, example_inputs=x, return_report=True
+    )
+    # Its layers, one by one, hold no chain: the eval graph's loop is the only one.
+    assert isinstance(out, fx.GraphModule)
+    assert [c.num_blocks for c in report.chains] == [3]
+    assert any("serves the mode it was converted in" in n for n in report.notes)
+    y = torch.randn(3, 4, 8)
+    assert max_rel_err([out(y)], [model(y)]) <= 1e-6
+    with pytest.raises(AssertionError, match="captured in eval mode"):
+        out.train()(y)
