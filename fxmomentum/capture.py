@@ -26,6 +26,7 @@ import inspect
 import io
 import math
 import operator
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -1066,6 +1067,25 @@ def _call_key(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ..
     )
 
 
+#: At most this many more runs of :func:`record_calls` for modules its first run skipped.
+RECORD_SEEDS = 16
+
+
+def _dropped_layers(
+    model: nn.Module, wanted: Mapping[int, nn.Module], records: Mapping[int, CallRecord]
+) -> list[int]:
+    """The ``wanted`` modules not recorded while a module of their class in the same
+    ``nn.ModuleList`` (or ``ModuleDict``) was: the layers a random layer drop skipped."""
+    kind = {
+        id(child): (id(m), type(child))
+        for m in model.modules()
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict))
+        for child in m.children()
+    }
+    ran = {kind.get(i) for i in records} - {None}
+    return [i for i in wanted if i not in records and kind.get(i) in ran]
+
+
 def record_calls(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[Any],
@@ -1076,8 +1096,12 @@ def record_calls(
     Hooks record each module's first call (arguments and output structure) in the model's
     current mode, and whether later calls differ, also in a second run in the other mode
     (train / eval): a parent that passes ``0.0 if not self.training else p`` calls its child
-    differently in each mode. The runs have no side effects: no grad, the global random
-    state forked, the buffers and modes restored.
+    differently in each mode. Where the first run drew random numbers and skipped a module
+    that has a sibling of its class that ran (a layer of a random layer drop), up to
+    :data:`RECORD_SEEDS` more runs, seeded 0, 1, ..., record the skipped ones, so that which
+    layers are recorded does not hang on one draw. The runs have no
+    side effects: no grad, the global random states (torch's and Python's) forked, the
+    buffers and modes restored.
 
     Parameters
     ----------
@@ -1108,15 +1132,18 @@ def record_calls(
     """
     inputs = _as_tuple(example_inputs)
     records: dict[int, CallRecord] = {}
-    first_run = True
+    wanted = {id(m): m for m in modules}
+    # The run a module's record comes from, whose calls it counts; -1: the other mode's run.
+    run, made_in = 0, {}
 
     def before(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         key = _call_key(args, kwargs)
         record = records.get(id(m))
-        if record is None and first_run:
+        if record is None and run >= 0:
             records[id(m)] = CallRecord(tuple(args), dict(kwargs), key=key)
+            made_in[id(m)] = run
         elif record is not None:
-            record.calls += first_run
+            record.calls += made_in[id(m)] == run
             record.differing = record.differing or key != record.key
 
     def after(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -1127,12 +1154,23 @@ def record_calls(
     handles = []
     modes = [(m, m.training) for m in model.modules()]
     try:
-        for m in {id(m): m for m in modules}.values():
+        for m in wanted.values():
             handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(m.register_forward_hook(after, with_kwargs=True))
         with no_side_effects(model, inputs):
+            states = torch.get_rng_state(), random.getstate()
             model(*inputs)
-            first_run = False
+            drew = not torch.equal(states[0], torch.get_rng_state()) or (
+                states[1] != random.getstate()
+            )
+            for seed in range(RECORD_SEEDS if drew else 0):
+                if not _dropped_layers(model, wanted, records):
+                    break
+                run = seed + 1
+                torch.manual_seed(seed)
+                random.seed(seed)
+                model(*inputs)
+            run = -1
             model.train(not model.training)
             # The other mode may refuse these inputs (train-mode BatchNorm on a batch of
             # one); then a graph fixed to this mode's values still checks them at run time.
@@ -1348,9 +1386,11 @@ def _describe_target(node: fx.Node) -> str:
 def no_side_effects(
     owner: nn.Module, inputs: Sequence[Any] = (), *, grad: bool = False
 ) -> Iterator[None]:
-    """Run a probe of ``owner``: grad as asked, the global random state forked (on every CUDA
-    device ``owner`` or ``inputs`` live on) and ``owner``'s buffers restored afterwards."""
+    """Run a probe of ``owner``: grad as asked, the global random states forked (torch's, on
+    every CUDA device ``owner`` or ``inputs`` live on too, and Python's) and ``owner``'s buffers
+    restored afterwards."""
     saved = [(b, b.detach().clone()) for b in owner.buffers()]
+    python_random = random.getstate()
     tensors = [*owner.parameters(), *owner.buffers(), *inputs]
     devices = sorted(
         {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}
@@ -1359,6 +1399,7 @@ def no_side_effects(
         with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad):
             yield
     finally:
+        random.setstate(python_random)
         with torch.no_grad():
             for b, old in saved:
                 if b.shape == old.shape:

@@ -22,6 +22,7 @@ from fxmomentum.capture import (
     TrainingFlag,
     capture,
     propagate_shapes,
+    record_calls,
 )
 
 
@@ -343,3 +344,24 @@ def test_googlenet_converted_in_train_mode_also_evaluates():
     out = fxmomentum.convert(model.train(), 0.0, use_backprop=True, example_inputs=x)
     model.eval(), out.eval()
     assert max_rel_err([out(x)], [model(x)]) <= 1e-6
+
+
+class WithSpare(nn.Module):
+    """Draws random numbers (dropout), and holds a module no run calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare, self.drop = nn.Linear(4, 4), nn.Linear(4, 4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.used(x))
+
+
+def test_recording_runs_again_only_for_layers_a_random_drop_skipped():
+    model = WithSpare().train()
+    runs = []
+    model.register_forward_pre_hook(lambda m, a: runs.append(m.training))
+    records = record_calls(model, torch.randn(2, 4), [model.used, model.spare])
+    # The spare is no layer of a list whose other layers ran: no seed would call it. One run in the
+    # model's mode, one in the other.
+    assert list(records) == [id(model.used)] and runs == [True, False]

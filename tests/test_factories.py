@@ -124,3 +124,49 @@ def test_a_draw_from_the_model_s_generator_is_made_at_run_time():
     expected = [model(torch.zeros(1, 3)) for _ in range(2)]
     model.generator.manual_seed(5)
     assert torch.equal(torch.cat([gm(torch.zeros(1, 3)) for _ in range(2)]), torch.cat(expected))
+
+
+class Layer(nn.Module):
+    """A residual block of its own: each layer is a chain when captured one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class LayerDropOfLayers(LayerDrop):
+    def __init__(self, layerdrop: float, python: bool = False, depth: int = 6) -> None:
+        super().__init__(layerdrop, python, depth)
+        self.blocks = nn.ModuleList(Layer() for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.training:
+                draw = random.random() if self.python else torch.rand([])
+                if draw < self.layerdrop:
+                    continue
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_which_layers_convert_does_not_hang_on_the_example_run_s_draws(python):
+    # Each layer is captured as its parent called it on the example; a layer the example run
+    # dropped is recorded from a run with another seed, so every seed at conversion converts
+    # all six.
+    x = torch.randn(3, 8)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        model = LayerDropOfLayers(0.5, python=python).train()
+        states = torch.get_rng_state(), random.getstate()
+        out, report = fxmomentum.convert(
+            model, 0.0, use_backprop=True, example_inputs=(x,), return_report=True
+        )
+        # The random states are as they were, and the layers drop as the original's do.
+        assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+        assert sorted(c.first for c in report.chains) == [f"blocks.{i}.block" for i in range(6)]
+        assert max_rel_err(outputs(out, x), outputs(model, x)) <= 1e-6
