@@ -36,13 +36,17 @@ class LayerDrop(nn.Module):
         self.blocks = nn.ModuleList(Block() for _ in range(depth))
         self.layerdrop, self.python = layerdrop, python
 
+    def drops(self) -> bool:
+        """Whether to skip the next layer (a draw only in training)."""
+        if not self.training:
+            return False
+        draw = random.random() if self.python else torch.rand([])
+        return draw < self.layerdrop
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.training:
-                draw = random.random() if self.python else torch.rand([])
-                if draw < self.layerdrop:
-                    continue
-            x = x + block(x)
+            if not self.drops():
+                x = x + block(x)
         return x + 0.01 * torch.randn(8)
 
 
@@ -144,11 +148,8 @@ class LayerDropOfLayers(LayerDrop):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.training:
-                draw = random.random() if self.python else torch.rand([])
-                if draw < self.layerdrop:
-                    continue
-            x = block(x)
+            if not self.drops():
+                x = block(x)
         return x
 
 
