@@ -1096,12 +1096,11 @@ def record_calls(
     Hooks record each module's first call (arguments and output structure) in the model's
     current mode, and whether later calls differ, also in a second run in the other mode
     (train / eval): a parent that passes ``0.0 if not self.training else p`` calls its child
-    differently in each mode. Where the first run drew random numbers and skipped a module
-    that has a sibling of its class that ran (a layer of a random layer drop), up to
+    differently in each mode. Where the first run drew random numbers and skipped layers of an
+    ``nn.ModuleList`` whose other layers of that class ran (a random layer drop), up to
     :data:`RECORD_SEEDS` more runs, seeded 0, 1, ..., record the skipped ones, so that which
-    layers are recorded does not hang on one draw. The runs have no
-    side effects: no grad, the global random states (torch's and Python's) forked, the
-    buffers and modes restored.
+    layers are recorded does not hang on one draw. The runs have no side effects: no grad,
+    the global random states (torch's and Python's) forked, the buffers and modes restored.
 
     Parameters
     ----------
