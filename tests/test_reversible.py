@@ -557,8 +557,8 @@ def test_parameter_gradients_are_not_all_held_at_once():
         )["peak_bytes"]
         for hooked in (False, True)
     }
-    assert peak[True] >= 4 * 2**20, peak
-    assert peak[False] <= 0.6 * peak[True], peak
+    assert peak[True] >= 3 * 2**20, peak  # about 4 MiB, less what RSS pages round away
+    assert peak[False] <= 0.5 * peak[True], peak
 
 
 def test_state_is_dropped_once_the_chain_has_gone_backward():
