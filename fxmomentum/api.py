@@ -259,32 +259,30 @@ def _capture_tree(
     arguments = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
     try:
         take("", root, capture(root, example_inputs, **arguments))
-    except GraphPerModeError as e:
-        cap = _one_mode_capture(root, dict(example_inputs=example_inputs, **arguments))
+    except CaptureError as e:
+        per_mode = isinstance(e, GraphPerModeError)
+        cap = None
+        if per_mode:
+            cap = _one_mode_capture(root, dict(example_inputs=example_inputs, **arguments))
         if cap is not None:
             notes.append(_one_mode_note(name))
             take("", root, cap)
         else:
+            if leaf_modules:
+                _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
             failure, reason = e, e.reason
-            leaves.append(LeafInfo("", name, _descended(reason, _PER_MODE), True))
+            if per_mode:
+                what, kept = _PER_MODE, "it stays Python code, so that both modes work, and"
+            else:
+                what, kept = "cannot be traced", "it stays Python code, and"
+                shaped = _shape_aware_chains(root, example_inputs, leaf_modules, concrete_args)
+            why = _descended(reason, _PER_MODE) if per_mode else _descended(reason)
+            leaves.append(LeafInfo("", name, why, True))
             notes.append(
-                f"{name}.forward {_PER_MODE} ({reason}): it stays Python code, so that both "
-                f"modes work, and its submodules were captured one by one; convert returns a "
-                f"{name}, not a GraphModule"
+                f"{name}.forward {what} ({reason}): {kept} its submodules were captured one by "
+                f"one; convert returns a {name}, not a GraphModule"
             )
             frontier = _children("", root)
-    except CaptureError as e:
-        if leaf_modules:
-            _leaf_arguments(root, leaf_modules)  # unknown paths are errors, as when captured
-        failure = e
-        reason = e.reason
-        shaped = _shape_aware_chains(root, example_inputs, leaf_modules, concrete_args)
-        leaves.append(LeafInfo("", name, _descended(reason), True))
-        notes.append(
-            f"{name}.forward cannot be traced ({reason}): it stays Python code, and its "
-            f"submodules were captured one by one; convert returns a {name}, not a GraphModule"
-        )
-        frontier = _children("", root)
     seen: set[int] = {id(root)}
     while frontier:
         todo = []
