@@ -65,6 +65,7 @@ LABELS = {
     "checkpoint": "torch.utils.checkpoint per block",
     "checkpoint_reentrant": "torch.utils.checkpoint per block (use_reentrant=True)",
     "official": "momentumnet.transform_to_momentumnet",
+    "recompute": "recomputation floor: each chain block run once more (time only)",
 }
 SHORT = {
     "original": "original",
@@ -73,7 +74,10 @@ SHORT = {
     "checkpoint": "checkpoint",
     "checkpoint_reentrant": "reentrant ckpt",
     "official": "momentumnet",
+    "recompute": "recompute floor",
 }
+#: Configurations that are timed but not measured for memory.
+TIME_ONLY = {"recompute"}
 
 #: Targets and references (DESIGN.md; CPU, 2 threads).
 RESNET_TARGETS = {"memory": 0.55, "time": 1.25}
@@ -237,6 +241,25 @@ class Checkpointed(nn.Module):
         return checkpoint(self.module, *args, use_reentrant=self.reentrant, **kwargs)
 
 
+class RunTwice(nn.Module):
+    """``module`` run once more, with grad, after its forward; the second result is dropped.
+
+    A step of a model whose chain blocks are wrapped so costs what any method that recomputes
+    each block once in backward must pay at least (checkpointing, a reversible chain): the
+    recomputation floor of the time ratio, without any of those methods' own bookkeeping.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        with torch.enable_grad():
+            self.module(*args, **kwargs)
+        return out
+
+
 def encoder_stack(layers: int, width: int, heads: int, ff: int) -> nn.Sequential:
     """``layers`` pre-norm ``nn.TransformerEncoderLayer`` (batch first, dropout 0.1) in a row."""
     return nn.Sequential(
@@ -363,6 +386,12 @@ def _build_resnet(
             for i in range(len(stage)):
                 stage[i] = Checkpointed(stage[i], reentrant=kind == "checkpoint_reentrant")
         return model, x
+    if kind == "recompute":
+        # The blocks fxmomentum chains: all but each stage's first (its projection shortcut).
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for i in range(1, len(stage)):
+                stage[i] = RunTwice(stage[i])
+        return model, x
     if kind == "official":
         from momentumnet import transform_to_momentumnet
 
@@ -391,6 +420,8 @@ def _build_transformer(
         return model, x
     if kind == "checkpoint":
         return nn.Sequential(*[Checkpointed(layer) for layer in stack]), x
+    if kind == "recompute":
+        return nn.Sequential(*[RunTwice(layer) for layer in stack]), x
     raise ValueError(f"unknown kind {kind!r} / method {method!r} for transformer")
 
 
@@ -544,9 +575,12 @@ def run_resnet(s: Sizes, official: bool, threads: int, log: Log) -> dict[str, An
     kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"] + (
         ["official"] if official else []
     )
+    kinds.append("recompute")
     base = {"bench": "resnet", "layers": s.resnet_layers, "batch": s.resnet_batch}
     log(f"ResNet {s.resnet_layers}: memory at {s.resnet_memory_size}x{s.resnet_memory_size}")
-    jobs = [(k, {**base, "kind": k, "size": s.resnet_memory_size}) for k in kinds]
+    jobs = [
+        (k, {**base, "kind": k, "size": s.resnet_memory_size}) for k in kinds if k not in TIME_ONLY
+    ]
     memory = _memory(jobs, s, threads, log, "resnet")
     times = {}
     for size in s.resnet_time_sizes:
@@ -560,7 +594,7 @@ def run_transformer(s: Sizes, threads: int, log: Log) -> dict[str, Any]:
     """Encoder stack: memory at each of ``tf_memory_layers``, time at ``tf_time_layers``."""
     method = "convert" if convert_captures_stack() else "transform"
     log(f"Transformer stack: reversible through {method}")
-    kinds = ["original", "reversible", "checkpoint"]
+    kinds = ["original", "reversible", "checkpoint", "recompute"]
     base = {
         "bench": "transformer",
         "method": method,
@@ -588,7 +622,12 @@ def _by_depth(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Memory of each kind at each of ``memory_layers`` (``"<kind>-<layers>"``), and time at
     ``time_layers``."""
-    jobs = [(f"{k}-{n}", {**base, "kind": k, "layers": n}) for n in memory_layers for k in kinds]
+    jobs = [
+        (f"{k}-{n}", {**base, "kind": k, "layers": n})
+        for n in memory_layers
+        for k in kinds
+        if k not in TIME_ONLY
+    ]
     memory = _memory(jobs, s, threads, log, base["bench"])
     log(f"{label}: time at {time_layers} layers")
     configs = {k: {**base, "kind": k, "layers": time_layers} for k in kinds}
@@ -747,9 +786,25 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
         "forward without grad, recomputation in backward, what a reversible chain does besides "
         "its exact arithmetic); momentumnet is "
         "`transform_to_momentumnet(model, gamma=0.9, use_backprop=False)`.",
+        *_floor_note(ratios, t0, RESNET_TARGETS["time"], "the blocks the chains hold"),
         "",
     ]
     return lines, ratios
+
+
+def _floor_note(ratios: dict[str, Any], key: str, target: float, blocks: str) -> list[str]:
+    """A line on the recomputation floor of the time ratio, when it was measured."""
+    floor = ratios.get("recompute", {}).get(key)
+    if floor is None:
+        return []
+    rev = ratios.get("reversible", {}).get(key)
+    above = "" if rev is None else f"; reversible is {rev / floor:.2f}x the floor"
+    where = "below" if target < floor else "above"
+    return [
+        f"- Recomputation floor: {_x(floor)}, the original's step with {blocks} run once more "
+        f"(with grad, result dropped), which any method that recomputes each block in "
+        f"backward pays at least. The time target {target:.2f}x lies {where} it{above}."
+    ]
 
 
 def _depth_rows(
@@ -821,6 +876,7 @@ def transformer_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[st
         f"{_check(mem_ok)}; <= {TRANSFORMER_TARGETS['time']:.2f}x time: {_x(rv.get('time'))}, "
         f"{_check(time_ok)}. References (DESIGN.md): checkpoint per layer 0.20x at 12 layers, "
         "growing with depth; floor 0.07x plus one block's activations.",
+        *_floor_note(ratios, "time", TRANSFORMER_TARGETS["time"], "every layer"),
         "",
     ]
     return lines, ratios
@@ -1006,6 +1062,7 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         "checkpoint": "#ff7f0e",
         "checkpoint_reentrant": "#ffbb78",
         "official": "#2ca02c",
+        "recompute": "#d62728",
     }
 
     def bars(ax, kinds, values, title, target=None, refs=()):
@@ -1032,7 +1089,8 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         panels = 1 + len(s.resnet_time_sizes)
         fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
         size = s.resnet_memory_size
-        bars(axes[0], kinds, [r[k]["memory"] for k in kinds],
+        mem_kinds = [k for k in kinds if k not in TIME_ONLY]
+        bars(axes[0], mem_kinds, [r[k]["memory"] for k in mem_kinds],
              f"activation memory ratio ({size}x{size})", RESNET_TARGETS["memory"],
              [(0.40, "floor 0.40x")])  # fmt: skip
         for ax, t in zip(axes[1:], s.resnet_time_sizes, strict=True):
@@ -1050,9 +1108,10 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         r = ratios["transformer"]
         ns = s.tf_memory_layers
         fig, axes = plt.subplots(1, len(ns) + 1, figsize=(4.2 * (len(ns) + 1), 3.6))
+        mem_kinds = [k for k in kinds if k not in TIME_ONLY]
         for ax, n in zip(axes, ns, strict=False):
-            vals = [1.0 if k == "original" else r[k][f"memory_{n}"] for k in kinds]
-            bars(ax, kinds, vals, f"activation memory ratio ({n} layers)",
+            vals = [1.0 if k == "original" else r[k][f"memory_{n}"] for k in mem_kinds]
+            bars(ax, mem_kinds, vals, f"activation memory ratio ({n} layers)",
                  TRANSFORMER_TARGETS["memory"])  # fmt: skip
         bars(axes[-1], kinds, [1.0 if k == "original" else r[k]["time"] for k in kinds],
              f"time ratio ({s.tf_time_layers} layers)", TRANSFORMER_TARGETS["time"])  # fmt: skip
@@ -1066,7 +1125,8 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         kinds = results["vit"]["kinds"]
         r = ratios["vit"]
         fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6))
-        bars(axes[0], kinds, [r[k]["memory"] for k in kinds], "activation memory ratio")
+        mem_kinds = [k for k in kinds if k not in TIME_ONLY]
+        bars(axes[0], mem_kinds, [r[k]["memory"] for k in mem_kinds], "activation memory ratio")
         bars(axes[1], kinds, [1.0 if k == "original" else r[k]["time"] for k in kinds],
              "time ratio")  # fmt: skip
         fig.suptitle(f"ViT, {s.vit_image}x{s.vit_image}, batch {s.vit_batch}")
