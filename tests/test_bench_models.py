@@ -36,6 +36,49 @@ def test_quick_tables(quick_run):
     assert "memory ratio" in text and "time ratio" in text
     assert "| fxmomentum.convert (reversible) |" in text
     assert "| torch.utils.checkpoint per block |" in text
+    assert text.count("- Recomputation floor: ") == 2
+
+
+def test_run_twice_runs_the_block_again_with_grad():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench_models import RunTwice
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    import torch
+
+    calls = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    probe = Probe(3, 3)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        out = RunTwice(probe)(x)
+    # The output is the first run's; the second runs with grad, as a recomputation does.
+    assert calls == [False, True]
+    torch.testing.assert_close(out, probe(x), rtol=0, atol=0)
+    assert not out.requires_grad
+
+
+def test_step_breakdown_quick():
+    script = BENCH.parent / "step_breakdown.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--repeats", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip().split(",")[0] for r in rows] == [
+        "ResNet", "encoder stack", "encoder stack",
+    ]  # fmt: skip
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert float(cells[0]) > 0 and 0 < float(cells[1]) < 1
+    assert float(rows[1].split("|")[4]) > 0  # dropout's forward over the plain one
 
 
 def test_quick_json(quick_run):
@@ -56,6 +99,10 @@ def test_quick_json(quick_run):
                 continue
             assert times[kind]["ratio"] > 0, (bench, kind, times[kind])
             assert len(times[kind]["ratios"]) == data["sizes"]["time_repeats"]
+    # The recomputation floor is timed for both, and never measured for memory.
+    for bench in ("resnet", "transformer"):
+        assert "recompute" in data[bench]["kinds"]
+        assert not any(name.startswith("recompute") for name in data[bench]["memory"])
     assert data["transformer"]["method"] in ("convert", "transform")
     assert data["vit"]["chains"] == [2 * data["sizes"]["vit_layers"]]
 

@@ -1,0 +1,154 @@
+"""Where a training step's time goes: why recomputation costs what it costs on this machine.
+
+Any method that recomputes a block in backward (checkpointing, a reversible chain) pays one more
+forward of that block. How much that adds to a step depends on the forward's share of it, which
+this script measures for the models of ``bench_models.py`` (random weights, same sizes):
+
+- ``backward / forward``: the backward's time over the forward's (with grad), per step;
+- ``forward share``: the forward's part of a step, ``forward / (forward + backward)``; one more
+  forward of every block adds that much to the step, the recomputation floor's order;
+- for the encoder stack, the same with ``dropout=0``, and the forward with dropout 0.1 over the
+  forward without: on a CPU, drawing the dropout masks (Bernoulli sampling, which a recomputation
+  replays from the saved RNG state) is a large part of the forward.
+
+Each quantity is the median over ``--repeats`` steps, the configurations interleaved step by
+step; only ratios are reported (DESIGN.md, "How things are measured"). Run
+``python benchmarks/step_breakdown.py`` to regenerate ``benchmarks/results/breakdown.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_models import encoder_stack
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+HERE = Path(__file__).resolve().parent
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+    return model
+
+
+def models(quick: bool) -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]]:
+    """Builders of the measured models, by name (``quick``: tiny sizes)."""
+    layers, size = ([1, 1, 1, 1], 32) if quick else ([3, 4, 23, 3], 96)
+    depth, width, heads, ff, seq = (2, 32, 4, 64, 16) if quick else (12, 256, 8, 1024, 256)
+    batch = 2 if quick else 8
+
+    def resnet() -> tuple[nn.Module, torch.Tensor]:
+        return ResNet(Bottleneck, layers), torch.randn(batch, 3, size, size)
+
+    def stack(dropout: bool) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+        def build() -> tuple[nn.Module, torch.Tensor]:
+            model = encoder_stack(depth, width, heads, ff)
+            return (model if dropout else _no_dropout(model)), torch.randn(batch, seq, width)
+
+        return build
+
+    name = "ResNet-101" if layers == [3, 4, 23, 3] else "ResNet"
+    return {
+        f"{name}, {size}x{size}, batch {batch}": resnet,
+        f"encoder stack, {depth} layers, dropout 0.1": stack(True),
+        f"encoder stack, {depth} layers, dropout 0": stack(False),
+    }
+
+
+def _step_times(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = model(x).sum()
+    mid = time.perf_counter()
+    loss.backward()
+    end = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    return mid - start, end - mid
+
+
+def measure(quick: bool, repeats: int) -> dict[str, dict[str, float]]:
+    """Median forward and backward times per model, interleaved; returns their ratios."""
+    built = {}
+    for name, build in models(quick).items():
+        torch.manual_seed(0)
+        model, x = build()
+        built[name] = (model.train(), x)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in built}
+    for i in range(repeats + 1):
+        for name, (model, x) in built.items():
+            times = _step_times(model, x)
+            if i:  # the first round warms up
+                samples[name].append(times)
+    out = {}
+    for name, runs in samples.items():
+        fwd = statistics.median(f for f, _ in runs)
+        bwd = statistics.median(b for _, b in runs)
+        out[name] = {"backward_over_forward": bwd / fwd, "forward_share": fwd / (fwd + bwd)}
+    dropout, plain = (name for name in out if name.startswith("encoder"))
+    fwd_dropout = statistics.median(f for f, _ in samples[dropout])
+    fwd_plain = statistics.median(f for f, _ in samples[plain])
+    out[dropout]["forward_over_no_dropout"] = fwd_dropout / fwd_plain
+    return out
+
+
+def render(results: dict[str, dict[str, float]], argv: list[str], repeats: int) -> str:
+    """The markdown report."""
+    from tabulate import tabulate
+
+    rows = [
+        [
+            name,
+            f"{r['backward_over_forward']:.2f}",
+            f"{r['forward_share']:.2f}",
+            f"{r['forward_over_no_dropout']:.2f}" if "forward_over_no_dropout" in r else "-",
+        ]
+        for name, r in results.items()
+    ]
+    head = ["model", "backward / forward", "forward share", "forward / forward without dropout"]
+    return "\n".join(
+        [
+            "# Where a training step's time goes",
+            "",
+            f"Generated by `python benchmarks/step_breakdown.py{' ' if argv else ''}"
+            f"{' '.join(argv)}` (torch {torch.__version__}, CPU, {torch.get_num_threads()} "
+            f"thread(s)); medians of {repeats} interleaved steps, random weights.",
+            "",
+            tabulate(rows, head, tablefmt="github"),
+            "",
+            "One more forward of every block (what checkpointing and reversible chains do in "
+            "backward) adds about the forward share to a step. With the encoder's default dropout "
+            "the masks' Bernoulli sampling, replayed by the recomputation, is much of that share.",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
+    parser.add_argument("--repeats", type=int, default=7, help="steps per model (default 7)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", type=Path, help="output file (default results/breakdown.md)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    text = render(measure(args.quick, args.repeats), argv, args.repeats)
+    out = args.out or (None if args.quick else HERE / "results" / "breakdown.md")
+    if out is not None:
+        out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
