@@ -1125,8 +1125,7 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         kinds = results["vit"]["kinds"]
         r = ratios["vit"]
         fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6))
-        mem_kinds = [k for k in kinds if k not in TIME_ONLY]
-        bars(axes[0], mem_kinds, [r[k]["memory"] for k in mem_kinds], "activation memory ratio")
+        bars(axes[0], kinds, [r[k]["memory"] for k in kinds], "activation memory ratio")
         bars(axes[1], kinds, [1.0 if k == "original" else r[k]["time"] for k in kinds],
              "time ratio")  # fmt: skip
         fig.suptitle(f"ViT, {s.vit_image}x{s.vit_image}, batch {s.vit_batch}")
