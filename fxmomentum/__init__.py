@@ -1,9 +1,7 @@
 """fxmomentum: reversible Momentum ResNet chains for any PyTorch model, found with torch.fx."""
 
-from .chain import MomentumChain
-from .exact import quantize_gamma
+from .engine import MomentumChain, NumericalError, quantize_gamma
 from .momentum_net import MomentumNet
-from .reversible import NumericalError
 from .transform import transform_to_momentumnet
 
 __all__ = [

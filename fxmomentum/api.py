@@ -42,8 +42,7 @@ from .capture import (
     tracing_snapshot,
     undo_tracing,
 )
-from .chain import MomentumChain
-from .exact import quantize_gamma
+from .engine import MomentumChain, quantize_gamma
 from .match import Chain, MatchResult, SkippedAdd, find_chains
 from .report import ChainInfo, ConversionReport, chain_info, estimate_saved_bytes
 from .rewrite import chain_names, rewrite, top_graph

@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .chain import MomentumChain
+from .engine import MomentumChain
 from .factories import traced_factories
 from .shaped import ShapedTracing, Specialisation, caller
 

@@ -36,7 +36,7 @@ import torch
 
 from . import api, loader
 from . import profile as profiling
-from .exact import quantize_gamma
+from .engine import quantize_gamma
 from .export import ExportError, atomic_output, export_onnx, export_program, save_program
 from .report import ConversionReport
 

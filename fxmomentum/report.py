@@ -18,7 +18,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .capture import LeafInfo, no_side_effects
-from .exact import GAMMA_DENOM, quantize_gamma
+from .engine import GAMMA_DENOM, quantize_gamma
 from .match import Block, Chain, SkippedAdd
 
 __all__ = [

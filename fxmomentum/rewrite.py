@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .chain import MomentumChain
+from .engine import MomentumChain
 from .match import Block, Chain
 
 __all__ = [

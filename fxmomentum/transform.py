@@ -18,9 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .chain import GammaSetting, _validate_gamma
+from .engine import (
+    BlockArguments,
+    ChainRun,
+    ChainSpec,
+    GammaSetting,
+    run_block,
+    start_run,
+    validate_gamma,
+)
 from .layers import split_layer
-from .reversible import ChainRun, ChainSpec, _Arguments, run_block, start_run
 
 __all__ = ["LayerChain", "transform_to_momentumnet"]
 
@@ -131,7 +138,7 @@ class LayerChain(GammaSetting):
         for j, (a, k) in enumerate(per_block):
             t = self.offsets[i] + j
             if self._run is not None:
-                x = run_block(self._run, t, x, None, _Arguments(a, k))
+                x = run_block(self._run, t, x, None, BlockArguments(a, k))
             else:
                 x, self._v = spec.plain_step(t, x, self._v, a, k)
         self._next = i + 1
@@ -300,7 +307,7 @@ def transform_to_momentumnet(
     >>> mresnet(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 1000])
     """
-    _validate_gamma(gamma, use_backprop)
+    validate_gamma(gamma, reversible=not use_backprop)
     if isinstance(sub_layers, str):
         sub_layers = [sub_layers]
     model = copy.deepcopy(model)

@@ -15,7 +15,7 @@ from conftest import converted_pair, grad_err, max_rel_err
 from torch import nn
 
 import fxmomentum
-from fxmomentum.attention import forward_attention_kernels
+from fxmomentum.engine.attention import forward_attention_kernels
 
 
 class BiasedAttention(nn.Module):

@@ -1,6 +1,6 @@
 """Converted models under torch.compile (Inductor, CPU): inference and training match eager.
 
-A reversible chain is not traced: :func:`fxmomentum.reversible.reversible_chain` (and
+A reversible chain is not traced: :func:`fxmomentum.engine.reversible_chain` (and
 ``run_block``, which ``transform_to_momentumnet`` models call) are ``torch.compiler.disable``d,
 so each chain is one graph break and runs eagerly, and the rest of the model is compiled.
 Before that, Dynamo traced into the chain's autograd function and ran its blocks compiled in

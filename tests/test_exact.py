@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fxmomentum.exact import BitStack, floor_divmod, quantize_gamma
+from fxmomentum.engine.exact import BitStack, floor_divmod, quantize_gamma
 
 
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, math.nan, math.inf])

@@ -9,7 +9,8 @@ import torch
 from conftest import max_rel_err, rel_err
 from torch import nn
 
-from fxmomentum import MomentumChain, MomentumNet, NumericalError, kernels
+from fxmomentum import MomentumChain, MomentumNet, NumericalError
+from fxmomentum.engine import kernels
 
 
 def mlp_blocks(depth: int, width: int = 32, hidden: int = 16, seed: int = 0) -> list[nn.Module]:
@@ -126,7 +127,7 @@ def test_state_kept_until_backward_is_compact():
     per_element = y.grad_fn.run.kept_nbytes / y.numel()
     assert per_element <= 12, per_element
     # The output is held, not copied: the exact x costs nothing beyond it.
-    assert y.grad_fn.run.y.data_ptr() == y.data_ptr()
+    assert y.grad_fn.run.output.data_ptr() == y.data_ptr()
 
 
 def test_output_modified_in_place_after_the_chain_raises():
@@ -290,7 +291,7 @@ def test_values_beyond_float_range_raise():
 
 @pytest.mark.parametrize("gamma", [-0.5, 1.01, float("nan")])
 def test_gamma_outside_unit_interval_is_refused(gamma):
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MomentumNet(mlp_blocks(2), gamma)
 
 
@@ -371,7 +372,7 @@ def test_nondeterminism_in_one_element_is_detected(delta, position, message):
 
 
 def test_no_grad_takes_the_plain_path(monkeypatch):
-    import fxmomentum.chain as chain_module
+    import fxmomentum.engine.chain as chain_module
 
     net = MomentumNet(mlp_blocks(4), 0.9, use_backprop=False)
     x, _ = inputs(4, 32)
@@ -486,8 +487,18 @@ def test_compiled_kernels_give_the_eager_bits():
                     assert torch.equal(p, q), kernel.__name__
 
 
-# gamma = 1: f never reaches v, so the blocks get no gradient and v0 gets every block's.
-@pytest.mark.parametrize("gamma", [0.9, 1.0])
+def test_gamma_one_is_refused_in_both_modes():
+    # gamma = 1: f never reaches v, so no block has an effect or gets a gradient.
+    for use_backprop in (True, False):
+        with pytest.raises(ValueError, match="gamma = 1"):
+            MomentumChain(mlp_blocks(2), 1.0, use_backprop=use_backprop)
+        chain = MomentumChain(mlp_blocks(2), 0.5, use_backprop=use_backprop)
+        with pytest.raises(ValueError, match="below 1"):
+            chain.gamma = 0.999999
+        assert chain.gamma == 0.5
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
 def test_momentum_chain_context_and_v0(gamma):
     torch.manual_seed(0)
     blocks = mlp_blocks(4)
@@ -569,5 +580,6 @@ def test_state_is_dropped_once_the_chain_has_gone_backward():
     # y still holds the graph, and the graph the run: chains before this one in a model go
     # backward after it, and its state would be alive during their recomputation.
     run = y.grad_fn.run
-    assert run.V is None and run.r is None and run.grad_f is None and run.stack is None
+    assert run.velocity is None and run.x_residual is None and run.grad_f is None
+    assert run.bit_stack is None
     assert not run.records

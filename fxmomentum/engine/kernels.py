@@ -7,8 +7,8 @@ compiled or not (integer arithmetic, one IEEE multiply and round-half-even), so 
 and the eager version may even be mixed between a forward and its backward.
 
 Compilation is used on CPU tensors of at least :data:`COMPILE_MIN_NUMEL` elements, and turned
-off with the environment variable ``FXMOMENTUM_COMPILE=0``. If compiling fails (no C++
-compiler, say), a warning is given once and the eager kernels are used.
+off with the environment variable ``FXMOMENTUM_COMPILE=0`` (read at each call). If compiling
+fails (no C++ compiler, say), a warning is given once and the eager kernels are used.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .exact import GAMMA_BITS, GAMMA_DENOM
+from .exact import GAMMA_BITS, GAMMA_DENOM, floor_divmod
 
 __all__ = [
     "COMPILE_MIN_NUMEL",
@@ -107,23 +107,6 @@ def _abs_max_f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     return torch.maximum(-lo, hi)
 
 
-def _floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Exact floor division by 1 <= n <= 2**16 for |a| < 2**62, without an integer divide
-    # (int64 division does not vectorise and cost more than the rest of a step together). The
-    # float64 quotient is within 2**11 of the true one; a second round on the remainder, exact
-    # in float64, leaves it off by at most one, which the comparisons correct.
-    inv = 1.0 / n
-    q = torch.floor(a.to(torch.float64) * inv).to(torch.int64)
-    r = a - q * n
-    q2 = torch.floor(r.to(torch.float64) * inv).to(torch.int64)
-    q = q + q2
-    r = r - q2 * n
-    below = (r < 0).to(torch.int64)
-    r = r + below * n
-    above = (r >= n).to(torch.int64)
-    return q - below + above, r - above * n
-
-
 # The steps update the state in place (compiled, the fused loop stores straight into it):
 # the state is as large as the chain's activation and a copy would count in peak memory.
 def _forward_step_(
@@ -142,7 +125,7 @@ def _forward_step_(
     the new ``V`` (see :func:`_unadd_`)."""
     G = _quantized_f(out, x, c)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
-    q, rem = _floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
+    q, rem = floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)
     V_new = (V >> GAMMA_BITS) * n + rem + G
     X_new = _join(xw, r, scale) + ((V_new + _HALF) >> GAMMA_BITS)
     head.copy_(q)
@@ -253,7 +236,7 @@ def _backward_step_(
     The gradient part is :func:`_next_grad_f_`.
     """
     G = _quantized_f(out, x, c)
-    V_hi, V_lo = _floor_divmod(V - G, n)
+    V_hi, V_lo = floor_divmod(V - G, n)
     T = head.to(torch.int64) * n + V_lo
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
@@ -280,7 +263,8 @@ def _input_grad_(grad_x: torch.Tensor, grad_out: torch.Tensor, grad_f: torch.Ten
 class _Kernel:
     """An eager function plus, when worthwhile, its torch.compile'd twin."""
 
-    _disabled = os.environ.get("FXMOMENTUM_COMPILE", "1") == "0"
+    #: Set once compiling has failed: the eager kernels serve from then on.
+    _failed = False
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
@@ -290,7 +274,8 @@ class _Kernel:
 
     def _use_compiled(self, t: torch.Tensor) -> bool:
         return (
-            not _Kernel._disabled
+            not _Kernel._failed
+            and os.environ.get("FXMOMENTUM_COMPILE", "1") != "0"
             and t.device.type == "cpu"
             and t.numel() >= COMPILE_MIN_NUMEL
             and not torch.compiler.is_compiling()
@@ -303,7 +288,7 @@ class _Kernel:
             try:
                 return self._compiled(*args)
             except Exception as err:  # any compiler failure falls back
-                _Kernel._disabled = True
+                _Kernel._failed = True
                 warnings.warn(
                     f"fxmomentum: torch.compile of the reversible kernels failed ({err!r}); "
                     f"using eager kernels, which are slower but give the same bits. Set "

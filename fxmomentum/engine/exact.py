@@ -11,7 +11,9 @@ fixed-point integers and does every step exactly:
   grows by ``log2(1 / gamma)`` bits per block, the information-theoretic minimum;
 * when values grow, the grid is coarsened and the shifted-out bits also go on the stack.
 
-Nothing here knows about autograd or torch.fx; :mod:`fxmomentum.reversible` drives it.
+Nothing here knows about autograd or torch.fx; :mod:`fxmomentum.engine.run` drives it.
+:func:`validate_gamma` is the one check of a momentum term, wherever one is given (the API, the
+command line, a chain's ``gamma`` attribute).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import math
 
 import torch
 
-__all__ = ["GAMMA_BITS", "BitStack", "floor_divmod", "quantize_gamma"]
+__all__ = [
+    "GAMMA_BITS",
+    "GAMMA_DENOM",
+    "BitStack",
+    "floor_divmod",
+    "quantize_gamma",
+    "validate_gamma",
+]
 
 #: ``gamma`` is used as the nearest multiple of ``2**-GAMMA_BITS`` (0.9 becomes 0.89999390).
 GAMMA_BITS = 16
@@ -71,8 +80,76 @@ def quantize_gamma(gamma: float) -> int:
     return round(gamma * GAMMA_DENOM)
 
 
+def validate_gamma(gamma: object, *, reversible: bool, where: str = "") -> int:
+    """Check a momentum term and return its numerator (see :func:`quantize_gamma`).
+
+    The one check of ``gamma``: :func:`fxmomentum.convert`, :func:`fxmomentum.set_gamma`,
+    ``MomentumChain.gamma``, ``transform_to_momentumnet`` and the command line all call it.
+
+    Parameters
+    ----------
+    gamma : float
+        The momentum term.
+    reversible : bool
+        Whether a reversible chain will run with it: its inverse divides by gamma, so it
+        must not round to 0.
+    where : str
+        Which gamma, for the message (``" for chain 0 (layer1.0)"``).
+
+    Returns
+    -------
+    int
+        The numerator ``n`` of ``gamma = n / 2**16``.
+
+    Raises
+    ------
+    TypeError
+        If ``gamma`` is not a number.
+    ValueError
+        If it is outside ``[0, 1)``, rounds to 1 (the velocity would never change: no block
+        would have an effect, nor its parameters a gradient), or rounds to 0 where a chain is
+        reversible.
+
+    Examples
+    --------
+    >>> validate_gamma(0.9, reversible=True)
+    58982
+    >>> validate_gamma(0.0, reversible=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: gamma is 0.0: a reversible chain (use_backprop=False) cannot be run backwards...
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma{where} must be a number in [0, 1), got {gamma!r}")
+    if not math.isfinite(gamma) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(
+            f"gamma{where} must lie in [0, 1) (0 is the original model, 0.9 the usual "
+            f"momentum), got {gamma!r}"
+        )
+    n = quantize_gamma(float(gamma))
+    if n == GAMMA_DENOM:
+        raise ValueError(
+            f"gamma{where} is {gamma!r}: at gamma = 1 the velocity never changes, so no block "
+            f"has an effect and no block's parameters get a gradient. Use a gamma below 1 (0.9 "
+            f"is the usual momentum; the largest is {(GAMMA_DENOM - 1) / GAMMA_DENOM:.6f})."
+        )
+    if n == 0 and reversible:
+        raise ValueError(
+            f"gamma{where} is {gamma!r}: a reversible chain (use_backprop=False) cannot be run "
+            f"backwards at gamma = 0, since the inverse divides by gamma. Use use_backprop=True "
+            f"(gamma = 0 is the original model), or a gamma of at least {1 / GAMMA_DENOM:.1e}."
+        )
+    return n
+
+
 def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Floor division and modulo of an int64 tensor by a positive int, exactly.
+    """Floor division and modulo of an integer tensor by ``1 <= n <= 2**16``, exactly.
+
+    Valid for ``|a| < 2**62``. Computed without an integer divide, which does not vectorise (on
+    a chain's state it cost more than the rest of a step together): the float64 quotient is
+    within ``2**11`` of the true one; a second round on the remainder, exact in float64, leaves
+    it off by at most one, which the comparisons correct. The result has ``a``'s dtype. The
+    fused kernels (:mod:`fxmomentum.engine.kernels`) compile this same function.
 
     Examples
     --------
@@ -80,8 +157,17 @@ def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     >>> q.tolist(), r.tolist()
     ([-3, 2], [2, 1])
     """
-    q = torch.div(a, n, rounding_mode="floor")
-    return q, a - q * n
+    inv = 1.0 / n
+    q = torch.floor(a.to(torch.float64) * inv).to(torch.int64)
+    r = a - q * n
+    q2 = torch.floor(r.to(torch.float64) * inv).to(torch.int64)
+    q = q + q2
+    r = r - q2 * n
+    below = (r < 0).to(torch.int64)
+    r = r + below * n
+    above = (r >= n).to(torch.int64)
+    q, r = q - below + above, r - above * n
+    return q.to(a.dtype), r.to(a.dtype)
 
 
 def _power_of_two_bits(base: int) -> int:

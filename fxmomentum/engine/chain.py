@@ -7,21 +7,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .exact import GAMMA_DENOM, quantize_gamma
-from .reversible import ChainSpec, reversible_chain
+from .exact import GAMMA_DENOM, validate_gamma
+from .function import reversible_chain
+from .spec import ChainSpec
 
-__all__ = ["MomentumChain"]
-
-
-def _validate_gamma(gamma: float, use_backprop: bool) -> int:
-    n = quantize_gamma(gamma)
-    if n == 0 and not use_backprop:
-        raise ValueError(
-            f"gamma = {gamma!r} cannot be used with use_backprop=False: reversing the chain "
-            f"divides by gamma. Use use_backprop=True (gamma = 0 is the original ResNet), or "
-            f"a gamma of at least {1 / GAMMA_DENOM:.1e}."
-        )
-    return n
+__all__ = ["GammaSetting", "MomentumChain"]
 
 
 class GammaSetting:
@@ -41,7 +31,7 @@ class GammaSetting:
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        self._gamma_num = _validate_gamma(value, self.use_backprop)
+        self._gamma_num = validate_gamma(value, reversible=not self.use_backprop)
         self._gamma = float(value)
 
 

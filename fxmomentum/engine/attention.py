@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..patches import replaced
+
 __all__ = ["forward_attention_kernels"]
 
 _SDPA = F.scaled_dot_product_attention
@@ -117,8 +119,5 @@ def forward_attention_kernels() -> Iterator[None]:
     >>> torch.equal(forward, again)
     True
     """
-    F.scaled_dot_product_attention = _attention  # type: ignore[assignment]
-    try:
+    with replaced(F, {"scaled_dot_product_attention": _attention}):
         yield
-    finally:
-        F.scaled_dot_product_attention = _SDPA

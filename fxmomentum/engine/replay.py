@@ -1,0 +1,118 @@
+"""Recomputing a block as its forward ran it.
+
+A reversible chain runs each block without grad in forward and runs it again with grad in
+backward; both runs must give the same bits. What can differ, and what is done about it:
+
+* random draws (dropout, stochastic depth): the forward's RNG states (CPU and the block's CUDA
+  device) are kept when the block drew, and set again for the recomputation;
+* autocast: the forward's autocast state is entered again;
+* buffers (BatchNorm running statistics): those the forward changed are restored after the
+  recomputation, so a step counts once;
+* torch's attention inference fast path (taken without grad in eval mode): kept off in the
+  forward (:func:`fxmomentum.patches.attention_fastpath_off`), as the recomputation has grad;
+* ``scaled_dot_product_attention``'s kernel choice: see :mod:`fxmomentum.engine.attention`.
+
+Examples
+--------
+>>> drop = torch.nn.Dropout(0.5)
+>>> x = torch.ones(8)
+>>> with ForwardRun(drop, x) as run:
+...     first = drop(x)
+>>> with run.replay(torch.device("cpu")):
+...     again = drop(x)
+>>> torch.equal(first, again)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..patches import attention_fastpath_off
+from .spec import block_buffers
+
+__all__ = ["AutocastState", "ForwardRun", "autocast_state"]
+
+#: ``(device type, enabled, dtype)`` of autocast, or None on other devices.
+AutocastState = tuple[str, bool, torch.dtype] | None
+
+
+def autocast_state(device_type: str) -> AutocastState:
+    """The autocast state of ``device_type`` now (None where autocast does not apply)."""
+    if device_type not in ("cpu", "cuda"):
+        return None
+    return (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
+    )
+
+
+@dataclass
+class ForwardRun:
+    """What a block's forward did that its recomputation must do again.
+
+    Used as a context manager around the block's forward: it notes the RNG states before and
+    the buffers the block changed, and keeps the attention fast path off. :meth:`replay` then
+    recomputes the block as it ran.
+    """
+
+    block: object
+    x: torch.Tensor
+    autocast: AutocastState = None
+    cpu_rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None
+    mutated_buffers: list[torch.Tensor] = field(default_factory=list)
+
+    def __enter__(self) -> ForwardRun:
+        self._buffers = block_buffers(self.block)
+        # Kernels such as batch_norm update running statistics without bumping the version
+        # counter, so values are compared.
+        self._before = [b.clone() for b in self._buffers]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.x.device) if self.x.is_cuda else None
+        self._fastpath = attention_fastpath_off()
+        self._fastpath.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fastpath.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        if torch.equal(self.cpu_rng, torch.get_rng_state()):
+            self.cpu_rng = None
+        if self.cuda_rng is not None and torch.equal(
+            self.cuda_rng, torch.cuda.get_rng_state(self.x.device)
+        ):
+            self.cuda_rng = None
+        self.mutated_buffers = [
+            b for b, old in zip(self._buffers, self._before, strict=True) if not torch.equal(b, old)
+        ]
+        del self._before, self._buffers, self._fastpath, self.x
+
+    @contextlib.contextmanager
+    def replay(self, device: torch.device) -> Iterator[None]:
+        """Run the block again as the forward ran it: its RNG and autocast states; the buffers
+        it changed are restored afterwards (the block's backward may still read them)."""
+        if self.cpu_rng is not None:
+            torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, device)
+        saved = [b.clone() for b in self.mutated_buffers]
+        autocast = (
+            torch.autocast(self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with autocast:
+                yield
+        finally:
+            with torch.no_grad():
+                for b, old in zip(self.mutated_buffers, saved, strict=True):
+                    b.copy_(old)

@@ -1,0 +1,136 @@
+"""What a chain is, apart from its tensors: its blocks, their kinds, gamma, their arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .exact import GAMMA_DENOM
+
+__all__ = ["BlockArguments", "ChainSpec", "block_buffers", "block_parameters"]
+
+
+@dataclass
+class ChainSpec:
+    """A chain's blocks and how they combine.
+
+    Parameters
+    ----------
+    blocks : sequence of callables
+        ``blocks[t](x, *args, **kwargs)`` is block ``t``.
+    residual : sequence of bool
+        ``True``: the block returns ``f(x)``; ``False``: it returns ``y`` and ``f(x) = y - x``.
+    gamma_num : int
+        ``gamma = gamma_num / 2**16``.
+    names : sequence of str
+        Block names for error messages.
+    reads : sequence of (sequence of int or None)
+        Per block, the positions of the chain's arguments it reads (None, or an empty
+        ``reads``: all of them). A tensor a block does not read is not an input of its
+        autograd node: a parameter handed to every block would otherwise have its gradient
+        held until the whole chain has gone backward (autograd waits for every node that
+        takes it).
+
+    Examples
+    --------
+    >>> spec = ChainSpec([torch.tanh, torch.sin], [True, True], gamma_num=0)
+    >>> x, v = spec.plain_step(0, torch.zeros(2), None, (), {})
+    >>> x.tolist(), spec.name(1)
+    ([0.0, 0.0], 'block 1')
+    """
+
+    blocks: Sequence[Callable[..., torch.Tensor]]
+    residual: Sequence[bool]
+    gamma_num: int
+    names: Sequence[str] = ()
+    reads: Sequence[Sequence[int] | None] = ()
+
+    def name(self, t: int) -> str:
+        """Block ``t``'s name for messages."""
+        return self.names[t] if t < len(self.names) else f"block {t}"
+
+    def output(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Block ``t``'s own output (``f_t(x)`` if residual, else ``x + f_t(x)``)."""
+        out = self.blocks[t](x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{self.name(t)} of a momentum chain must return a tensor shaped like its input "
+                f"{tuple(x.shape)}, got {got}"
+            )
+        return out
+
+    def call(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``f_t(x)``: the block's output, minus ``x`` for a non-residual block."""
+        out = self.output(t, x, args, kwargs)
+        return out if self.residual[t] else out - x
+
+    def plain_step(
+        self, t: int, x: torch.Tensor, v: torch.Tensor | None, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block of the chain in ordinary floating point (autograd records it as usual)."""
+        n = self.gamma_num
+        if n == 0 and not self.residual[t]:
+            # gamma = 0 reproduces the original block exactly, without x + (y - x).
+            return self.blocks[t](x, *args, **kwargs), v
+        f = self.call(t, x, args, kwargs)
+        if n == 0:
+            v = f
+        elif v is None:
+            v = ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
+        else:
+            v = (n / GAMMA_DENOM) * v + ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
+        return x + v, v
+
+
+class BlockArguments:
+    """A block's extra arguments, with their tensors taken out (they are autograd inputs).
+
+    Examples
+    --------
+    >>> mask = torch.ones(2)
+    >>> arguments = BlockArguments((mask, 3), {"scale": 0.5})
+    >>> len(arguments.tensors), arguments.build([mask * 2])[0][0].tolist()
+    (1, [2.0, 2.0])
+    """
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        leaves, self.tree = tree_flatten((args, kwargs))
+        self.tensor_slots = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+        self.leaves = [None if isinstance(a, torch.Tensor) else a for a in leaves]
+        self.tensors = [leaves[i] for i in self.tensor_slots]
+
+    def tensor_indices(self, positions: Sequence[int] | None) -> list[int]:
+        """Indices into :attr:`tensors` of the tensors in positional arguments ``positions``
+        (every tensor for None)."""
+        if positions is None:
+            return list(range(len(self.tensors)))
+        args, _ = tree_unflatten(list(range(len(self.leaves))), self.tree)
+        slot = {leaf: k for k, leaf in enumerate(self.tensor_slots)}
+        leaves = {leaf for p in positions for leaf in tree_flatten(args[p])[0]}
+        return sorted(slot[leaf] for leaf in leaves if leaf in slot)
+
+    def build(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with ``tensors`` in the tensors' places."""
+        leaves = list(self.leaves)
+        for i, t in zip(self.tensor_slots, tensors, strict=True):
+            leaves[i] = t
+        return tree_unflatten(leaves, self.tree)
+
+
+def block_buffers(block: object) -> list[torch.Tensor]:
+    """The buffers of a block (none for a plain function)."""
+    return list(_listed(block, "buffers"))
+
+
+def block_parameters(block: object) -> list[torch.Tensor]:
+    """The parameters of a block (none for a plain function)."""
+    return list(_listed(block, "parameters"))
+
+
+def _listed(block: object, method: str) -> Iterator[torch.Tensor]:
+    found = getattr(block, method, None)
+    return found() if callable(found) else iter(())
