@@ -1,7 +1,7 @@
-"""Measurement helpers shared by the benchmarks (see "How things are measured" in DESIGN.md).
+"""Measurement helpers shared by the benchmarks ("How things are measured", ARCHITECTURE.md).
 
-The implementation lives in :mod:`fxmomentum.measure` (``fxmomentum profile`` uses it too); this
-module re-exports it and puts the ``benchmarks/`` directory on the measuring child's
+The implementation lives in :mod:`fxmomentum.tools.measure` (``fxmomentum profile`` uses it
+too); this module re-exports it and puts the ``benchmarks/`` directory on the measuring child's
 ``PYTHONPATH``, so that builders such as ``"bench_momentumnet:build_chain"`` import there.
 
 Two measurements:
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fxmomentum import measure as _measure
-from fxmomentum.measure import (
+from fxmomentum.tools import measure as _measure
+from fxmomentum.tools.measure import (
     MMAP_THRESHOLD,
     PairedTiming,
     Workload,
@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 def child_env(
     threads: int = 2, extra_paths: Sequence[str | os.PathLike[str]] = ()
 ) -> dict[str, str]:
-    """:func:`fxmomentum.measure.child_env` with this directory first on ``PYTHONPATH``."""
+    """:func:`fxmomentum.tools.measure.child_env` with this directory first on ``PYTHONPATH``."""
     return _measure.child_env(threads, [HERE, *extra_paths])
 
 
@@ -63,7 +63,7 @@ def measure_memory(
     extra_paths: Sequence[str | os.PathLike[str]] = (),
     **options: Any,
 ) -> dict[str, Any]:
-    """:func:`fxmomentum.measure.measure_memory` with this directory on the child's path."""
+    """:func:`fxmomentum.tools.measure.measure_memory` with this directory on the child's path."""
     return _measure.measure_memory(
         config_name, build_fn_spec, kwargs, extra_paths=[HERE, *extra_paths], **options
     )

@@ -4,8 +4,9 @@ The handwritten digits (8x8 images, shipped with scikit-learn: ``sklearn.dataset
 nothing is downloaded) are classified by a small ResNet of BasicBlock-style residual blocks. It is
 trained with plain backprop, converted with ``fxmomentum.convert(model, gamma=0.9)`` (reversible
 chains: activations rebuilt in backward) and fine-tuned a few epochs from the trained weights. The
-fine-tuned converted model reaches the original's accuracy. ``fxmomentum.profile`` then measures
-the activation memory and time of one training step of both (a fresh process per configuration).
+fine-tuned converted model reaches the original's accuracy. ``fxmomentum.tools.profiling`` then
+measures the activation memory and time of one training step of both (a fresh process per
+configuration).
 
 Run ``python examples/finetune_digits.py`` (``--quick``: a few seconds). Needs scikit-learn.
 The model is also a target for the command line:
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 import fxmomentum
-from fxmomentum.profile import profile
+from fxmomentum.tools.profiling import profile
 
 
 class Block(nn.Module):

@@ -1,10 +1,10 @@
 """Activation memory of a MomentumNet training step against depth: reversible vs backprop.
 
-Each point is measured in a fresh process (``fxmomentum.measure.measure_memory``, the method of
-"How things are measured" in DESIGN.md): one warm-up step, then the peak resident memory of one
-training step over the memory before it. Plain backprop keeps every block's activations, so its
-memory grows with depth; the reversible chain rebuilds them in backward and stays flat (apart from
-the few lost bits per element and block it keeps to be exact).
+Each point is measured in a fresh process (``fxmomentum.tools.measure.measure_memory``, the
+method of "How things are measured" in ARCHITECTURE.md): one warm-up step, then the peak resident
+memory of one training step over the memory before it. Plain backprop keeps every block's
+activations, so its memory grows with depth; the reversible chain rebuilds them in backward and
+stays flat (apart from the few lost bits per element and block it keeps to be exact).
 
 Run ``python examples/memory_vs_depth.py [--out memory_vs_depth.png]`` (``--quick``: tiny sizes).
 """
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fxmomentum
-from fxmomentum.measure import Workload, measure_memory
+from fxmomentum.tools.measure import Workload, measure_memory
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024

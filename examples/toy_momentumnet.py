@@ -3,7 +3,7 @@
 A MomentumNet iterates ``v <- gamma * v + (1 - gamma) * f(x); x <- x + v`` over ten copies of
 one small function (tied weights). With ``use_backprop=False`` backward rebuilds the activations
 from the output instead of storing them; its gradients equal plain backprop's (checked here in
-float64, where both must agree within 1e-5, as DESIGN.md asks).
+float64, where both must agree within 1e-5, as ARCHITECTURE.md asks).
 
 Run ``python examples/toy_momentumnet.py`` (``--quick`` for tiny sizes).
 """

@@ -254,13 +254,13 @@ class Synthetic(nn.Module):
 def wide_weight_chain(hooked: bool = False, width: int = 512, depth: int = 4):
     """A reversible chain whose blocks hold 4 MiB of weights and almost no activations.
 
-    A workload for :func:`fxmomentum.measure.measure_memory`: its step's peak is the parameter
+    A workload for :func:`fxmomentum.tools.measure.measure_memory`: its step's peak is the parameter
     gradients alive at once. ``hooked`` puts a (no-op) hook on every parameter, which makes the
     chain return a block's parameter gradients from its autograd node instead of accumulating
     each into ``.grad`` as it is made.
     """
     from fxmomentum import MomentumNet
-    from fxmomentum.measure import Workload
+    from fxmomentum.tools.measure import Workload
 
     blocks = [
         nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(width, width), nn.Tanh())))

@@ -11,7 +11,7 @@ import torch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """L2 norm of the difference over the L2 norm of the reference ``b`` (DESIGN.md)."""
+    """L2 norm of the difference over the L2 norm of the reference ``b`` (ARCHITECTURE.md)."""
     a, b = a.detach().double(), b.detach().double()
     denom = b.norm().item()
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)

@@ -365,3 +365,18 @@ def test_recording_runs_again_only_for_layers_a_random_drop_skipped():
     # The spare is no layer of a list whose other layers ran: no seed would call it. One run in the
     # model's mode, one in the other.
     assert list(records) == [id(model.used)] and runs == [True, False]
+
+
+def test_a_bug_in_the_tracer_is_raised_not_taken_for_an_untraceable_module(monkeypatch):
+    # The retry loop makes a leaf of a submodule whose tracing fails; an error raised by the
+    # tracer's own code must not be hidden that way.
+    from fxmomentum.capture import tracer
+
+    # A method whose code sits in the tracer's file, as a bug there would.
+    namespace: dict = {}
+    code = "def call_module(self, m, forward, args, kwargs):\n    raise KeyError('tracer bug')\n"
+    exec(compile(code, tracer.__file__, "exec"), namespace)
+    monkeypatch.setattr(tracer.CaptureTracer, "call_module", namespace["call_module"])
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(KeyError, match="tracer bug"):
+        capture(model, torch.randn(2, 4))

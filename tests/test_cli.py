@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fxmomentum.api
-import fxmomentum.export
-from fxmomentum import cli
+import fxmomentum.tools.export
+from fxmomentum.tools import cli, commands
 
 # A tiny ResNet-like model: stem, 3 pure residual blocks at 8 channels, a strided projection,
 # 2 pure residual blocks at 16 channels, head. Its chains have 3 and 2 blocks.
@@ -104,9 +104,10 @@ def test_exit_codes_are_distinct():
         (["frobnicate", "m.py"], ["invalid choice"]),
         (["inspect"], ["TARGET"]),
         (["inspect", "m.py", "--format", "xml"], ["--format"]),
-        (["inspect", "m.py", "--gamma", "1.5"], ["--gamma", "outside [0, 1]"]),
-        (["inspect", "m.py", "--gamma", "-0.1"], ["outside [0, 1]"]),
-        (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1]"]),
+        (["inspect", "m.py", "--gamma", "1.5"], ["--gamma", "outside [0, 1)"]),
+        (["inspect", "m.py", "--gamma", "-0.1"], ["outside [0, 1)"]),
+        (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1)"]),
+        (["inspect", "m.py", "--gamma", "1"], ["outside [0, 1)", "no block would have an effect"]),
         (["inspect", "m.py", "--gamma", "abc"], ["not a number"]),
         (["inspect", "m.py", "--input-shape", "2,x"], ["--input-shape", "commas"]),
         (["inspect", "m.py", "--input-shape", "2,3", "--dtype", "floaty"], ["unknown dtype"]),
@@ -383,7 +384,7 @@ def test_convert_export_and_onnx(capsys, tmp_path):
     assert code == 0, err
     assert pt2.exists() and onnx_file.exists()
     assert f"wrote {pt2}" in err
-    if fxmomentum.export._importable("onnxruntime"):
+    if fxmomentum.tools.export._importable("onnxruntime"):
         assert "onnxruntime outputs match" in err
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt2", "model.py"]
     ep = torch.export.load(str(pt2))
@@ -517,9 +518,10 @@ def test_unpicklable_model_is_exit_8_and_writes_nothing(capsys, tmp_path):
 @pytest.mark.parametrize("option", ["--export", "--onnx"])
 def test_export_failure_is_exit_8(capsys, tmp_path, monkeypatch, option):
     def failing(*args, **kwargs):
-        raise fxmomentum.export.ExportError("torch.export failed: Unsupported: something")
+        raise fxmomentum.tools.export.ExportError("torch.export failed: Unsupported: something")
 
-    monkeypatch.setattr(cli, "export_program" if option == "--export" else "export_onnx", failing)
+    name = "export_program" if option == "--export" else "export_onnx"
+    monkeypatch.setattr(commands, name, failing)
     path = write_model(tmp_path, TINY_RESNET, "example_inputs = torch.randn(1, 3, 8, 8)\n")
     out_file = tmp_path / "out.bin"
     code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"), option,

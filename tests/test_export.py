@@ -1,4 +1,4 @@
-"""Tests of fxmomentum.export: torch.export and ONNX of converted models, atomic outputs."""
+"""Tests of fxmomentum.tools.export: torch.export and ONNX of converted models, atomic outputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torchvision
 from torch import nn
 
 import fxmomentum
-from fxmomentum import MomentumChain, export
-from fxmomentum.export import (
+from fxmomentum import MomentumChain
+from fxmomentum.tools import export
+from fxmomentum.tools.export import (
     ExportError,
     atomic_output,
     eval_no_grad,

@@ -2,7 +2,7 @@
 
 The model's code stays as it is; each child is captured as a graph if it can be (as the
 recorded run of the whole model called it), else its own children, and so on. Errors are
-DESIGN.md's relative errors; reversible gradients are compared with backprop's in float64.
+ARCHITECTURE.md's relative errors; reversible gradients are compared with backprop's in float64.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ torch.fx tracer, ``transformers.utils.fx``):
   chain. Where that graph would not return what the model returns (a key/value cache the
   decorator creates from the config), conversion descends: one chain per layer.
 
-Relative errors as in DESIGN.md; reversible gradients against backprop's in float64, with a
+Relative errors as in ARCHITECTURE.md; reversible gradients against backprop's in float64, with a
 loss that depends on the output's direction (the sum of squares of a LayerNorm's output does
 not: its gradient would be round-off only).
 """

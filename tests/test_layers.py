@@ -8,7 +8,7 @@ from conftest import max_rel_err, rel_err
 from torch import nn
 
 from fxmomentum import transform_to_momentumnet
-from fxmomentum.layers import split_layer
+from fxmomentum.official.layers import split_layer
 
 
 def weighted_loss(out: torch.Tensor) -> torch.Tensor:

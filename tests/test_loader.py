@@ -1,4 +1,4 @@
-"""Tests of fxmomentum.loader: targets, the model-finding rules, example inputs, errors."""
+"""Tests of fxmomentum.tools.loader: targets, the model-finding rules, example inputs, errors."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from fxmomentum import loader
-from fxmomentum.loader import (
+from fxmomentum.tools import inputs
+from fxmomentum.tools.inputs import make_example_inputs, parse_dtype, parse_shape
+from fxmomentum.tools.loader import (
     AmbiguousModelError,
     ExampleInputsError,
     ModelNotFoundError,
     TargetError,
     load_target,
-    make_example_inputs,
-    parse_dtype,
-    parse_shape,
     parse_target,
 )
 
@@ -378,5 +376,5 @@ def test_wrong_shape_is_caught_and_state_is_kept(tmp_path):
 def test_check_example_inputs_restores_modes():
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
     model[1].eval()
-    loader.check_example_inputs(model, (torch.randn(1, 2),))
+    inputs.check_example_inputs(model, (torch.randn(1, 2),))
     assert model.training and model[0].training and not model[1].training

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 import fxmomentum
 from fxmomentum.capture import capture
-from fxmomentum.match import find_chains, module_path
+from fxmomentum.surgery.match import find_chains, module_path
 
 
 def image(size: int = 64) -> torch.Tensor:

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from fxmomentum import cli
-from fxmomentum.profile import ChainShare, ProfileResult, build_workload, resize_batch
+from fxmomentum.tools import cli
+from fxmomentum.tools.profiling import ChainShare, ProfileResult, build_workload, resize_batch
 
 # Eight wide blocks on a narrow state: the original keeps every block's hidden activations
 # (64 x 1024 floats, 256 KiB each, above the mmap threshold), the reversible chain keeps none.

@@ -1,4 +1,4 @@
-"""Tests of fxmomentum.report: the memory estimate against what autograd really saves."""
+"""Tests of fxmomentum.surgery.estimate: the memory estimate against what autograd really saves."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from torch import nn
 
 import fxmomentum
 from fxmomentum.capture import capture
-from fxmomentum.match import find_chains
-from fxmomentum.report import STATE_BYTES_PER_ELEMENT, autograd_saved_bytes, estimate_saved_bytes
+from fxmomentum.surgery.estimate import (
+    STATE_BYTES_PER_ELEMENT,
+    autograd_saved_bytes,
+    estimate_saved_bytes,
+)
+from fxmomentum.surgery.match import find_chains
 
 
 def saved_tensor_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:

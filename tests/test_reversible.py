@@ -559,7 +559,7 @@ def test_parameter_gradients_go_into_grad_as_they_are_made():
 def test_parameter_gradients_are_not_all_held_at_once():
     # In a fresh process: each block holds 4 MiB of weights. Accumulated as made, about one
     # 1 MiB gradient is alive at a time; returned from the block's node, all four are.
-    from fxmomentum.measure import measure_memory
+    from fxmomentum.tools.measure import measure_memory
 
     here = Path(__file__).resolve().parent
     peak = {

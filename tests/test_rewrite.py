@@ -16,8 +16,8 @@ from torch import fx, nn
 
 import fxmomentum
 from fxmomentum import MomentumChain
-from fxmomentum.match import find_chains
-from fxmomentum.rewrite import block_graph, rewrite, top_graph
+from fxmomentum.surgery.match import find_chains
+from fxmomentum.surgery.rewrite import block_graph, rewrite, top_graph
 
 
 def resnet18():

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 import fxmomentum
 from fxmomentum.capture import CaptureError, capture
-from fxmomentum.shaped import EXAMPLE, ShapedTracing
+from fxmomentum.capture.shaped import EXAMPLE, ShapedTracing
 
 
 class Looks(nn.Module):

@@ -2,21 +2,22 @@
 
 ``fxmomentum profile TARGET`` (and :func:`profile_model`) runs one training step (forward, the
 sum of the floating-point outputs as loss, backward) of the original model and of its converted
-version, measured as DESIGN.md says ("How things are measured"):
+version, measured as ARCHITECTURE.md says ("How things are measured"):
 
 - activation memory: one fresh process per configuration
-  (:func:`fxmomentum.measure.measure_memory`), which loads the target again with
-  :mod:`fxmomentum.loader` (:func:`build_workload` is its builder): one warm-up step, then the
+  (:func:`fxmomentum.tools.measure.measure_memory`), which loads the target again with
+  :mod:`fxmomentum.tools.loader` (:func:`build_workload` is its builder): one warm-up step, then the
   peak resident memory of one step over the memory before it;
-- time: the two steps interleaved in this process (:func:`fxmomentum.measure.paired_time`), the
-  median of the per-pair ratios over ``steps`` pairs.
+- time: the two steps interleaved in this process
+  (:func:`fxmomentum.tools.measure.paired_time`), the median of the per-pair ratios over
+  ``steps`` pairs.
 
 The per-chain estimates of the conversion report (:attr:`ChainInfo.saved_bytes
-<fxmomentum.report.ChainInfo.saved_bytes>`) say which chains the saving comes from.
+<fxmomentum.surgery.report.ChainInfo.saved_bytes>`) say which chains the saving comes from.
 
 Examples
 --------
->>> from fxmomentum.profile import profile
+>>> from fxmomentum.tools.profiling import profile
 >>> result = profile("torchvision.models:resnet18", input_shapes=[(8, 3, 64, 64)],
 ...                  steps=5)  # doctest: +SKIP
 >>> print(result.format())  # doctest: +SKIP
@@ -34,9 +35,12 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from . import api, loader
+from .. import api
+from ..errors import one_line
+from ..surgery import ConversionReport
+from . import loader
+from .inputs import check_example_inputs, make_example_inputs, parse_dtype
 from .measure import Workload, measure_memory, output_loss, paired_time, train_step
-from .report import ConversionReport
 
 __all__ = [
     "BUILDER",
@@ -50,7 +54,7 @@ __all__ = [
 ]
 
 #: The builder the measuring child runs (``"module:function"``, see :func:`build_workload`).
-BUILDER = "fxmomentum.profile:build_workload"
+BUILDER = "fxmomentum.tools.profiling:build_workload"
 #: The two configurations, in the order of the table.
 CONFIGS = ("original", "converted")
 MIB = 1024 * 1024
@@ -125,7 +129,7 @@ def _example_inputs(
         shapes = [tuple(s) for s in input_shapes]
         if batch is not None:
             shapes = [(batch, *s[1:]) if s else s for s in shapes]
-        return loader.make_example_inputs(shapes, list(dtypes) if dtypes else None)
+        return make_example_inputs(shapes, list(dtypes) if dtypes else None)
     if loaded.example_inputs is None:
         return None
     if batch is None:
@@ -171,7 +175,7 @@ def build_workload(
     Returns
     -------
     Workload
-        The model in training mode, the inputs, and :func:`~fxmomentum.measure.output_loss`.
+        The model in training mode, the inputs, and :func:`~fxmomentum.tools.measure.output_loss`.
 
     Examples
     --------
@@ -182,7 +186,7 @@ def build_workload(
     """
     if kind not in CONFIGS:
         raise ValueError(f"kind must be one of {CONFIGS}, got {kind!r}")
-    dtype_list = [loader.parse_dtype(d) for d in dtypes] if dtypes else None
+    dtype_list = [parse_dtype(d) for d in dtypes] if dtypes else None
     loaded = loader.load_target(target, input_shapes=input_shapes, dtypes=dtype_list)
     inputs = _example_inputs(loaded, input_shapes, dtype_list, batch)
     if inputs is None:
@@ -432,13 +436,6 @@ def _chain_shares(report: ConversionReport) -> list[ChainShare]:
     return shares
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 # -- profiling -------------------------------------------------------------------------------------
 def profile_model(
     loaded: loader.LoadedModel,
@@ -460,7 +457,7 @@ def profile_model(
     Parameters
     ----------
     loaded : LoadedModel
-        From :func:`fxmomentum.loader.load_target`; the measuring children load
+        From :func:`fxmomentum.tools.loader.load_target`; the measuring children load
         ``loaded.target`` again, so it must be loadable from the current directory.
     input_shapes, dtypes : optional
         The ``input_shapes`` and ``dtypes`` ``loaded`` was loaded with (``--input-shape``,
@@ -491,7 +488,7 @@ def profile_model(
 
     Raises
     ------
-    fxmomentum.loader.ExampleInputsError
+    fxmomentum.tools.loader.ExampleInputsError
         No example inputs, or the model fails on the resized ones.
     ProfileError
         Conversion, a training step or a measuring child failed (``.stage`` says which).
@@ -522,7 +519,7 @@ def profile_model(
         )
     if batch is not None:
         what = f"{loaded.inputs_from or 'the example inputs'}, batch {batch}"
-        loader.check_example_inputs(loaded.model, inputs, source=what)
+        check_example_inputs(loaded.model, inputs, source=what)
 
     say(f"converting {type(loaded.model).__name__} (gamma {gamma:g})", False)
     try:
@@ -531,7 +528,7 @@ def profile_model(
         )
     except Exception as exc:
         raise ProfileError(
-            f"converting the model from {loaded.source} failed ({_one_line(exc)})", "convert"
+            f"converting the model from {loaded.source} failed ({one_line(exc)})", "convert"
         ) from exc
     if not report.converted:
         raise ProfileError(
@@ -554,7 +551,7 @@ def profile_model(
                 train_step(workload)
             except Exception as exc:
                 raise ProfileError(
-                    f"a training step of the {name} model fails ({_one_line(exc)})", name
+                    f"a training step of the {name} model fails ({one_line(exc)})", name
                 ) from exc
         ratios = _time_steps(original, converted, steps, warmup, device, say)
     finally:
@@ -645,7 +642,7 @@ def profile(
     seed: int = 0,
     **kwargs: Any,
 ) -> ProfileResult:
-    """Load ``target`` (:func:`fxmomentum.loader.load_target`) and :func:`profile_model` it.
+    """Load ``target`` (:func:`fxmomentum.tools.loader.load_target`) and :func:`profile_model` it.
 
     Parameters
     ----------

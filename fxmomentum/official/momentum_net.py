@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .engine import MomentumChain
+from ..engine import MomentumChain
 
 __all__ = ["MomentumNet"]
 

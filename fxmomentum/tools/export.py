@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import one_line
+
 __all__ = [
     "ExportError",
     "OnnxResult",
@@ -217,7 +219,7 @@ def export_program(
         with eval_no_grad(gm):
             return torch.export.export(gm, args, strict=strict, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {_one_line(exc)}") from exc
+        raise ExportError(f"torch.export failed: {one_line(exc, 400)}") from exc
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
@@ -264,13 +266,6 @@ class OnnxResult:
                 f"{self.max_relative_error:.1e} <= {ONNX_TOLERANCE:.0e})"
             )
         return f"wrote {self.path}; outputs not checked ({self.reason})"
-
-
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def export_onnx(
@@ -343,7 +338,7 @@ def export_onnx(
                 )
                 program.save(tmp)
         except Exception as exc:
-            raise ExportError(f"ONNX export failed: {_one_line(exc)}") from exc
+            raise ExportError(f"ONNX export failed: {one_line(exc, 400)}") from exc
 
         result = OnnxResult(path=path, checked=False)
         if not check:
@@ -386,7 +381,7 @@ def _check_onnx(gm: nn.Module, args: tuple, onnx_path: str, tolerance: float) ->
         raise
     except Exception as exc:
         raise ExportError(
-            f"onnxruntime could not run the exported model: {_one_line(exc)}"
+            f"onnxruntime could not run the exported model: {one_line(exc, 400)}"
         ) from exc
     if len(got) != len(expected):
         raise ExportError(

@@ -46,6 +46,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import one_line
+from .errors import (
+    AmbiguousModelError,
+    ExampleInputsError,
+    LoadError,
+    ModelNotFoundError,
+    TargetError,
+)
+from .inputs import check_example_inputs, make_example_inputs
+
 __all__ = [
     "FACTORY_NAMES",
     "AmbiguousModelError",
@@ -54,13 +64,9 @@ __all__ = [
     "LoadedModel",
     "ModelNotFoundError",
     "TargetError",
-    "check_example_inputs",
     "find_model",
     "load_module",
     "load_target",
-    "make_example_inputs",
-    "parse_dtype",
-    "parse_shape",
     "parse_target",
 ]
 
@@ -69,40 +75,6 @@ FACTORY_NAMES = ("build_model", "get_model", "create_model")
 
 _NAME_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _counter = itertools.count()
-
-
-# -- errors ----------------------------------------------------------------------------------------
-class LoadError(Exception):
-    """A target that cannot be turned into a model; ``str(err)`` is one line."""
-
-    #: Exit code of the command line for this kind of error.
-    exit_code = 1
-
-
-class TargetError(LoadError):
-    """The file or module cannot be found or imported, or its code raised."""
-
-    exit_code = 3
-
-
-class ModelNotFoundError(LoadError):
-    """Nothing model-like in the target, or ``NAME`` does not give an ``nn.Module``."""
-
-    exit_code = 4
-
-
-class AmbiguousModelError(ModelNotFoundError):
-    """A rule found several candidates; ``candidates`` lists them."""
-
-    def __init__(self, message: str, candidates: Sequence[str]) -> None:
-        super().__init__(message)
-        self.candidates = list(candidates)
-
-
-class ExampleInputsError(LoadError):
-    """Example inputs of the wrong kind, or ones the model cannot run on."""
-
-    exit_code = 6
 
 
 # -- result ----------------------------------------------------------------------------------------
@@ -221,17 +193,10 @@ def _user_frame(exc: BaseException, path: str | None) -> str:
     return f"{os.path.basename(chosen.filename)}:{chosen.lineno}"
 
 
-def _describe_exception(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _raised(where: str, exc: BaseException, path: str | None, fix: str) -> TargetError:
     at = _user_frame(exc, path)
     at = f" at {at}" if at else ""
-    return TargetError(f"{where} raised {_describe_exception(exc)}{at}; {fix}")
+    return TargetError(f"{where} raised {one_line(exc)}{at}; {fix}")
 
 
 def load_module(kind: str, location: str) -> types.ModuleType:
@@ -521,100 +486,6 @@ def _candidates_hint(module: types.ModuleType) -> str:
 
 
 # -- example inputs --------------------------------------------------------------------------------
-def parse_shape(text: str) -> tuple[int, ...]:
-    """Parse ``"2,3,224,224"`` (or ``"2x3x224x224"``) into a shape.
-
-    Raises
-    ------
-    ValueError
-        If a dimension is not a positive integer (an empty string gives a 0-d scalar shape ``()``
-        only when written as ``"()"``).
-
-    Examples
-    --------
-    >>> parse_shape("2,3,224,224")
-    (2, 3, 224, 224)
-    """
-    text = text.strip()
-    if text in ("()", "[]", "scalar"):
-        return ()
-    parts = [p.strip() for p in re.split(r"[,x]", text.strip("()[] "))]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(
-            f"bad shape {text!r}: write the dimensions separated by commas, as in 2,3,224,224"
-        ) from None
-    if any(d <= 0 for d in dims):
-        raise ValueError(f"bad shape {text!r}: every dimension must be a positive integer")
-    return dims
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """Parse a dtype name (``float32``, ``torch.float16``, ``int64``, ...).
-
-    Examples
-    --------
-    >>> parse_dtype("float64")
-    torch.float64
-    """
-    name = text.strip().removeprefix("torch.")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(
-            f"unknown dtype {text!r}: use a torch dtype name such as float32, float64, "
-            f"bfloat16 or int64"
-        )
-    return dtype
-
-
-def make_example_inputs(
-    shapes: Sequence[Sequence[int]],
-    dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
-    *,
-    seed: int = 0,
-) -> tuple[torch.Tensor, ...]:
-    """Random example inputs of the given shapes.
-
-    Floating dtypes get standard normal values; integer and boolean dtypes get zeros (valid
-    indices for embeddings).
-
-    Parameters
-    ----------
-    shapes : sequence of shapes
-        One shape per positional input.
-    dtypes : torch.dtype or sequence of torch.dtype, optional
-        One dtype for all inputs, or one per input (default ``torch.float32``).
-    seed : int
-        Seed of a private generator, so that the same shapes give the same values.
-
-    Examples
-    --------
-    >>> [t.shape for t in make_example_inputs([(2, 3), (4,)])]
-    [torch.Size([2, 3]), torch.Size([4])]
-    """
-    if dtypes is None:
-        dtypes = torch.float32
-    if isinstance(dtypes, torch.dtype):
-        dtypes = [dtypes] * len(shapes)
-    dtypes = list(dtypes)
-    if len(dtypes) == 1 and len(shapes) > 1:
-        dtypes = dtypes * len(shapes)
-    if len(dtypes) != len(shapes):
-        raise ExampleInputsError(
-            f"{len(dtypes)} dtypes for {len(shapes)} input shapes; give one --dtype for all "
-            f"inputs or one per --input-shape"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    inputs = []
-    for shape, dtype in zip(shapes, dtypes, strict=True):
-        if dtype.is_floating_point or dtype.is_complex:
-            inputs.append(torch.randn(tuple(shape), generator=gen).to(dtype))
-        else:
-            inputs.append(torch.zeros(tuple(shape), dtype=dtype))
-    return tuple(inputs)
-
-
 def _as_input_tuple(value: object, source: str) -> tuple[torch.Tensor, ...]:
     if isinstance(value, torch.Tensor):
         return (value,)
@@ -660,46 +531,6 @@ def _file_example_inputs(
             err = _raised("example_inputs()", exc, path, f"fix example_inputs in {source}")
             raise ExampleInputsError(str(err)) from exc
     return _as_input_tuple(value, source)
-
-
-def _shape_text(inputs: Sequence[torch.Tensor]) -> str:
-    return ", ".join(
-        f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-        for t in inputs
-    )
-
-
-def check_example_inputs(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, source: str = "the inputs"
-) -> None:
-    """Run ``model`` once on the example inputs (eval mode, no grad) to check that they fit.
-
-    The training flags of all submodules are restored afterwards, and no state changes (eval
-    mode keeps BatchNorm statistics as they are).
-
-    Raises
-    ------
-    ExampleInputsError
-        If the model raises on them.
-
-    Examples
-    --------
-    >>> check_example_inputs(nn.Linear(3, 2), (torch.randn(4, 3),))
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as exc:
-        raise ExampleInputsError(
-            f"the model fails on example inputs of shape {_shape_text(example_inputs)} "
-            f"(from {source}): {_describe_exception(exc)}; give inputs the model accepts, "
-            f"e.g. --input-shape 1,3,224,224"
-        ) from exc
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 # -- everything together ---------------------------------------------------------------------------

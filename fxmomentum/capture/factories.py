@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..patches import replaced
+
 __all__ = ["python_random", "traced_factories"]
 
 #: Factories whose size may be given as separate arguments (``torch.zeros(b, n)``).
@@ -93,18 +95,15 @@ def traced_factories(tracer: fx.Tracer) -> Iterator[None]:
     >>> bool((gm(torch.zeros(3, 2)) != gm(torch.zeros(3, 2))).all())  # drawn per call
     True
     """
-    originals = [(torch, name, getattr(torch, name)) for name in TORCH_NAMES]
-    originals += [(random, name, getattr(random, name)) for name in PYTHON_RANDOM]
-    for module, name, fn in originals:
-        if module is random:
-            fn = _drawn_at_run_time(tracer, fn, python=name)
-        elif name in TORCH_RANDOM:
+    replacements: dict[Any, dict[str, Any]] = {torch: {}, random: {}}
+    for name in TORCH_NAMES:
+        fn = getattr(torch, name)
+        if name in TORCH_RANDOM:
             fn = _drawn_at_run_time(tracer, fn)
-        if module is torch and name in SIZE_FACTORIES:
+        if name in SIZE_FACTORIES:
             fn = _sized(fn)  # torch.rand(b, n) is both
-        setattr(module, name, fn)
-    try:
+        replacements[torch][name] = fn
+    for name in PYTHON_RANDOM:
+        replacements[random][name] = _drawn_at_run_time(tracer, getattr(random, name), name)
+    with replaced(torch, replacements[torch]), replaced(random, replacements[random]):
         yield
-    finally:
-        for module, name, fn in originals:
-            setattr(module, name, fn)

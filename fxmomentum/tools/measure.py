@@ -1,7 +1,7 @@
 """Measurement of a training step: activation memory in a fresh process, paired time ratios.
 
-The methods of "How things are measured" (DESIGN.md), used by ``fxmomentum profile`` and by the
-benchmarks (``benchmarks/harness.py`` re-exports this module):
+The methods of "How things are measured" (ARCHITECTURE.md), used by ``fxmomentum profile`` and
+by the benchmarks (``benchmarks/harness.py`` re-exports this module):
 
 - :func:`measure_memory`: the activation memory of one training step, taken in a fresh Python
   process per configuration. The configuration is named by an importable builder
@@ -14,7 +14,7 @@ child's ``PYTHONPATH`` (and so is the directory holding this package).
 
 Examples
 --------
->>> from fxmomentum.measure import paired_time
+>>> from fxmomentum.tools.measure import paired_time
 >>> paired_time(lambda: sum(range(1000)), lambda: sum(range(2000)), repeats=5).ratio > 0
 True
 """
@@ -51,13 +51,13 @@ __all__ = [
 
 #: The directory holding the ``fxmomentum`` package: on the child's ``PYTHONPATH`` (last), so that
 #: the child imports this very copy even when the package is not installed.
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 #: glibc returns freed blocks above this size to the system, so the resident set follows use.
 MMAP_THRESHOLD = 65536
 _RESULT_MARK = "@@HARNESS_RESULT@@ "
 _CHILD_CODE = """
 import sys
-from fxmomentum.measure import _child_main
+from fxmomentum.tools.measure import _child_main
 sys.exit(_child_main(sys.argv[1]))
 """
 
@@ -166,7 +166,7 @@ def load_builder(spec: str) -> Callable[..., Workload]:
 
     Examples
     --------
-    >>> load_builder("fxmomentum.measure:train_step") is train_step
+    >>> load_builder("fxmomentum.tools.measure:train_step") is train_step
     True
     """
     module_name, sep, func_name = spec.partition(":")

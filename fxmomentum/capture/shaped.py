@@ -54,9 +54,10 @@ from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_map
 
+from ..patches import GlobalNames, replaced
 from .factories import python_random
 
-__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation"]
+__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation", "Untraceable"]
 
 #: ``node.meta`` key of a node's example value.
 EXAMPLE = "fxmomentum_example"
@@ -85,6 +86,11 @@ _MISSING: Any = _Missing()
 
 class _Unknown(Exception):
     pass
+
+
+class Untraceable(fx.proxy.TraceError):
+    """A traced value the model's Python code needs concretely has no example value: the code
+    cannot be traced (raised on purpose, unlike an error in the tracer itself)."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ class ShapedTracing:
             # b a proxy, is beyond a tensor's own argument parsing).
             self.proxy_buffer_attributes = True
         self._checked: set[tuple[fx.Node, str]] = set()
-        self._range_globals: list[dict[str, Any]] = []
+        self._range_names = GlobalNames()
 
     @property
     def shaped(self) -> bool:
@@ -177,25 +183,20 @@ class ShapedTracing:
                 return tracer.create_proxy("call_function", operator.getitem, (t, index), {})  # type: ignore[attr-defined]
             return original(t, index)
 
-        torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign]
-        try:
+        with replaced(torch.Tensor, {"__getitem__": getitem}):
             yield
-        finally:
-            torch.Tensor.__getitem__ = original  # type: ignore[method-assign]
 
     def patch_range(self, fn_globals: dict[str, Any]) -> None:
         """Make ``range`` in the code with these globals take traced ints (``range(n)`` with
         ``n`` read from a shape), each checked like ``int(n)``, until :meth:`unpatch_range`."""
-        if self._examples is not None and "range" not in fn_globals:
-            fn_globals["range"] = _range
-            self._range_globals.append(fn_globals)
+        if self._examples is not None:
+            self._range_names.add(fn_globals, "range", _range)
 
     def unpatch_range(self) -> None:
         """Undo :meth:`patch_range` (the end of a trace)."""
-        for fn_globals in getattr(self, "_range_globals", []):
-            if fn_globals.get("range") is _range:
-                del fn_globals["range"]
-        self._range_globals = []
+        names = getattr(self, "_range_names", None)
+        if names is not None:
+            names.remove()
 
     @property
     def recording(self) -> bool:
@@ -328,7 +329,7 @@ class ShapedTracing:
     def to_int(self, obj: fx.Proxy) -> int:
         value = self._known(obj)
         if value is _MISSING:
-            raise fx.proxy.TraceError(f"{obj.node.name} is used as an int and has no example value")
+            raise Untraceable(f"{obj.node.name} is used as an int and has no example value")
         result = operator.index(value)
 
         def cond() -> Any:
@@ -340,7 +341,7 @@ class ShapedTracing:
     def length(self, obj: fx.Proxy) -> int:
         value = self._known(obj)
         if value is _MISSING:
-            raise RuntimeError(f"len() of {obj.node.name}, which has no example value")
+            raise Untraceable(f"len() of {obj.node.name}, which has no example value")
         result = len(value)
 
         def cond() -> Any:

@@ -11,14 +11,14 @@ calls the layers (``nn.Sequential``, a parent's ``for`` loop) keeps working, wit
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .engine import (
+from ..classes import derived_class
+from ..engine import (
     BlockArguments,
     ChainRun,
     ChainSpec,
@@ -70,7 +70,7 @@ class LayerChain(GammaSetting):
     name : str
         Path of the layer list, for messages.
     split_layers : bool
-        Layers of a known type (:func:`fxmomentum.layers.split_layer`: torch's transformer
+        Layers of a known type (:func:`fxmomentum.official.layers.split_layer`: torch's transformer
         layers) become their two or three residual blocks instead of one block each.
     """
 
@@ -193,27 +193,19 @@ def _needs_backward(x: torch.Tensor, args: tuple, kwargs: dict, blocks) -> bool:
 class _MomentumLayer:
     """Mixin placed before a layer's own class: routes ``forward`` through its LayerChain."""
 
+    #: The name of the derived class (see fxmomentum.classes.derived_class).
+    derived_name = "MomentumLayer[{}]"
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         chain: LayerChain = self.__dict__["_momentum_chain"]
         return chain.step(self.__dict__["_momentum_index"], x, args, kwargs)
 
 
-_CLASSES: dict[type, type] = {}
-_PREFIX = "MomentumLayer["
-
-
 def _momentum_class(base: type) -> type:
-    """The subclass ``(_MomentumLayer, base)``, created once and picklable by name."""
+    """The subclass ``(_MomentumLayer, base)``, made once and picklable by name."""
     if issubclass(base, _MomentumLayer):
         return base
-    if base not in _CLASSES:
-        # pickle looks classes up by dotted qualname, so the name must hold no dots.
-        module, qualname = base.__module__, base.__qualname__
-        name = f"{_PREFIX}{module.replace('.', '/')}:{qualname.replace('.', '/')}]"
-        cls = type(name, (_MomentumLayer, base), {"__module__": __name__, "__qualname__": name})
-        _CLASSES[base] = cls
-        globals()[name] = cls
-    return _CLASSES[base]
+    return derived_class(_MomentumLayer, base)
 
 
 def _base_class(cls: type) -> type:
@@ -231,17 +223,6 @@ def _expression(path: str) -> str:
     if all(part.isidentifier() for part in path.split(".")):
         return f"model.{path}"
     return f"model.get_submodule({path!r})"
-
-
-def __getattr__(name: str) -> type:
-    # Unpickling in a fresh process: rebuild the momentum class from its name.
-    if name.startswith(_PREFIX) and name.endswith("]"):
-        module_path, qualname = name[len(_PREFIX) : -1].split(":")
-        obj: Any = importlib.import_module(module_path.replace("/", "."))
-        for part in qualname.split("/"):
-            obj = getattr(obj, part)
-        return _momentum_class(obj)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def transform_to_momentumnet(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .engine import MomentumChain
+from ..engine import MomentumChain
 from .match import Block, Chain
 
 __all__ = [
@@ -66,7 +66,7 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
     Parameters
     ----------
     block : Block
-        The block, from :func:`fxmomentum.match.find_chains`.
+        The block, from :func:`fxmomentum.surgery.match.find_chains`.
     context : sequence of torch.fx.Node, or mapping of torch.fx.Node to int
         The whole chain's context (every block takes all of it, in this order), or each
         context node's position in it.
@@ -280,7 +280,7 @@ def block_module(
 
     Examples
     --------
-    >>> from fxmomentum.match import find_chains
+    >>> from fxmomentum.surgery.match import find_chains
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -425,7 +425,7 @@ def rewrite(
 
     Examples
     --------
-    >>> from fxmomentum.match import find_chains
+    >>> from fxmomentum.surgery.match import find_chains
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()

@@ -1,0 +1,313 @@
+"""A conversion from start to end: capture -> match -> choose -> rewrite -> report.
+
+:func:`prepare` captures the model (:func:`fxmomentum.capture.descend`), finds the chains of
+each captured graph (:mod:`~fxmomentum.surgery.match`), selects them
+(:mod:`~fxmomentum.surgery.select`) and chooses, chain by chain, whether and with which gamma
+to convert it. :func:`build` rewrites each captured graph (:mod:`~fxmomentum.surgery.rewrite`)
+and puts it in place; :func:`make_report` says what was done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture import Capture, Descent, Note, Unit, descend, undo_tracing
+from ..capture.records import FIXED_TYPES
+from ..engine import validate_gamma
+from ..paths import join_path
+from .estimate import estimate_saved_bytes
+from .inplace import put_in_place
+from .match import Chain, MatchResult, SkippedAdd, find_chains
+from .options import ConvertOptions, gamma_for_chain
+from .report import ChainInfo, ConversionReport, chain_info
+from .rewrite import chain_names, rewrite, top_graph
+from .select import select_chains
+
+__all__ = [
+    "Conversion",
+    "UnitChoice",
+    "build",
+    "chain_adds",
+    "group_notes",
+    "make_report",
+    "predicted_graphs",
+    "prepare",
+]
+
+
+@dataclass
+class UnitChoice:
+    """The chains of one captured graph, and which are converted with which gamma."""
+
+    unit: Unit
+    match: MatchResult = field(default_factory=MatchResult)
+    #: What the report says of every chain found (converted or not), in order.
+    infos: list[ChainInfo] = field(default_factory=list)
+    chosen: list[Chain] = field(default_factory=list)
+    gammas: list[float] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return self.unit.path
+
+    @property
+    def module(self) -> nn.Module:
+        return self.unit.module
+
+    @property
+    def capture(self) -> Capture:
+        return self.unit.capture
+
+
+@dataclass
+class Conversion:
+    """What :func:`prepare` decided."""
+
+    root: nn.Module
+    descent: Descent
+    units: list[UnitChoice]
+    options: ConvertOptions
+    notes: list[Note] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the model itself was captured as one graph."""
+        return self.descent.whole
+
+    @property
+    def infos(self) -> list[ChainInfo]:
+        return [i for u in self.units for i in u.infos]
+
+
+def chain_adds(graph: fx.Graph, module: nn.Module) -> list[list[fx.Node]]:
+    """For each residual chain of ``graph`` (of ``module``), its blocks' residual adds: what
+    the descent needs to know of chains (:data:`fxmomentum.capture.ChainFinder`)."""
+    chains = find_chains(graph, dict(module.named_modules())).chains
+    return [[b.add for b in c.blocks] for c in chains]
+
+
+def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Conversion:
+    """Capture ``root`` (in place: pass a copy) and choose what to convert."""
+    if not isinstance(root, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(root).__name__}")
+    descent = descend(
+        root,
+        example_inputs,
+        options.leaf_modules,
+        options.concrete_args,
+        find_chains=chain_adds,
+    )
+    conversion = Conversion(root, descent, [UnitChoice(u) for u in descent.units], options)
+    conversion.notes = list(descent.notes)
+    index = 0
+    for unit in conversion.units:
+        _match(unit, options)
+        index = _choose(conversion, unit, index)
+        if unit.path:
+            blocks = sum(len(c.blocks) for c in unit.match.chains)
+            chains = len(unit.match.chains)
+            found = f"{chains} chain(s), {blocks} block(s)" if blocks else "no residual chain"
+            what = f"{type(unit.module).__name__}: captured as one graph, {found}"
+            conversion.notes.append(Note(unit.path, what))
+    return conversion
+
+
+def _match(unit: UnitChoice, options: ConvertOptions) -> None:
+    """The unit's chains, selected, with their report entries (full module paths)."""
+    modules = dict(unit.module.named_modules())
+    result = find_chains(unit.capture.graph, modules)
+    result.chains = select_chains(
+        result.chains,
+        prefix=unit.path,
+        include=options.include,
+        exclude=options.exclude,
+        min_blocks=options.min_blocks,
+    )
+    if unit.path:
+        result.skipped = [
+            SkippedAdd(s.node, join_path(unit.path, s.path), s.reason) for s in result.skipped
+        ]
+    unit.match = result
+    unit.infos = [_prefixed(chain_info(c, modules), unit.path) for c in result.chains]
+
+
+def _prefixed(info: ChainInfo, prefix: str) -> ChainInfo:
+    """``info`` with module paths of the whole model (the unit at ``prefix``)."""
+    if not prefix:
+        return info
+    for b in info.blocks:
+        b.name = join_path(prefix, b.name)
+        b.path = join_path(prefix, b.path)
+    info.first = info.blocks[0].name
+    info.last = info.blocks[-1].name
+    return info
+
+
+def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
+    """Decide, for each selected chain of ``unit``, whether to convert it and with which
+    gamma; ``index`` counts the selected chains of the whole model. Returns the next index."""
+    options = conversion.options
+    selected = [(c, i) for c, i in zip(unit.match.chains, unit.infos, strict=True) if c.selected]
+    names = chain_names(unit.module, len(selected))
+    objects = _python_objects(unit.capture)
+    if options.cost_model and not unit.capture.shapes_verified and selected:
+        conversion.notes.append(
+            Note(unit.path, "cost_model needs shapes (example_inputs): every chain is converted")
+        )
+    recorded = _recorded_inputs(unit.capture)
+    for local, (chain, info) in enumerate(selected):
+        name = join_path(unit.path, names[local])
+        paths = [b.path for b in info.blocks]
+        value = gamma_for_chain(options.gamma, index, name, paths, info)
+        index += 1
+        if value is None:
+            info.reason = "no gamma given for this chain"
+            continue
+        validate_gamma(
+            value,
+            reversible=not options.use_backprop,
+            where=f" for chain {index - 1} ({info.first})",
+        )
+        passed = [c for c in chain.context if c in objects]
+        if passed and not options.use_backprop:
+            info.reason = (
+                f"its blocks receive `{passed[0].target}` (a {objects[passed[0]]}), a "
+                f"Python object they may change (a key/value cache grows at every call): "
+                f"recomputing them in backward would change it again. Pass None instead "
+                f"(use_cache=False), or convert with use_backprop=True"
+            )
+            continue
+        saved = estimate_saved_bytes(chain, value, options.use_backprop, example_inputs=recorded)
+        if saved is None and recorded is not None:
+            saved = estimate_saved_bytes(chain, value, options.use_backprop)
+        info.saved_bytes = saved
+        if options.cost_model and saved is not None and saved <= 0 and not options.use_backprop:
+            info.reason = "cost model: the reversible state would not be smaller than what it saves"
+            continue
+        info.name, info.converted, info.gamma = name, True, float(value)
+        unit.chosen.append(chain)
+        unit.gammas.append(float(value))
+        unit.names.append(names[local])
+    return index
+
+
+def _recorded_inputs(cap: Capture) -> tuple[Any, ...] | None:
+    """The graph's inputs from the call recorded on example_inputs, one per placeholder (a
+    ``**kwargs`` placeholder gets the recorded keywords as one dict), or None when they do not
+    map onto the placeholders (the memory estimate then runs on inputs made from the recorded
+    shapes)."""
+    if cap.inputs is None:
+        return None
+    targets = [str(n.target) for n in cap.graph.nodes if n.op == "placeholder"]
+    var_keyword = bool(targets) and targets[-1].startswith("**")
+    named = targets[:-1] if var_keyword else targets
+    if len(named) != len(cap.inputs) or any(t.startswith("*") for t in named):
+        return None
+    return (*cap.inputs, dict(cap.var_keyword or {})) if var_keyword else tuple(cap.inputs)
+
+
+def _python_objects(cap: Capture) -> dict[fx.Node, str]:
+    """Placeholders that received a Python object (not a tensor, None, flag, number or
+    string) in the recorded call, and its class name."""
+    if cap.inputs is None:
+        return {}
+    placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
+    named = [n for n in placeholders if not str(n.target).startswith("*")]
+    out = {}
+    for node, value in zip(named, cap.inputs, strict=False):
+        if not isinstance(value, (torch.Tensor, *FIXED_TYPES)) and value is not None:
+            out[node] = type(value).__name__
+    return out
+
+
+def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
+    """Rewrite every unit with chains to convert and put it in place.
+
+    Returns the converted model (a GraphModule when the model was captured whole, else the
+    model's own class with converted submodules) and the graphs after the rewrite, in the
+    order of the units.
+    """
+    result: nn.Module = conversion.root
+    graphs: list[fx.Graph] = []
+    use_backprop = conversion.options.use_backprop
+    # Innermost first: a unit inside an opaque module of another is replaced in that module,
+    # which the outer graph calls as it is.
+    for unit in reversed(conversion.units):
+        if unit.path and not unit.chosen:
+            if unit.unit.before is not None:
+                undo_tracing(unit.module, unit.unit.before)
+            graphs.append(unit.capture.graph)
+            continue
+        gm = rewrite(
+            unit.module, unit.capture.graph, unit.chosen, unit.gammas, use_backprop=use_backprop
+        )
+        graphs.append(gm.graph)
+        if unit.path:
+            put_in_place(conversion.root, unit.module, gm)
+        else:
+            result = gm
+    graphs.reverse()
+    return result, graphs
+
+
+def predicted_graphs(conversion: Conversion) -> list[fx.Graph]:
+    """The graphs :func:`build` would give, without building anything (for ``inspect``)."""
+    return [top_graph(u.capture.graph, u.chosen, u.names) for u in conversion.units]
+
+
+def _code(conversion: Conversion, codes: Sequence[str]) -> str:
+    if conversion.whole and len(conversion.units) == 1:
+        return codes[0]
+    parts = []
+    for unit, code in zip(conversion.units, codes, strict=True):
+        parts.append(f"# {unit.path or '(model)'} ({type(unit.module).__name__})\n{code}")
+    return "\n".join(parts)
+
+
+def make_report(conversion: Conversion, graphs: Sequence[fx.Graph]) -> ConversionReport:
+    """The report of ``conversion``, whose graphs after the rewrite are ``graphs``."""
+    units = conversion.units
+    codes_after = [g.python_code(root_module="self").src for g in graphs]
+    return ConversionReport(
+        model=type(conversion.root).__name__,
+        chains=conversion.infos,
+        skipped=[s for u in units for s in u.match.skipped],
+        leaves=list(conversion.descent.leaves),
+        nodes_before=sum(len(u.capture.graph.nodes) for u in units),
+        nodes_after=sum(len(g.nodes) for g in graphs),
+        shapes_verified=bool(units) and all(u.capture.shapes_verified for u in units),
+        code_before=_code(conversion, [u.capture.graph_module.code for u in units]),
+        code_after=_code(conversion, codes_after),
+        use_backprop=conversion.options.use_backprop,
+        notes=group_notes(conversion.notes),
+    )
+
+
+def group_notes(notes: Sequence[Note], most: int = 4) -> list[str]:
+    """One line per text: "`h.0`, `h.1`, ... (12 modules): text", in order of appearance.
+
+    Examples
+    --------
+    >>> group_notes([Note("h.0", "traced"), Note("h.1", "traced"), Note("", "done")])
+    ['`h.0`, `h.1`: traced', 'done']
+    """
+    paths: dict[str, list[str]] = {}
+    for note in notes:
+        paths.setdefault(note.text, []).append(note.path)
+    out = []
+    for text, where in paths.items():
+        named = [f"`{p}`" for p in where if p]
+        if not named:
+            out.append(text)
+            continue
+        head = ", ".join(named[:most])
+        if len(named) > most:
+            head += f", ... ({len(named)} modules)"
+        out.append(f"{head}: {text}")
+    return out

@@ -1,0 +1,268 @@
+"""Estimates of what converting a chain saves: autograd's saved tensors, measured.
+
+The graph a chain was found in is run once with grad on the example inputs (or inputs of the
+recorded shapes), recording, per node, every tensor autograd saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``); a chain's cost in plain autograd is what its
+nodes saved, and its reversible state replaces that.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..capture import no_side_effects
+from ..engine import GAMMA_DENOM, quantize_gamma
+from .match import Chain
+
+__all__ = ["STATE_BYTES_PER_ELEMENT", "autograd_saved_bytes", "estimate_saved_bytes"]
+
+#: Bytes per element of the chain's activation that a reversible chain keeps until backward
+#: besides the lost bits (its exact state; see ARCHITECTURE.md, "The engine").
+STATE_BYTES_PER_ELEMENT = 12
+
+
+def _numel(node: fx.Node) -> int | None:
+    tm = node.meta.get("tensor_meta")
+    if not hasattr(tm, "shape"):
+        return None
+    return math.prod(tm.shape)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(key, bytes)`` of the storage under ``t``; None for tensors without one."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+@dataclass
+class _Measured:
+    """What autograd saved while each node ran, by node name (no reference to the graph)."""
+
+    saved: dict[str, dict[int, int]] = field(default_factory=dict)  # storage -> bytes
+    outputs: dict[str, set[int]] = field(default_factory=dict)  # storages of the node's output
+    fixed: set[int] = field(default_factory=set)  # parameters and buffers
+    current: str | None = None
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        # Autograd keeps this hook with each saved tensor: it must not hold the tensors.
+        found = _storage(t)
+        if self.current is not None and found is not None:
+            self.saved.setdefault(self.current, {})[found[0]] = found[1]
+        return t
+
+
+class _SavedTensors(fx.Interpreter):
+    """Runs a graph with grad, recording in ``record`` what autograd saves for each node.
+
+    Values are kept to the end of the run (no storage is freed and reused meanwhile), so a
+    storage's address identifies it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, record: _Measured) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.record = record
+
+    def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # A ``**kwargs`` placeholder takes its dict as one positional input here (torch.fx's
+        # Interpreter would hand it the remaining inputs as a list).
+        if isinstance(target, str) and target.startswith("**"):
+            return next(self.args_iter)
+        return super().placeholder(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.record.current = n.name
+        try:
+            result = super().run_node(n)
+        finally:
+            self.record.current = None
+        keys = (_storage(t) for t in torch.utils._pytree.tree_leaves(result)
+                if isinstance(t, torch.Tensor))  # fmt: skip
+        self.record.outputs[n.name] = {k[0] for k in keys if k is not None}
+        return result
+
+
+#: Per graph: (ids of the example inputs, or () for synthesized ones; the measurement).
+_MEASURED: weakref.WeakKeyDictionary[fx.Graph, tuple[tuple[int, ...], _Measured | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _synthesized_inputs(graph: fx.Graph, device: torch.device) -> tuple[Any, ...] | None:
+    """Inputs of the shapes and dtypes shape propagation saw: random floats, zero integers."""
+    inputs: list[Any] = []
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        tm = n.meta.get("tensor_meta")
+        if hasattr(tm, "shape"):
+            if tm.dtype.is_floating_point or tm.dtype.is_complex:
+                inputs.append(torch.randn(tm.shape, dtype=tm.dtype, device=device))
+            else:
+                inputs.append(torch.zeros(tm.shape, dtype=tm.dtype, device=device))
+        elif n.args:  # a default value
+            inputs.append(n.args[0])
+        else:
+            return None
+    return tuple(inputs)
+
+
+def _measure(graph: fx.Graph, example_inputs: Any) -> _Measured | None:
+    """What autograd saves while each node of ``graph`` runs (cached per graph)."""
+    if example_inputs is None:
+        key: tuple[int, ...] = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+        key = (id(example_inputs[0]),)
+    else:
+        example_inputs = tuple(example_inputs)
+        key = tuple(id(t) for t in example_inputs)
+    cached = _MEASURED.get(graph)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    gm = graph.owning_module
+    measured = None
+    if gm is not None:
+        first = next(iter((*gm.parameters(), *gm.buffers())), None)
+        device = first.device if first is not None else torch.device("cpu")
+        inputs = _synthesized_inputs(graph, device) if example_inputs is None else example_inputs
+        if inputs is not None:
+            record = _Measured()
+            run = _SavedTensors(gm, record)
+            try:
+                with (
+                    no_side_effects(gm, inputs, grad=True),
+                    torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack),
+                ):
+                    run.run(*inputs)
+                measured = record
+            except Exception:  # the estimate is unavailable, nothing else is at stake
+                pass
+            finally:
+                run.env.clear()  # the values, and the autograd graph they hold, go now
+            record.current = None
+            record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
+                            if (k := _storage(t)) is not None}  # fmt: skip
+    _MEASURED[graph] = (key, measured)
+    return measured
+
+
+def autograd_saved_bytes(chain: Chain, example_inputs: Any = None) -> int | None:
+    """Bytes autograd keeps for backward inside ``chain`` during a forward (a measurement).
+
+    The graph the chain was found in is run once with grad (then cached) in the model's
+    current train / eval mode, on ``example_inputs`` or, without them, on inputs of the
+    shapes and dtypes shape propagation recorded (random floats, zero integers). Every tensor
+    autograd saves while a node of the chain runs is counted once per storage; parameters,
+    buffers and the chain's input, context and output (which live on outside it) are not.
+
+    Parameters
+    ----------
+    chain : Chain
+        A chain of a graph owned by a GraphModule (as :func:`fxmomentum.capture.capture`
+        returns it).
+    example_inputs : Tensor or sequence, optional
+        The graph's positional inputs.
+
+    Returns
+    -------
+    int or None
+        None when the graph has no shapes (no example inputs) or could not be run.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from fxmomentum.capture import capture
+    >>> from fxmomentum.surgery.match import find_chains
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fs = nn.ModuleList(nn.Sequential(nn.Linear(8, 32), nn.Tanh(),
+    ...                                               nn.Linear(32, 8)) for _ in range(2))
+    ...     def forward(self, x):
+    ...         for f in self.fs:
+    ...             x = x + f(x)
+    ...         return x
+    >>> cap = capture(Net(), torch.randn(4, 8))
+    >>> chain = find_chains(cap.graph, dict(cap.root.named_modules())).chains[0]
+    >>> autograd_saved_bytes(chain)  # per block: tanh's output (4 x 32 float32) and x_1
+    1152
+    """
+    if _numel(chain.entry) is None:
+        return None
+    measured = _measure(chain.entry.graph, example_inputs)
+    if measured is None:
+        return None
+    outside = set(measured.fixed)
+    for n in (chain.entry, *chain.context, chain.exit):
+        outside |= measured.outputs.get(n.name, set())
+    saved: dict[int, int] = {}
+    for n in chain.nodes:
+        for key, nbytes in measured.saved.get(n.name, {}).items():
+            if key not in outside:
+                saved[key] = nbytes
+    return sum(saved.values())
+
+
+def estimate_saved_bytes(
+    chain: Chain, gamma: float, use_backprop: bool = False, example_inputs: Any = None
+) -> int | None:
+    """Activation memory a training step saves by running ``chain`` reversibly (an estimate).
+
+    What plain autograd keeps inside the chain is measured (:func:`autograd_saved_bytes`);
+    the reversible chain keeps instead its exact state, about ``12 + T * log2(1 / gamma) / 8``
+    bytes per element of ``x`` for ``T`` blocks (the lost bits of ``gamma``, see
+    ARCHITECTURE.md).
+    The chain's output is kept by the next layer either way; one block's activations while
+    backward recomputes it are transient and not counted. A negative value: converting
+    costs memory.
+
+    Parameters
+    ----------
+    chain : Chain
+    gamma : float
+    use_backprop : bool
+        A chain run with plain autograd saves nothing: 0.
+    example_inputs : Tensor or sequence, optional
+        Inputs of the chain's graph (see :func:`autograd_saved_bytes`).
+
+    Returns
+    -------
+    int or None
+        None when shapes are unknown (no example inputs) or the measurement failed.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> import fxmomentum
+    >>> report = fxmomentum.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> [c.saved_bytes > 0 for c in report.chains]
+    [True, True, True, True]
+    >>> fxmomentum.inspect(torchvision.models.resnet18()).chains[0].saved_bytes is None
+    True
+    """
+    numel = _numel(chain.entry)
+    if numel is None:
+        return None
+    if use_backprop:
+        return 0
+    n = quantize_gamma(gamma)
+    if n == 0:
+        return None
+    saved = autograd_saved_bytes(chain, example_inputs)
+    if saved is None:
+        return None
+    lost_bits = len(chain.blocks) * math.log2(GAMMA_DENOM / n)
+    return int(saved - numel * (STATE_BYTES_PER_ELEMENT + lost_bits / 8))

@@ -1,0 +1,120 @@
+"""The conversion report as text: plain tables (tabulate), markdown, or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from tabulate import tabulate
+
+from .report import ConversionReport
+
+__all__ = ["FORMATS", "format_bytes", "format_report"]
+
+#: The formats :func:`format_report` writes.
+FORMATS = ("table", "json", "markdown")
+
+
+def format_bytes(n: int | None) -> str:
+    """Bytes in B / KiB / MiB / GiB ("" for None).
+
+    Examples
+    --------
+    >>> format_bytes(512), format_bytes(3 * 2**20), format_bytes(-2048)
+    ('512 B', '3.0 MiB', '-2.0 KiB')
+    """
+    if n is None:
+        return ""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return "?"  # pragma: no cover
+
+
+def _count(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def _all_notes(report: ConversionReport) -> list[str]:
+    note = _estimate_note(report)
+    return [*report.notes, note] if note else list(report.notes)
+
+
+def _estimate_note(report: ConversionReport) -> str | None:
+    if report.use_backprop or not any(c.saved_bytes is None for c in report.converted):
+        return None
+    why = "example_inputs were not given" if not report.shapes_verified else "it failed"
+    return f"saved (est.) unavailable: it measures what autograd saves on example_inputs, and {why}"
+
+
+def _tables(report: ConversionReport, tablefmt: str) -> list[tuple[str, str]]:
+    rows = []
+    for i, c in enumerate(report.chains):
+        shape = "x".join(map(str, c.shape)) if c.shape is not None else "?"
+        status = "converted" if c.converted else f"not converted: {c.reason}"
+        rows.append(
+            [
+                i,
+                c.name or "-",
+                c.num_blocks,
+                c.kind,
+                c.first,
+                c.last,
+                f"{shape} {c.dtype or ''}".strip(),
+                _count(c.num_params),
+                "-" if c.gamma is None else f"{c.gamma:g}",
+                "-" if not c.converted else format_bytes(c.saved_bytes) or "n/a",
+                status,
+            ]
+        )
+    head = ["#", "module", "blocks", "kind", "first", "last", "state", "params", "gamma",
+            "saved (est.)", "status"]  # fmt: skip
+    out = [("Residual chains", tabulate(rows, head, tablefmt=tablefmt) if rows else "none")]
+    if report.skipped:
+        # One line each (`str(item)`): the reasons are sentences, too wide for a table.
+        bullet = "- " if tablefmt == "github" else "  "
+        out.append(("Residual adds skipped", "\n".join(f"{bullet}{s}" for s in report.skipped)))
+    if report.leaves:
+        rows = [[m.path or "-", m.type, m.reason] for m in report.leaves]
+        out.append(("Opaque modules", tabulate(rows, ["module", "type", "reason"],
+                                               tablefmt=tablefmt)))  # fmt: skip
+    return out
+
+
+def format_report(report: ConversionReport, fmt: str = "table") -> str:
+    """The report as ``"table"`` (plain text), ``"json"`` or ``"markdown"``.
+
+    Examples
+    --------
+    >>> report = ConversionReport("Net")
+    >>> print(format_report(report, "markdown"))
+    ## Net
+    <BLANKLINE>
+    Net: 0 residual chain(s), 0 converted (0 blocks); 0 residual add(s) skipped; ...
+    <BLANKLINE>
+    ### Residual chains
+    <BLANKLINE>
+    none
+    """
+    if fmt == "json":
+        return json.dumps(report.as_dict(), indent=2)
+    if fmt == "table":
+        parts = [report.summary()]
+        for title, table in _tables(report, "simple"):
+            parts.append(f"\n{title}\n{table}")
+        parts.extend(f"note: {n}" for n in _all_notes(report))
+        return "\n".join(parts)
+    if fmt == "markdown":
+        parts = [f"## {report.model}", "", report.summary()]
+        for title, table in _tables(report, "github"):
+            parts += ["", f"### {title}", "", table]
+        if _all_notes(report):
+            parts += ["", *(f"- note: {n}" for n in _all_notes(report))]
+        return "\n".join(parts)
+    raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
