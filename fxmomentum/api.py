@@ -47,6 +47,7 @@ def convert(
     return_report: bool = False,
     leaf_modules: Iterable[str | type] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    memory_budget: float | None = None,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Turn the residual chains of ``model`` into momentum chains.
 
@@ -91,6 +92,17 @@ def convert(
         Submodule paths or classes to keep whole (not traced into).
     concrete_args : dict, optional
         For torch.fx: values of ``forward`` arguments that steer control flow.
+    memory_budget : float, optional
+        Plan every region's execution for the fastest training step whose activation memory
+        is at most this fraction of the original model's (0: the least memory the model can
+        reach, 1: the fastest; as torch.compile's ``activation_memory_budget``). Chains are
+        run reversibly, recomputed block by block or kept; the rest of the graph is
+        recomputed or kept, by segments. The outputs and gradients are those of the
+        conversion with this gamma whatever the plan (to rounding); with ``gamma = 0`` or
+        ``use_backprop=True`` only recompute and keep are used, so the model stays exactly the
+        original. Needs ``example_inputs``: the costs are measured on them. The report's
+        ``plan`` shows each region's strategy and the estimates. None (the default): every
+        chosen chain reversible (or as ``use_backprop`` says), the rest kept.
 
     Returns
     -------
@@ -143,6 +155,7 @@ def convert(
         cost_model=cost_model,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
+        memory_budget=memory_budget,
     )
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     result, graphs = build(conversion)
@@ -163,6 +176,7 @@ def inspect(
     cost_model: bool = False,
     leaf_modules: Iterable[str | type] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    memory_budget: float | None = None,
 ) -> ConversionReport:
     """What :func:`convert` would do with the same options, without building the result.
 
@@ -182,6 +196,7 @@ def inspect(
         cost_model=cost_model,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
+        memory_budget=memory_budget,
     )
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     return make_report(conversion, predicted_graphs(conversion))

@@ -142,3 +142,18 @@ class Capture:
     inputs: tuple[Any, ...] | None = None
     var_keyword: dict[str, Any] | None = None
     checks: list[Specialisation] = field(default_factory=list)
+
+    def graph_inputs(self) -> tuple[Any, ...] | None:
+        """The graph's inputs from :attr:`inputs`, one per placeholder (a ``**kwargs``
+        placeholder gets :attr:`var_keyword` as one dict), or None when they do not map onto
+        the placeholders (or there are none)."""
+        if self.inputs is None:
+            return None
+        targets = [str(n.target) for n in self.graph.nodes if n.op == "placeholder"]
+        var_keyword = bool(targets) and targets[-1].startswith("**")
+        named = targets[:-1] if var_keyword else targets
+        if len(named) != len(self.inputs) or any(t.startswith("*") for t in named):
+            return None
+        if var_keyword:
+            return (*self.inputs, dict(self.var_keyword or {}))
+        return tuple(self.inputs)

@@ -9,20 +9,36 @@ from torch import nn
 
 from .exact import GAMMA_DENOM, validate_gamma
 from .function import reversible_chain
+from .recompute import needs_backward, recomputed_chain
 from .spec import ChainSpec
 
-__all__ = ["GammaSetting", "MomentumChain"]
+__all__ = ["STRATEGIES", "GammaSetting", "MomentumChain"]
+
+#: How a chain runs in training: ``"reversible"`` (nothing kept inside the chain, its
+#: activations rebuilt in closed form), ``"recompute"`` (each block keeps its input ``x`` and
+#: velocity ``v`` and is recomputed in backward) or ``"keep"`` (plain autograd). The three
+#: compute the same function (to rounding).
+STRATEGIES = ("reversible", "recompute", "keep")
 
 
 class GammaSetting:
-    """``gamma`` as given, validated for the mode, and the numerator every mode computes with.
+    """``gamma`` as given, validated for the strategy, and the numerator every strategy
+    computes with.
 
     Needs ``use_backprop`` set before ``gamma`` is.
     """
 
-    use_backprop: bool
     _gamma: float
     _gamma_num: int
+
+    @property
+    def use_backprop(self) -> bool:
+        """Whether the chain runs without the reversible backward."""
+        return self.strategy != "reversible"
+
+    @use_backprop.setter
+    def use_backprop(self, value: bool) -> None:
+        self.strategy = "keep" if value else "reversible"
 
     @property
     def gamma(self) -> float:
@@ -53,6 +69,10 @@ class MomentumChain(GammaSetting, nn.Module):
     use_backprop : bool
         ``True``: plain autograd (stores activations). ``False``: the reversible function,
         which rebuilds activations in backward instead of storing them.
+    strategy : {"reversible", "recompute", "keep"}, optional
+        How the chain runs in training (see :data:`STRATEGIES`); ``use_backprop`` is
+        ``strategy != "reversible"``. By default ``"keep"`` with ``use_backprop`` and
+        ``"reversible"`` without.
     register_blocks : bool
         Register the blocks as submodules (``blocks.0...``). A converted graph passes
         ``False``: it keeps the blocks at their original paths so that ``state_dict`` keys stay.
@@ -79,6 +99,7 @@ class MomentumChain(GammaSetting, nn.Module):
         *,
         residual: bool | Sequence[bool] = True,
         use_backprop: bool = False,
+        strategy: str | None = None,
         register_blocks: bool = True,
         names: Sequence[str] | None = None,
         reads: Sequence[Sequence[int]] | None = None,
@@ -91,7 +112,10 @@ class MomentumChain(GammaSetting, nn.Module):
             residual = [residual] * len(blocks)
         if len(residual) != len(blocks):
             raise ValueError(f"{len(residual)} residual flags for {len(blocks)} blocks")
-        self.use_backprop = bool(use_backprop)
+        strategy = strategy or ("keep" if use_backprop else "reversible")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        self.strategy = strategy
         self.gamma = gamma
         self.residual = [bool(r) for r in residual]
         default_names = [f"block {t}" for t in range(len(blocks))]
@@ -117,8 +141,7 @@ class MomentumChain(GammaSetting, nn.Module):
         return self.__dict__["_unregistered_blocks"]
 
     def extra_repr(self) -> str:
-        mode = "backprop" if self.use_backprop else "reversible"
-        return f"num_blocks={len(self.residual)}, gamma={self._gamma}, mode={mode}"
+        return f"num_blocks={len(self.residual)}, gamma={self._gamma}, strategy={self.strategy}"
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
@@ -126,22 +149,18 @@ class MomentumChain(GammaSetting, nn.Module):
     ) -> torch.Tensor:
         reads = self.reads or ()
         spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names, reads)
-        if self.use_backprop or not self._needs_backward(x, v0, args):
+        if self.strategy == "keep" or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0, args)
+        if self.strategy == "recompute":
+            return recomputed_chain(spec, x, v0, args)
         return reversible_chain(spec, x, v0, args)
 
     def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
-        if any(t is not None and t.requires_grad for t in tensors):
-            return True
-        return any(
-            p.requires_grad
-            for block in self.block_list()
-            if isinstance(block, nn.Module)
+        parameters = (
+            p for block in self.block_list() if isinstance(block, nn.Module)
             for p in block.parameters()
-        )
+        )  # fmt: skip
+        return needs_backward([x, v0, *args], parameters)
 
     def _forward_plain(
         self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple

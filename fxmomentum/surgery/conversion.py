@@ -20,6 +20,7 @@ from ..capture import Capture, Descent, Note, Unit, descend, undo_tracing
 from ..capture.records import FIXED_TYPES
 from ..engine import validate_gamma
 from ..paths import join_path
+from .budget import MemoryPlan, plan_memory
 from .estimate import estimate_saved_bytes
 from .inplace import put_in_place
 from .match import Chain, MatchResult, SkippedAdd, find_chains
@@ -51,6 +52,10 @@ class UnitChoice:
     chosen: list[Chain] = field(default_factory=list)
     gammas: list[float] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    #: Per chosen chain, its strategy (None: as ``use_backprop`` says); from the planner.
+    strategies: list[str] | None = None
+    #: Runs of nodes of the rewritten graph to recompute in backward; from the planner.
+    segments: list[list[str]] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -74,6 +79,7 @@ class Conversion:
     units: list[UnitChoice]
     options: ConvertOptions
     notes: list[Note] = field(default_factory=list)
+    plan: MemoryPlan | None = None
 
     @property
     def whole(self) -> bool:
@@ -115,6 +121,12 @@ def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Co
             found = f"{chains} chain(s), {blocks} block(s)" if blocks else "no residual chain"
             what = f"{type(unit.module).__name__}: captured as one graph, {found}"
             conversion.notes.append(Note(unit.path, what))
+    if options.memory_budget is not None:
+        if example_inputs is None:
+            raise ValueError(
+                "memory_budget needs example_inputs: every region's costs are measured on them"
+            )
+        conversion.plan = plan_memory(conversion, float(options.memory_budget))
     return conversion
 
 
@@ -160,7 +172,7 @@ def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
         conversion.notes.append(
             Note(unit.path, "cost_model needs shapes (example_inputs): every chain is converted")
         )
-    recorded = _recorded_inputs(unit.capture)
+    recorded = unit.capture.graph_inputs()
     for local, (chain, info) in enumerate(selected):
         name = join_path(unit.path, names[local])
         paths = [b.path for b in info.blocks]
@@ -171,7 +183,7 @@ def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
             continue
         validate_gamma(
             value,
-            reversible=not options.use_backprop,
+            reversible=options.reversible,
             where=f" for chain {index - 1} ({info.first})",
         )
         passed = [c for c in chain.context if c in objects]
@@ -195,21 +207,6 @@ def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
         unit.gammas.append(float(value))
         unit.names.append(names[local])
     return index
-
-
-def _recorded_inputs(cap: Capture) -> tuple[Any, ...] | None:
-    """The graph's inputs from the call recorded on example_inputs, one per placeholder (a
-    ``**kwargs`` placeholder gets the recorded keywords as one dict), or None when they do not
-    map onto the placeholders (the memory estimate then runs on inputs made from the recorded
-    shapes)."""
-    if cap.inputs is None:
-        return None
-    targets = [str(n.target) for n in cap.graph.nodes if n.op == "placeholder"]
-    var_keyword = bool(targets) and targets[-1].startswith("**")
-    named = targets[:-1] if var_keyword else targets
-    if len(named) != len(cap.inputs) or any(t.startswith("*") for t in named):
-        return None
-    return (*cap.inputs, dict(cap.var_keyword or {})) if var_keyword else tuple(cap.inputs)
 
 
 def _python_objects(cap: Capture) -> dict[fx.Node, str]:
@@ -239,13 +236,19 @@ def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
     # Innermost first: a unit inside an opaque module of another is replaced in that module,
     # which the outer graph calls as it is.
     for unit in reversed(conversion.units):
-        if unit.path and not unit.chosen:
+        if unit.path and not unit.chosen and not unit.segments:
             if unit.unit.before is not None:
                 undo_tracing(unit.module, unit.unit.before)
             graphs.append(unit.capture.graph)
             continue
         gm = rewrite(
-            unit.module, unit.capture.graph, unit.chosen, unit.gammas, use_backprop=use_backprop
+            unit.module,
+            unit.capture.graph,
+            unit.chosen,
+            unit.gammas,
+            use_backprop=use_backprop,
+            strategies=unit.strategies,
+            segments=unit.segments,
         )
         graphs.append(gm.graph)
         if unit.path:
@@ -286,6 +289,7 @@ def make_report(conversion: Conversion, graphs: Sequence[fx.Graph]) -> Conversio
         code_after=_code(conversion, codes_after),
         use_backprop=conversion.options.use_backprop,
         notes=group_notes(conversion.notes),
+        plan=conversion.plan,
     )
 
 

@@ -8,7 +8,9 @@ nodes saved, and its reversible state replaces that.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,13 @@ from ..capture import no_side_effects
 from ..engine import GAMMA_DENOM, quantize_gamma
 from .match import Chain
 
-__all__ = ["STATE_BYTES_PER_ELEMENT", "autograd_saved_bytes", "estimate_saved_bytes"]
+__all__ = [
+    "STATE_BYTES_PER_ELEMENT",
+    "GraphMeasurement",
+    "autograd_saved_bytes",
+    "estimate_saved_bytes",
+    "measure_graph",
+]
 
 #: Bytes per element of the chain's activation that a reversible chain keeps until backward
 #: besides the lost bits (its exact state; see ARCHITECTURE.md, "The engine").
@@ -44,12 +52,29 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 @dataclass
-class _Measured:
-    """What autograd saved while each node ran, by node name (no reference to the graph)."""
+class GraphMeasurement:
+    """One run of a graph with grad on its example inputs, node by node (by node name; no
+    reference to the graph or its values is kept).
 
-    saved: dict[str, dict[int, int]] = field(default_factory=dict)  # storage -> bytes
-    outputs: dict[str, set[int]] = field(default_factory=dict)  # storages of the node's output
-    fixed: set[int] = field(default_factory=set)  # parameters and buffers
+    Attributes
+    ----------
+    saved : dict of str to dict of int to int
+        Per node, what autograd saved while it ran: storage key to bytes.
+    outputs : dict of str to dict of int to int
+        Per node, the storages of its output and their bytes.
+    seconds : dict of str to float
+        Per node, its forward time (the faster of two runs; only with ``timed``).
+    fixed : set of int
+        Storages of parameters and buffers (never activation memory).
+    inputs : set of int
+        Storages of the graph's inputs (held by the caller, not by the step).
+    """
+
+    saved: dict[str, dict[int, int]] = field(default_factory=dict)
+    outputs: dict[str, dict[int, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    fixed: set[int] = field(default_factory=set)
+    inputs: set[int] = field(default_factory=set)
     current: str | None = None
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -67,31 +92,45 @@ class _SavedTensors(fx.Interpreter):
     storage's address identifies it.
     """
 
-    def __init__(self, gm: fx.GraphModule, record: _Measured) -> None:
+    def __init__(self, gm: fx.GraphModule, record: GraphMeasurement, timed: bool = False) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.record = record
+        self.timed = timed
 
     def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
         # A ``**kwargs`` placeholder takes its dict as one positional input here (torch.fx's
         # Interpreter would hand it the remaining inputs as a list).
         if isinstance(target, str) and target.startswith("**"):
-            return next(self.args_iter)
-        return super().placeholder(target, args, kwargs)
+            value = next(self.args_iter)
+        else:
+            value = super().placeholder(target, args, kwargs)
+        self.record.inputs |= set(_storages(value))
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         self.record.current = n.name
+        start = time.perf_counter()
         try:
             result = super().run_node(n)
         finally:
             self.record.current = None
-        keys = (_storage(t) for t in torch.utils._pytree.tree_leaves(result)
-                if isinstance(t, torch.Tensor))  # fmt: skip
-        self.record.outputs[n.name] = {k[0] for k in keys if k is not None}
+        if self.timed:
+            seconds = time.perf_counter() - start
+            self.record.seconds[n.name] = min(seconds, self.record.seconds.get(n.name, seconds))
+        else:
+            self.record.outputs[n.name] = _storages(result)
         return result
 
 
+def _storages(value: Any) -> dict[int, int]:
+    """The storages of the tensors in a (nested) value, with their bytes."""
+    found = (_storage(t) for t in torch.utils._pytree.tree_leaves(value)
+             if isinstance(t, torch.Tensor))  # fmt: skip
+    return dict(k for k in found if k is not None)
+
+
 #: Per graph: (ids of the example inputs, or () for synthesized ones; the measurement).
-_MEASURED: weakref.WeakKeyDictionary[fx.Graph, tuple[tuple[int, ...], _Measured | None]] = (
+_MEASURED: weakref.WeakKeyDictionary[fx.Graph, tuple[tuple[Any, ...], GraphMeasurement | None]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -119,10 +158,18 @@ def _synthesized_inputs(graph: fx.Graph, device: torch.device) -> tuple[Any, ...
     return tuple(inputs)
 
 
-def _measure(graph: fx.Graph, example_inputs: Any) -> _Measured | None:
-    """What autograd saves while each node of ``graph`` runs (cached per graph)."""
+def measure_graph(
+    graph: fx.Graph, example_inputs: Any, timed: bool = False
+) -> GraphMeasurement | None:
+    """What autograd saves while each node of ``graph`` runs, and (``timed``) how long each
+    takes; cached per graph. None where the graph cannot be run.
+
+    The graph's owning module runs with grad on ``example_inputs`` (or, without them, on
+    inputs of the shapes shape propagation recorded), without side effects. With ``timed``,
+    it runs twice more and each node's time is the faster of the two.
+    """
     if example_inputs is None:
-        key: tuple[int, ...] = ()
+        key: tuple[Any, ...] = ()
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
         key = (id(example_inputs[0]),)
@@ -130,7 +177,8 @@ def _measure(graph: fx.Graph, example_inputs: Any) -> _Measured | None:
         example_inputs = tuple(example_inputs)
         key = tuple(id(t) for t in example_inputs)
     cached = _MEASURED.get(graph)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and (cached[1] is None or not timed
+                                                     or cached[1].seconds):  # fmt: skip
         return cached[1]
     gm = graph.owning_module
     measured = None
@@ -139,24 +187,32 @@ def _measure(graph: fx.Graph, example_inputs: Any) -> _Measured | None:
         device = first.device if first is not None else torch.device("cpu")
         inputs = _synthesized_inputs(graph, device) if example_inputs is None else example_inputs
         if inputs is not None:
-            record = _Measured()
-            run = _SavedTensors(gm, record)
-            try:
-                with (
-                    no_side_effects(gm, inputs, grad=True),
-                    torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack),
-                ):
-                    run.run(*inputs)
-                measured = record
-            except Exception:  # the estimate is unavailable, nothing else is at stake
-                pass
-            finally:
-                run.env.clear()  # the values, and the autograd graph they hold, go now
-            record.current = None
-            record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
-                            if (k := _storage(t)) is not None}  # fmt: skip
+            measured = _run(gm, inputs, timed)
     _MEASURED[graph] = (key, measured)
     return measured
+
+
+def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], timed: bool) -> GraphMeasurement | None:
+    record = GraphMeasurement()
+    runs = [False, True, True] if timed else [False]
+    for timing in runs:
+        run = _SavedTensors(gm, record, timing)
+        hooks = (
+            contextlib.nullcontext()
+            if timing
+            else torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack)
+        )
+        try:
+            with no_side_effects(gm, inputs, grad=True), hooks:
+                run.run(*inputs)
+        except Exception:  # the estimate is unavailable, nothing else is at stake
+            return None
+        finally:
+            run.env.clear()  # the values, and the autograd graph they hold, go now
+            record.current = None
+    record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
+                    if (k := _storage(t)) is not None}  # fmt: skip
+    return record
 
 
 def autograd_saved_bytes(chain: Chain, example_inputs: Any = None) -> int | None:
@@ -202,12 +258,12 @@ def autograd_saved_bytes(chain: Chain, example_inputs: Any = None) -> int | None
     """
     if _numel(chain.entry) is None:
         return None
-    measured = _measure(chain.entry.graph, example_inputs)
+    measured = measure_graph(chain.entry.graph, example_inputs)
     if measured is None:
         return None
     outside = set(measured.fixed)
     for n in (chain.entry, *chain.context, chain.exit):
-        outside |= measured.outputs.get(n.name, set())
+        outside |= set(measured.outputs.get(n.name, {}))
     saved: dict[int, int] = {}
     for n in chain.nodes:
         for key, nbytes in measured.saved.get(n.name, {}).items():

@@ -6,6 +6,7 @@ import json
 
 from tabulate import tabulate
 
+from .budget import MemoryPlan
 from .report import ConversionReport
 
 __all__ = ["FORMATS", "format_bytes", "format_report"]
@@ -84,7 +85,29 @@ def _tables(report: ConversionReport, tablefmt: str) -> list[tuple[str, str]]:
         rows = [[m.path or "-", m.type, m.reason] for m in report.leaves]
         out.append(("Opaque modules", tabulate(rows, ["module", "type", "reason"],
                                                tablefmt=tablefmt)))  # fmt: skip
+    if report.plan is not None:
+        out.append(("Memory plan", _plan_table(report.plan, tablefmt)))
     return out
+
+
+def _plan_table(plan: MemoryPlan, tablefmt: str) -> str:
+    """Every region of a memory plan, its strategy and costs, and the totals."""
+    rows = []
+    for r in plan.regions:
+        shown = ", ".join(r.modules[:2]) + (
+            f", ... ({len(r.modules)})" if len(r.modules) > 2 else ""
+        )
+        rows.append([r.name, r.kind, r.strategy, format_bytes(r.kept_bytes),
+                     f"{1000 * r.time_added:.1f} ms", shown])  # fmt: skip
+    head = ["region", "kind", "strategy", "kept (est.)", "time added (est.)", "modules"]
+    totals = (
+        f"budget {plan.budget:g}: estimated activation memory {plan.memory_ratio:.2f}x the "
+        f"original's ({format_bytes(plan.peak_bytes)} of {format_bytes(plan.original_bytes)}; "
+        f"the least reachable {plan.least_bytes / max(plan.original_bytes, 1):.2f}x), "
+        f"estimated step time {plan.time_ratio:.2f}x"
+    )
+    notes = "".join(f"\nnote: {n}" for n in plan.notes)
+    return f"{tabulate(rows, head, tablefmt=tablefmt, disable_numparse=True)}\n{totals}{notes}"
 
 
 def format_report(report: ConversionReport, fmt: str = "table") -> str:

@@ -49,14 +49,25 @@ class ConvertOptions:
     cost_model: bool = False
     leaf_modules: Iterable[str | type] | None = None
     concrete_args: dict[str, Any] | None = field(default=None)
+    memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         min_blocks = self.min_blocks
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 1:
             raise ValueError(f"min_blocks must be an integer >= 1, got {min_blocks!r}")
+        budget = self.memory_budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not 0.0 <= budget <= 1.0
+        ):
+            raise ValueError(
+                f"memory_budget must be a number in [0, 1] (the fraction of the original's "
+                f"activation memory: 0 = least memory, 1 = fastest) or None, got {budget!r}"
+            )
         gamma = self.gamma
         if isinstance(gamma, (int, float)):
-            validate_gamma(gamma, reversible=not self.use_backprop)
+            validate_gamma(gamma, reversible=self.reversible)
         elif not (isinstance(gamma, Mapping) or callable(gamma)):
             raise TypeError(
                 f"gamma must be a number, a dict or a callable, got {type(gamma).__name__}"
@@ -66,6 +77,12 @@ class ConvertOptions:
         self.exclude = as_patterns(self.exclude)
         if self.leaf_modules is not None:
             self.leaf_modules = list(self.leaf_modules)
+
+    @property
+    def reversible(self) -> bool:
+        """Whether chains must run reversibly (no budget, ``use_backprop=False``): then
+        gamma = 0 is refused. With a budget, a chain whose gamma is 0 is recomputed or kept."""
+        return not self.use_backprop and self.memory_budget is None
 
     def changed(self) -> dict[str, Any]:
         """The options that differ from the defaults, as keyword arguments (JSON-ready when

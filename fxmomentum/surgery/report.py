@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..capture import LeafInfo
+from .budget import MemoryPlan
 from .match import Block, Chain, SkippedAdd
 
 __all__ = [
@@ -186,6 +187,8 @@ class ConversionReport:
         Python code of the top-level graph before and after.
     use_backprop : bool
     notes : list of str
+    plan : MemoryPlan or None
+        With ``memory_budget``: every region's strategy and the estimates behind it.
 
     Examples
     --------
@@ -208,6 +211,7 @@ class ConversionReport:
     code_after: str = ""
     use_backprop: bool = False
     notes: list[str] = field(default_factory=list)
+    plan: MemoryPlan | None = None
 
     @property
     def converted(self) -> list[ChainInfo]:
@@ -252,6 +256,8 @@ class ConversionReport:
             "use_backprop": self.use_backprop,
             "notes": list(self.notes),
         }
+        if self.plan is not None:
+            d["plan"] = self.plan.as_dict()
         if code:
             d["code_before"] = self.code_before
             d["code_after"] = self.code_after

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..engine import MomentumChain
+from .blocks import ChainBlock, ConvertedModule, named
 from .match import Block, Chain
+from .segments import SEGMENT_PREFIX, cut_segment
 
 __all__ = [
     "CHAIN_PREFIX",
-    "ChainBlock",
-    "ConvertedModule",
     "block_graph",
     "block_module",
     "chain_names",
@@ -41,6 +41,12 @@ __all__ = [
 
 #: Attribute names of the chains in a converted module: ``momentum_chain_0``, ...
 CHAIN_PREFIX = "momentum_chain_"
+
+
+def _free_name(root: nn.Module, name: str) -> str:
+    while hasattr(root, name):
+        name += "_"
+    return name
 
 
 def chain_names(root: nn.Module, count: int) -> list[str]:
@@ -121,155 +127,6 @@ def _out_of_place_add(g: fx.Graph, add: fx.Node, env: Mapping[fx.Node, fx.Node])
     return node
 
 
-class ChainBlock(fx.GraphModule):
-    """One block of a chain: a graph that calls the modules of the model it was cut from.
-
-    The block owns no submodules. Each module its graph calls is looked up by path in
-    ``namespace`` (the ``_modules`` dict of the converted model) when the block runs, so
-    replacing a submodule of the model changes what the block runs. :meth:`named_modules`,
-    and so ``parameters()`` and ``buffers()``, list the modules the graph calls (with their
-    submodules) under their paths in the model; the modules only traced through are not
-    listed. Move or cast the model, not the block: ``.to()`` and ``.train()`` on the block
-    reach none of the modules. Copying or pickling a block alone copies the whole model it
-    reads from.
-
-    Parameters
-    ----------
-    namespace : dict of str to nn.Module
-        The top-level modules of the model, by name: the model's own ``_modules`` dict, so
-        that assignments to the model are seen.
-    graph : torch.fx.Graph
-        The block's graph; it reads parameters and buffers as context (``get_attr`` nodes
-        are refused).
-
-    Examples
-    --------
-    >>> net = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
-    >>> g = fx.Graph()
-    >>> g.output(g.call_module("1", (g.call_module("0", (g.placeholder("x"),)),)))
-    output
-    >>> block = ChainBlock(net._modules, g)
-    >>> net[0] = nn.Identity()
-    >>> [name for name, _ in block.named_modules()]
-    ['', '0', '1']
-    >>> block(torch.zeros(1, 4)).abs().sum().item()
-    0.0
-    """
-
-    def __init__(self, namespace: dict[str, nn.Module], graph: fx.Graph) -> None:
-        # GraphModule gets an empty graph (it would copy the called modules into holders),
-        # not compiled: code is generated once, for the block's graph.
-        self.__dict__["_placeholder_graph"] = True
-        super().__init__(nn.Module(), fx.Graph(), class_name="Block")
-        del self.__dict__["_placeholder_graph"]
-        self.__dict__["_namespace"] = namespace
-        self.graph = graph
-
-    def recompile(self) -> Any:
-        """Regenerate the code, and the paths of the modules it calls, from the graph."""
-        if self.__dict__.get("_placeholder_graph"):
-            return None
-        paths: dict[str, None] = {}
-        for n in self.graph.nodes:
-            if n.op == "get_attr":
-                raise ValueError(
-                    f"a chain block reads parameters and buffers as context, not by get_attr "
-                    f"({n.target!r})"
-                )
-            if n.op == "call_module":
-                paths.setdefault(str(n.target), None)
-        self.__dict__["_paths"] = tuple(paths)
-        self.__dict__["_roots"] = frozenset(p.split(".")[0] for p in paths)
-        return super().recompile()
-
-    def __getattr__(self, name: str) -> Any:
-        # Only names the graph starts a call path with resolve to the model's modules.
-        if name in self.__dict__.get("_roots", ()):
-            module = self.__dict__["_namespace"].get(name)
-            if module is not None:
-                return module
-        return super().__getattr__(name)
-
-    def named_modules(
-        self,
-        memo: set[nn.Module] | None = None,
-        prefix: str = "",
-        remove_duplicate: bool = True,
-    ) -> Iterator[tuple[str, nn.Module]]:
-        """The block, then each module its graph calls (and their submodules), by path.
-
-        Parameters and buffers of the block are those of these modules.
-        """
-        if memo is None:
-            memo = set()
-        if self in memo:
-            return
-        if remove_duplicate:
-            memo.add(self)
-        yield prefix, self
-        for path in self.__dict__["_paths"]:
-            module = self.get_submodule(path)
-            full = f"{prefix}.{path}" if prefix else path
-            yield from module.named_modules(memo, full, remove_duplicate)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ChainBlock:
-        res = type(self).__new__(type(self))
-        memo[id(self)] = res  # before the namespace: the model holds this block
-        namespace = copy.deepcopy(self.__dict__["_namespace"], memo)
-        ChainBlock.__init__(res, namespace, copy.deepcopy(self.graph, memo))
-        res.training = self.training
-        res.meta = copy.deepcopy(self.meta, memo)
-        return _named(res)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # GraphModule's pickle (code, re-traced on load) with the namespace kept by reference.
-        # Unpickling may build the block before the namespace dict is filled, so the code is
-        # re-traced against the top-level modules it reads, saved alongside.
-        _, (body, import_block) = super().__reduce__()
-        namespace = body.pop("_namespace")
-        body["_modules"] = {name: namespace[name] for name in self._roots if name in namespace}
-        return (_restore_block, (namespace, body, import_block))
-
-
-def _restore_block(namespace: dict[str, nn.Module], body: dict[str, Any], import_block: str):
-    traced = fx.graph_module.reduce_graph_module(body, import_block)
-    block = ChainBlock(namespace, traced.graph)
-    block.training = bool(body.get("training", True))
-    return _named(block)
-
-
-class ConvertedModule(fx.GraphModule):
-    """The converted model: a GraphModule whose chains' blocks read its own module tree.
-
-    Its ``_modules`` dict is the namespace of every :class:`ChainBlock` of its chains;
-    ``copy.deepcopy`` and pickling keep it so (GraphModule alone would rebuild the dict).
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ConvertedModule:
-        res = super().__deepcopy__(memo)
-        # GraphModule rebuilt ``_modules`` with the same children; the copied blocks read the
-        # copy of the original dict: make it the model's.
-        res.__dict__["_modules"] = memo[id(self.__dict__["_modules"])]
-        return res
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        _, (body, import_block) = super().__reduce__()
-        return (_restore_converted, (body, import_block))
-
-
-_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
-
-
-def _restore_converted(body: dict[str, Any], import_block: str) -> ConvertedModule:
-    plain = fx.graph_module.reduce_graph_module(body, import_block)
-    gm = ConvertedModule(plain, plain.graph, class_name=type(plain).__name__)
-    for key in _TREE:
-        gm.__dict__[key] = body[key]  # the dicts the blocks read, not copies
-    for key, value in plain.__dict__.items():
-        gm.__dict__.setdefault(key, value)
-    return _named(gm)
-
-
 def block_module(
     root: nn.Module, block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
 ) -> ChainBlock:
@@ -297,7 +154,7 @@ def block_module(
     >>> block.f is gm.f
     True
     """
-    return _named(ChainBlock(root.__dict__["_modules"], block_graph(block, context)))
+    return named(ChainBlock(root.__dict__["_modules"], block_graph(block, context)))
 
 
 def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) -> fx.Graph:
@@ -401,6 +258,8 @@ def rewrite(
     gammas: Sequence[float],
     *,
     use_backprop: bool = False,
+    strategies: Sequence[str] | None = None,
+    segments: Sequence[Sequence[str]] = (),
 ) -> fx.GraphModule:
     """Build the converted GraphModule.
 
@@ -417,6 +276,12 @@ def rewrite(
         One momentum per chain.
     use_backprop : bool
         ``False``: reversible chains; ``True``: plain autograd.
+    strategies : sequence of str, optional
+        Per chain, its strategy (``MomentumChain``'s ``strategy``), from the memory planner;
+        by default as ``use_backprop`` says.
+    segments : sequence of sequences of str
+        Runs of nodes of the rewritten graph (by name) to recompute in backward
+        (:mod:`fxmomentum.surgery.segments`), from the memory planner.
 
     Returns
     -------
@@ -444,36 +309,36 @@ def rewrite(
     if len(gammas) != len(chains):
         raise ValueError(f"{len(gammas)} gammas for {len(chains)} chains")
     names = chain_names(root, len(chains))
+    strategies = list(strategies or [None] * len(chains))
     # The converted module's ``_modules``: the blocks look their modules up in it.
     namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
-    for chain, name, gamma in zip(chains, names, gammas, strict=True):
+    for chain, name, gamma, strategy in zip(chains, names, gammas, strategies, strict=True):
         positions = _positions(chain.context)
-        blocks = [_named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
+        blocks = [named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
         block_graphs += [b.graph for b in blocks]
         module = MomentumChain(
             blocks,
             gamma,
             residual=[b.kind == "pure" for b in chain.blocks],
             use_backprop=use_backprop,
+            strategy=strategy,
             register_blocks=False,
             names=_block_names(chain.blocks),
             reads=[[positions[c] for c in b.context] for b in chain.blocks],
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)
+    for index, nodes in enumerate(segments):
+        name = _free_name(root, f"{SEGMENT_PREFIX}{index}")
+        segment, segment_graph = cut_segment(new, nodes, name, namespace)
+        root.add_module(name, segment)
+        block_graphs.append(segment_graph)
     gm = ConvertedModule(root, new, class_name=type(root).__name__)
     _adopt_tree(gm, root, [new, *block_graphs], namespace)
     gm.graph.lint()
     gm.recompile()
-    return _named(gm)
-
-
-def _named(gm: fx.GraphModule) -> fx.GraphModule:
-    # torch.load rebuilds a GraphModule under this class name (torch.fx reads it from the
-    # module's __dict__; only torch.package writes it otherwise).
-    gm.__dict__["_graphmodule_cls_name"] = type(gm).__name__
-    return gm
+    return named(gm)
 
 
 def _block_names(blocks: Sequence[Block]) -> list[str]:

@@ -1,0 +1,91 @@
+"""Recomputation: a function run without keeping its activations, and again in backward.
+
+The memory planner's *recompute* strategy, for a chain (block by block, in the chain's own
+momentum arithmetic: each block keeps its input ``x`` and velocity ``v``) and for a segment of
+the graph outside the chains. Both go through :func:`recomputed`, which is
+``torch.utils.checkpoint`` (non-reentrant, PyTorch's recommended form: it replays the forward's
+RNG and autocast states) plus what a training step needs besides: the buffers the function
+changes (BatchNorm running statistics) are restored after the recomputation, so a step counts
+once, as in the reversible engine.
+
+Examples
+--------
+>>> from torch import nn
+>>> bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+>>> x = torch.randn(8, 4, requires_grad=True)
+>>> recomputed(bn, [bn], x).sum().backward()
+>>> int(bn[1].num_batches_tracked)
+1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .spec import ChainSpec, block_buffers
+
+__all__ = ["needs_backward", "recomputed", "recomputed_chain"]
+
+
+def needs_backward(tensors: Iterable[object], parameters: Iterable[torch.Tensor]) -> bool:
+    """Whether autograd will differentiate through something that reads ``tensors`` and
+    ``parameters``: grad is enabled and one of them requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return True
+    return any(p.requires_grad for p in parameters)
+
+
+@contextlib.contextmanager
+def _restoring(buffers: Sequence[torch.Tensor]) -> Iterator[None]:
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, saved, strict=True):
+                b.copy_(old)
+
+
+def recomputed(fn: Callable[..., Any], owners: Iterable[object], *args: Any) -> Any:
+    """``fn(*args)`` keeping only its inputs; recomputed in backward, buffers restored after.
+
+    Parameters
+    ----------
+    fn : callable
+        The function (a module, a block, a segment of a graph).
+    owners : iterable
+        What holds the buffers ``fn`` may change (modules, blocks with a ``buffers()``).
+    *args
+        Its arguments.
+    """
+    buffers = [b for owner in owners for b in block_buffers(owner)]
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _restoring(buffers)
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
+def recomputed_chain(
+    spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
+) -> torch.Tensor:
+    """A momentum chain whose blocks keep only their input ``(x, v)`` and are recomputed in
+    backward, one at a time.
+
+    The arithmetic is the plain chain's (:meth:`ChainSpec.plain_step`): the same function,
+    in floating point, as ``use_backprop=True``.
+    """
+
+    def step(t: int, x: torch.Tensor, v: torch.Tensor | None, *args: Any) -> Any:
+        return spec.plain_step(t, x, v, args, {})
+
+    for t in range(len(spec.blocks)):
+        x, v = recomputed(step, [spec.blocks[t]], t, x, v, *args)
+    return x

@@ -1,0 +1,252 @@
+"""The regions of a converted graph that the memory planner gives strategies to.
+
+After the chains are chosen, a unit's graph is a sequence of chain calls and, between them,
+*gaps* of other nodes (a stem, projection blocks, a head). Each chain is one region. A gap is
+cut into *atoms* where a single tensor is live across the cut (as ``checkpoint_sequential``
+would cut it); a run of consecutive atoms of one gap may be recomputed as one segment, or
+each atom kept. What each costs, for each strategy, is measured once on the example inputs:
+
+* ``keep``: the bytes autograd saves inside the region;
+* ``recompute``: its input tensors are kept, its activations exist again while it goes
+  backward, and its forward runs once more;
+* ``reversible`` (chains): the exact state, one block's activations at a time, one more
+  forward and the engine's integer passes.
+
+Examples
+--------
+>>> import torch
+>>> import fxmomentum
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> report = fxmomentum.inspect(net, torch.randn(4, 8), memory_budget=0.0)
+>>> [(r.kind, r.strategy) for r in report.plan.regions]
+[('segment', 'recompute')]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from ..engine import GAMMA_DENOM, quantize_gamma
+from .dataflow import module_path, tensor_meta
+from .estimate import STATE_BYTES_PER_ELEMENT, GraphMeasurement
+from .match import Chain
+
+__all__ = ["Atom", "Cost", "Gap", "RegionCosts", "atoms_of", "chain_costs", "segment_cost"]
+
+#: The engine's work per block and element beyond the recomputation, as a share of the
+#: block's forward: its integer passes (see benchmarks/results, "recomputation floor").
+REVERSIBLE_OVERHEAD = 0.5
+#: Bytes per element of the working state while a reversible chain goes backward (int64
+#: velocity, float16 residual, the gradient buffer).
+WORKING_STATE_BYTES = 14
+#: Longest run of atoms recomputed as one segment (bounds the planner's work on large gaps).
+MAX_SEGMENT_ATOMS = 32
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one strategy of one region costs.
+
+    Attributes
+    ----------
+    kept : int
+        Bytes held from the region's forward to its backward.
+    transient : int
+        Bytes live on top of everything kept while the region goes backward.
+    seconds : float
+        Time added to a training step.
+    storages : frozenset of int
+        The storages behind ``kept`` (to count once what two neighbours both keep).
+    """
+
+    kept: int
+    transient: int
+    seconds: float
+    storages: frozenset[int] = frozenset()
+
+
+@dataclass
+class Atom:
+    """Nodes of a gap between two cuts where one tensor is live."""
+
+    nodes: list[str]
+    modules: list[str]
+
+
+@dataclass
+class Gap:
+    """The nodes between two chains (or before the first, after the last), as atoms."""
+
+    atoms: list[Atom] = field(default_factory=list)
+
+
+@dataclass
+class RegionCosts:
+    """What each strategy of a chain costs (``strategies`` maps a name to its cost)."""
+
+    strategies: dict[str, Cost]
+
+
+def _computes(node: fx.Node) -> bool:
+    return node.op in ("call_module", "call_function", "call_method")
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return tensor_meta(node) is not None
+
+
+def atoms_of(graph: fx.Graph, chain_calls: Sequence[str]) -> list[Gap | str]:
+    """The graph as a sequence of gaps (of atoms) and chain call names, in graph order.
+
+    Parameters
+    ----------
+    graph : torch.fx.Graph
+        A unit's graph after the rewrite's top-level step (each chain one call node).
+    chain_calls : sequence of str
+        The names of the chain call nodes.
+    """
+    calls = set(chain_calls)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    # How many tensors computed by nodes are live right after each position (placeholders and
+    # parameters are held by the caller and the model: they do not pin a cut).
+    change = [0] * (len(order) + 1)
+    for n in graph.nodes:
+        if _computes(n) and n.users and _is_tensor(n):
+            change[order[n]] += 1
+            change[max(order[u] for u in n.users)] -= 1
+    live_after, running = [], 0
+    for delta in change:
+        running += delta
+        live_after.append(running)
+    sequence: list[Gap | str] = []
+    gap = Gap()
+    atom: list[fx.Node] = []
+
+    def close_atom() -> None:
+        if atom:
+            modules = sorted({module_path(n) for n in atom if module_path(n)})
+            gap.atoms.append(Atom([n.name for n in atom], modules))
+            atom.clear()
+
+    for node in graph.nodes:
+        if node.name in calls:
+            close_atom()
+            sequence.append(gap)
+            sequence.append(node.name)
+            gap = Gap()
+            continue
+        if not _computes(node):
+            continue
+        atom.append(node)
+        if live_after[order[node]] <= 1:
+            close_atom()
+    close_atom()
+    sequence.append(gap)
+    return [item for item in sequence if not (isinstance(item, Gap) and not item.atoms)]
+
+
+def _bytes(storages: Mapping[int, int]) -> int:
+    return sum(storages.values())
+
+
+def _saved(measured: GraphMeasurement, names: Sequence[str]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for name in names:
+        for key, nbytes in measured.saved.get(name, {}).items():
+            if key not in measured.fixed and key not in measured.inputs:
+                out[key] = nbytes
+    return out
+
+
+def _gradients(measured: GraphMeasurement, names: Sequence[str], params: int) -> int:
+    """Bytes of the gradients live while a region goes backward: the largest activation's
+    gradient coming in and going out, and a weight-sized gradient before it is added to
+    ``.grad``."""
+    largest = max(
+        (b for name in names for k, b in measured.outputs.get(name, {}).items()
+         if k not in measured.fixed),
+        default=0,
+    )  # fmt: skip
+    return 2 * largest + params
+
+
+def segment_cost(
+    measured: GraphMeasurement,
+    names: Sequence[str],
+    inputs: Sequence[str],
+    params: int,
+    strategy: str,
+) -> Cost:
+    """The cost of nodes ``names`` kept, or recomputed as one segment reading ``inputs``
+    (the nodes whose outputs it reads from before it); ``params``: the largest weight."""
+    saved = _saved(measured, names)
+    grads = _gradients(measured, names, params)
+    if strategy == "keep":
+        return Cost(_bytes(saved), grads, 0.0, frozenset(saved))
+    kept: dict[int, int] = {}
+    for name in inputs:
+        for key, nbytes in measured.outputs.get(name, {}).items():
+            if key not in measured.fixed and key not in measured.inputs:
+                kept[key] = nbytes
+    seconds = sum(measured.seconds.get(n, 0.0) for n in names)
+    return Cost(_bytes(kept), _bytes(saved) + grads, seconds, frozenset(kept))
+
+
+def chain_costs(
+    measured: GraphMeasurement,
+    chain: Chain,
+    gamma: float,
+    params: int,
+    strategies: Sequence[str],
+    synthetic: int,
+) -> RegionCosts:
+    """The cost of each of ``strategies`` for ``chain`` (``synthetic``: a storage key no
+    tensor has, for the state a strategy makes)."""
+    blocks = [[n.name for n in b.nodes] for b in chain.blocks]
+    all_nodes = [name for block in blocks for name in block]
+    saved = _saved(measured, all_nodes)
+    grads = _gradients(measured, all_nodes, params)
+    per_block = max(_bytes(_saved(measured, block)) for block in blocks)
+    seconds = sum(measured.seconds.get(n, 0.0) for n in all_nodes)
+    exit_storages = dict(measured.outputs.get(chain.exit.name, {}))
+    state_bytes = _state_bytes(chain, gamma)
+    numel = _numel(chain)
+    out: dict[str, Cost] = {}
+    for strategy in strategies:
+        if strategy == "keep":
+            out[strategy] = Cost(_bytes(saved), grads, 0.0, frozenset(saved))
+        elif strategy == "recompute":
+            # Each block keeps its input x and, for gamma > 0, its velocity v.
+            entry = dict(measured.outputs.get(chain.entry.name, {}))
+            x_bytes = _bytes(entry) or _bytes(exit_storages)
+            per = x_bytes * (2 if quantize_gamma(gamma) else 1)
+            kept = per * len(blocks) - x_bytes  # the first input is the chain's entry
+            keys = frozenset({*entry, synthetic})
+            out[strategy] = Cost(kept + x_bytes, per_block + grads, seconds, keys)
+        else:
+            working = WORKING_STATE_BYTES * numel
+            kept = state_bytes + _bytes(exit_storages)
+            keys = frozenset({*exit_storages, synthetic})
+            cost = seconds * (1 + REVERSIBLE_OVERHEAD)
+            out[strategy] = Cost(kept, per_block + working + grads, cost, keys)
+    return RegionCosts(out)
+
+
+def _numel(chain: Chain) -> int:
+    meta = tensor_meta(chain.entry)
+    return math.prod(meta.shape) if meta is not None else 0
+
+
+def _state_bytes(chain: Chain, gamma: float) -> int:
+    """Bytes a reversible chain keeps from forward to backward beyond its output: the exact
+    state and the lost bits."""
+    n = quantize_gamma(gamma)
+    if n == 0:
+        return 0
+    lost_bits = len(chain.blocks) * math.log2(GAMMA_DENOM / n)
+    return int(_numel(chain) * (STATE_BYTES_PER_ELEMENT + lost_bits / 8))
