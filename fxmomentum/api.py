@@ -28,7 +28,7 @@ from torch import nn
 from .engine import MomentumChain, validate_gamma
 from .paths import join_path
 from .surgery import ConversionReport, ConvertOptions, GammaSpec
-from .surgery.conversion import build, make_report, predicted_graphs, prepare
+from .surgery.conversion import build, check_model, make_report, predicted_graphs, prepare
 from .surgery.options import lookup
 
 __all__ = ["convert", "inspect", "set_gamma"]
@@ -95,7 +95,8 @@ def convert(
     memory_budget : float, optional
         Plan every region's execution for the fastest training step whose activation memory
         is at most this fraction of the original model's (0: the least memory the model can
-        reach, 1: the fastest; as torch.compile's ``activation_memory_budget``). Chains are
+        reach; 1: the fastest that uses no more than the original; as torch.compile's
+        ``activation_memory_budget``). Chains are
         run reversibly, recomputed block by block or kept; the rest of the graph is
         recomputed or kept, by segments. The outputs and gradients are those of the
         conversion with this gamma whatever the plan (to rounding); with ``gamma = 0`` or
@@ -157,6 +158,7 @@ def convert(
         concrete_args=concrete_args,
         memory_budget=memory_budget,
     )
+    check_model(model)
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     result, graphs = build(conversion)
     if not return_report:
@@ -198,6 +200,7 @@ def inspect(
         concrete_args=concrete_args,
         memory_budget=memory_budget,
     )
+    check_model(model)
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     return make_report(conversion, predicted_graphs(conversion))
 

@@ -19,12 +19,14 @@ Findings pinned here:
   of the recomputation in backward line up on both ranks, and buffers are updated once.
   With two GPUs the real ``nn.SyncBatchNorm`` is tested the same way (skipped here).
 * FSDP2 (``fully_shard``) works when the chains lie inside the root's FSDP unit (modules
-  outside the chains may be units of their own): the root keeps its parameters gathered from
-  forward to backward. A ``fully_shard`` unit *inside* a reversible chain cannot work (FSDP
-  gathers and hooks around the module's calls in the forward's autograd graph, which a
-  reversible chain does not record): the engine raises a clear error instead of leaving
-  those parameters without gradients, as it silently did before. With ``use_backprop=True``
-  such units train correctly.
+  outside the chains may be units of their own), and with the recipe everyone uses,
+  ``fully_shard`` on every layer and then on the root, where a chain spans the sharded layers:
+  each layer's blocks run (and are recomputed) inside the layer's unit
+  (:mod:`fxmomentum.engine.fsdp`), for a pre-norm encoder stack and a Hugging Face Llama, with
+  and without dropout, reversible, kept, or recomputed by the memory planner; only one layer is
+  gathered at a time, besides FSDP's own prefetch of the next.
+* A sharded checkpoint (torch.distributed.checkpoint) of the original model loads into the
+  sharded converted one and back: the keys are the original's.
 """
 
 from __future__ import annotations
@@ -115,7 +117,87 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train(model: nn.Module, rank: int = 0, world: int = 1) -> list[str]:
+class EncoderStack(nn.Module):
+    """An input projection, ``depth`` pre-norm ``nn.TransformerEncoderLayer``, norm, head: one
+    chain of two blocks per layer."""
+
+    def __init__(self, depth: int = 4, p: float = 0.0) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(16, 2, 32, dropout=p, batch_first=True, norm_first=True)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h))
+
+
+def build_encoder(
+    use_backprop: bool = False, p: float = 0.0, gamma: float = 0.9, budget: float | None = None
+) -> nn.Module:
+    torch.manual_seed(0)
+    model = EncoderStack(p=p).double()
+    example = torch.randn(2, 6, 5, dtype=torch.float64)
+    return fxmomentum.convert(
+        model, gamma, example_inputs=example, use_backprop=use_backprop, memory_budget=budget
+    )
+
+
+def build_llama(use_backprop: bool = False, p: float = 0.0) -> nn.Module:
+    """A Hugging Face Llama from a small config, converted (its blocks read the layers' norm
+    weights as context, read before the chain)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, use_cache=False,
+        attention_dropout=p, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double()
+    example = torch.randint(0, 64, (2, 8))
+    return fxmomentum.convert(model, 0.9, example_inputs=(example,), use_backprop=use_backprop)
+
+
+def sequence_batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    if kind == "llama":
+        return [
+            (torch.randint(0, 64, (4, 8), generator=g), torch.randint(0, 64, (4, 8), generator=g))
+            for _ in range(STEPS)
+        ]
+    return [
+        (torch.randn(4, 6, 5, generator=g, dtype=torch.float64),
+         torch.randn(4, 6, 3, generator=g, dtype=torch.float64))
+        for _ in range(STEPS)
+    ]  # fmt: skip
+
+
+def shard_layers(model: nn.Module) -> nn.Module:
+    """FSDP2's recipe: every layer (by the original's module paths), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = model.model.layers if hasattr(model, "model") else model.layers
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(
+    model: nn.Module,
+    rank: int = 0,
+    world: int = 1,
+    data: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss: Callable | None = None,
+    seed: int | None = None,
+) -> list[str]:
     """SGD steps on this process's share of each batch; returns the chains' grad_fn names."""
     kinds: list[str] = []
     chains = [m for m in model.modules() if isinstance(m, MomentumChain)]
@@ -124,16 +206,28 @@ def train(model: nn.Module, rank: int = 0, world: int = 1) -> list[str]:
         for c in chains
     ]
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    share = BATCH // world
-    for x, y in batches():
+    data = batches() if data is None else data
+    if seed is not None:
+        torch.manual_seed(seed)
+    for x, y in data:
+        share = x.shape[0] // world
         x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
+        out = model(x)
+        if loss is None:
+            value = ((out - y) ** 2).mean()
+        else:
+            value = loss(out, y)
+        value.backward()
         opt.step()
     for h in hooks:
         h.remove()
     return kinds
+
+
+def llama_loss(out, y: torch.Tensor) -> torch.Tensor:
+    logits = out.logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -245,14 +339,114 @@ def scenario_fsdp(rank: int) -> dict:
 
 
 def scenario_fsdp_inside_chain(rank: int) -> dict:
+    """A unit the chain's blocks call directly (one block's first Linear)."""
     from torch.distributed.fsdp import fully_shard
 
     model = build()
     fully_shard(model.blocks[1][0])
     fully_shard(model)
+    kinds = train(model, rank, WORLD)
+    return {"state": full_state(model), "kinds": kinds}
+
+
+def _gathered_layers(model: nn.Module) -> int:
+    """How many of the layer units have their parameters gathered right now."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = model
+    units = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    return sum(
+        1
+        for unit in units
+        for group in unit._get_fsdp_state()._fsdp_param_groups
+        if not group.is_sharded
+    )
+
+
+def _sharded_run(kind: str, rank: int, *, seed: int | None = None, **options) -> dict:
+    """Train a converted model sharded by the recipe; report the state, the chains' autograd
+    nodes, and how many layers were gathered at most while any block ran or was recomputed."""
+    model = shard_layers(build_llama(**options) if kind == "llama" else build_encoder(**options))
+    layers = model.model.layers if kind == "llama" else model.layers
+    most = [0]
+
+    def count(module: nn.Module, args: tuple) -> None:
+        most[0] = max(most[0], _gathered_layers(model))
+
+    probes = [layer.self_attn.register_forward_pre_hook(count) for layer in layers]
+    loss = llama_loss if kind == "llama" else None
+    kinds = train(model, rank, WORLD, sequence_batches(kind), loss, seed=seed)
+    for probe in probes:
+        probe.remove()
+    shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    return {
+        "state": full_state(model),
+        "kinds": kinds,
+        "most_gathered": most[0],
+        "shard_bytes": shard,
+    }
+
+
+def scenario_fsdp_recipe_encoder(rank: int) -> dict:
+    return _sharded_run("encoder", rank)
+
+
+def scenario_fsdp_recipe_encoder_backprop(rank: int) -> dict:
+    return _sharded_run("encoder", rank, use_backprop=True)
+
+
+def scenario_fsdp_recipe_encoder_dropout(rank: int) -> dict:
+    return _sharded_run("encoder", rank, p=0.1, seed=100 + rank)
+
+
+def scenario_fsdp_recipe_encoder_dropout_backprop(rank: int) -> dict:
+    return _sharded_run("encoder", rank, p=0.1, seed=100 + rank, use_backprop=True)
+
+
+def scenario_fsdp_recipe_llama(rank: int) -> dict:
+    return _sharded_run("llama", rank)
+
+
+def scenario_fsdp_recipe_planned(rank: int) -> dict:
+    """The memory planner's least-memory plan at gamma 0 (chains recomputed block by block,
+    segments recomputed) inside the layers' units."""
+    return _sharded_run("encoder", rank, gamma=0.0, budget=0.0)
+
+
+def scenario_distributed_checkpoint(rank: int) -> dict:
+    """A sharded checkpoint of the original loads into the sharded converted model and back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    torch.manual_seed(1)
+    original = shard_layers(EncoderStack().double())
+    converted = shard_layers(build_encoder())
+    path = Path(tempfile.gettempdir()) / f"fxmomentum-dcp-{os.getppid()}"
+    dcp.save(get_model_state_dict(original), checkpoint_id=str(path / "original"))
+    state = get_model_state_dict(converted)
+    dcp.load(state, checkpoint_id=str(path / "original"))
+    set_model_state_dict(converted, state)
+    into = full_state(converted)
+    dcp.save(get_model_state_dict(converted), checkpoint_id=str(path / "converted"))
+    torch.manual_seed(2)
+    back = shard_layers(EncoderStack().double())
+    state = get_model_state_dict(back)
+    dcp.load(state, checkpoint_id=str(path / "converted"))
+    set_model_state_dict(back, state)
+    return {"original": full_state(original), "converted": into, "back": full_state(back)}
+
+
+def scenario_convert_a_sharded_model(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = EncoderStack().double()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
     try:
-        train(model, rank, WORLD)
-    except RuntimeError as err:
+        fxmomentum.convert(model, 0.9, example_inputs=torch.randn(2, 6, 5, dtype=torch.float64))
+    except ValueError as err:
         return {"error": str(err)}
     return {"error": None}
 
@@ -293,7 +487,15 @@ SCENARIOS: dict[str, Callable[[int], dict]] = {
     "sync_batch_norm_on_cpu": scenario_sync_batch_norm_on_cpu,
     "fsdp": scenario_fsdp,
     "fsdp_inside_backprop_chain": scenario_fsdp_inside_backprop_chain,
-    "fsdp_inside_chain": scenario_fsdp_inside_chain,  # last: leaves FSDP state half-run
+    "fsdp_inside_chain": scenario_fsdp_inside_chain,
+    "fsdp_recipe_encoder": scenario_fsdp_recipe_encoder,
+    "fsdp_recipe_encoder_backprop": scenario_fsdp_recipe_encoder_backprop,
+    "fsdp_recipe_encoder_dropout": scenario_fsdp_recipe_encoder_dropout,
+    "fsdp_recipe_encoder_dropout_backprop": scenario_fsdp_recipe_encoder_dropout_backprop,
+    "fsdp_recipe_llama": scenario_fsdp_recipe_llama,
+    "fsdp_recipe_planned": scenario_fsdp_recipe_planned,
+    "distributed_checkpoint": scenario_distributed_checkpoint,
+    "convert_a_sharded_model": scenario_convert_a_sharded_model,
 }
 CUDA_SCENARIOS: dict[str, Callable[[int], dict]] = {
     "sync_batch_norm": scenario_sync_batch_norm_cuda,
@@ -476,14 +678,71 @@ def test_fsdp_with_chains_inside_the_root_unit_equals_one_process(runs):
         assert_same_training(result["state"], before, after)
 
 
-def test_fsdp_unit_inside_a_reversible_chain_is_refused(runs):
+def test_fsdp_unit_inside_a_reversible_chain_trains(runs):
+    before, after, kinds = reference()
     for result in value(runs, "fsdp_inside_chain"):
-        assert result["error"] is not None, "trained without the sharded block's gradients"
-        assert result["error"].startswith(
-            "blocks.1 (module 'blocks.1.0') is sharded by FSDP (fully_shard) inside a "
-            "reversible momentum chain."
-        )
-        assert "use_backprop=True" in result["error"]
+        assert result["kinds"] == kinds
+        assert_same_training(result["state"], before, after)
+
+
+def _one_process(kind: str, seed: int | None = None, **options) -> tuple[dict, dict, list[str]]:
+    model = build_llama(**options) if kind == "llama" else build_encoder(**options)
+    before = full_state(model)
+    loss = llama_loss if kind == "llama" else None
+    kinds = train(model, data=sequence_batches(kind), loss=loss, seed=seed)
+    return before, full_state(model), kinds
+
+
+@pytest.mark.parametrize(
+    ("scenario", "kind", "options"),
+    [
+        ("fsdp_recipe_encoder", "encoder", {}),
+        ("fsdp_recipe_encoder_backprop", "encoder", {"use_backprop": True}),
+        ("fsdp_recipe_llama", "llama", {}),
+        ("fsdp_recipe_planned", "encoder", {"gamma": 0.0, "budget": 0.0}),
+    ],
+)
+def test_fsdp_recipe_on_every_layer_equals_one_process(runs, scenario, kind, options):
+    before, after, kinds = _one_process(kind, **options)
+    if not options:
+        assert set(kinds) == {"_ReversibleBlockBackward"}  # the chain spans the sharded layers
+    for result in value(runs, scenario):
+        assert result["kinds"] == kinds
+        assert_same_training(result["state"], before, after)
+
+
+def test_fsdp_recipe_gathers_one_layer_at_a_time(runs):
+    # The running layer, and at most one more: FSDP's own prefetch of the next layer.
+    _, after, _ = _one_process("encoder")
+    total = sum(v.numel() * v.element_size() for v in after.values() if v.is_floating_point())
+    for result in value(runs, "fsdp_recipe_encoder") + value(runs, "fsdp_recipe_llama"):
+        assert 1 <= result["most_gathered"] <= 2
+    for result in value(runs, "fsdp_recipe_encoder"):
+        assert result["shard_bytes"] <= total / WORLD + 1024  # each rank holds its shard
+
+
+def test_fsdp_with_dropout_reversible_equals_backprop_same_seed(runs):
+    rev = value(runs, "fsdp_recipe_encoder_dropout")
+    backprop = value(runs, "fsdp_recipe_encoder_dropout_backprop")
+    before, _, _ = _one_process("encoder", p=0.1)
+    for a, b in zip(rev, backprop, strict=True):
+        assert set(a["kinds"]) == {"_ReversibleBlockBackward"}
+        assert_same_training(a["state"], before, b["state"])
+
+
+def test_a_sharded_checkpoint_of_the_original_loads_into_the_converted_model_and_back(runs):
+    for result in value(runs, "distributed_checkpoint"):
+        original, converted, back = result["original"], result["converted"], result["back"]
+        assert original.keys() == converted.keys() == back.keys()
+        for key in original:
+            assert torch.equal(original[key], converted[key]), key
+            assert torch.equal(original[key], back[key]), key
+
+
+def test_converting_a_sharded_model_says_to_convert_first(runs):
+    for result in value(runs, "convert_a_sharded_model"):
+        assert result["error"] is not None
+        assert "sharded by FSDP" in result["error"] and "convert the model first" in result["error"]
 
 
 def test_fsdp_units_inside_a_backprop_chain_train_correctly(runs):

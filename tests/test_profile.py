@@ -173,3 +173,30 @@ def test_result_formats():
     assert "| converted (reversible) |" in md.replace("  ", " ")
     with pytest.raises(ValueError):
         result.format("xml")
+
+
+def test_profile_with_a_memory_budget_compares_the_plan_with_the_measurement(model_dir, capsys):
+    plot = model_dir / "curve.png"
+    code = cli.main(["profile", "tiny.py", "--batch", "64", "--steps", "2", "--threads", "1",
+                     "--memory-budget", "0", "--plot", str(plot), "--format", "json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    plan = data["plan"]
+    assert plan["budget"] == 0.0 and plan["regions"]
+    assert 0 < plan["estimated_memory_ratio"] < 1
+    assert set(data["references"]) == {"reversible", "checkpoint"}
+    assert all(r["memory"] > 0 and r["time_ratio"] > 0 for r in data["references"].values())
+    budgets = [point[0] for point in data["curve"]]
+    assert budgets[0] == 0.0 and budgets[-1] == 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_budget_on_the_command_line(model_dir, capsys):
+    code = cli.main(["inspect", "tiny.py", "--memory-budget", "0.5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Memory plan" in out and "budget 0.5" in out
+    code = cli.main(["inspect", "tiny.py", "--memory-budget", "2"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--memory-budget" in err and "outside [0, 1]" in err

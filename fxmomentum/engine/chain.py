@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .exact import GAMMA_DENOM, validate_gamma
+from .fsdp import in_units
 from .function import reversible_chain
 from .recompute import needs_backward, recomputed_chain
-from .spec import ChainSpec
+from .spec import BlockArguments, ChainSpec
 
 __all__ = ["STRATEGIES", "GammaSetting", "MomentumChain"]
 
@@ -165,6 +166,10 @@ class MomentumChain(GammaSetting, nn.Module):
     def _forward_plain(
         self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
     ) -> torch.Tensor:
-        for t in range(len(spec.blocks)):
-            x, v = spec.plain_step(t, x, v, args, {})
-        return x
+        arguments = BlockArguments(args, {})
+
+        def step(t: int, state: tuple) -> tuple:
+            return spec.plain_step(t, *state, *arguments.build(arguments.tensors))
+
+        reads = spec.tensor_reads(arguments)
+        return in_units(spec.blocks, arguments.tensors, reads, (x, v), step)[0]

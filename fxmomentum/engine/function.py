@@ -3,15 +3,15 @@
 :func:`reversible_chain` runs a whole chain; :func:`start_run` and :func:`run_block` let a
 caller feed the blocks one at a time (``transform_to_momentumnet``'s layers, which their parent
 calls one by one). Each block is a ``_ReversibleBlock`` node; the chain's exact state lives
-in a :class:`~fxmomentum.engine.run.ChainRun` shared by the nodes.
+in a :class:`~fxmomentum.engine.run.ChainRun` shared by the nodes. Blocks that call into FSDP
+units run inside them (:mod:`fxmomentum.engine.fsdp`).
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from .fsdp import in_units
 from .run import ChainRun
 from .spec import BlockArguments, ChainSpec, block_parameters
 
@@ -110,10 +110,12 @@ def reversible_chain(
     """
     run = start_run(spec, x0)
     arguments = BlockArguments(args, kwargs or {})
-    x = x0
-    for t in range(len(spec.blocks)):
-        x = run_block(run, t, x, v0 if t == 0 else None, arguments)
-    return x
+
+    def step(t: int, state: tuple) -> tuple:
+        return (run_block(run, t, state[0], v0 if t == 0 else None, arguments),)
+
+    reads = spec.tensor_reads(arguments)
+    return in_units(spec.blocks, arguments.tensors, reads, (x0,), step)[0]
 
 
 def start_run(spec: ChainSpec, x0: torch.Tensor) -> ChainRun:
@@ -141,33 +143,7 @@ def start_run(spec: ChainSpec, x0: torch.Tensor) -> ChainRun:
             "Run meta models under torch.no_grad() (the chain then computes shapes as plain "
             "autograd would), or convert with use_backprop=True."
         )
-    sharded = _fsdp_module(spec)
-    if sharded is not None:
-        raise RuntimeError(
-            f"{sharded} is sharded by FSDP (fully_shard) inside a reversible momentum chain. "
-            f"FSDP gathers a module's parameters around its forward and hooks its backward onto "
-            f"the forward's autograd graph; a reversible chain records no graph and recomputes "
-            f"the block in backward, so the sharded parameters would get no gradient. Apply "
-            f"fully_shard to modules outside the chains and to the root (which keeps its "
-            f"parameters gathered from forward to backward), or convert with use_backprop=True."
-        )
     return ChainRun(spec)
-
-
-def _fsdp_module(spec: ChainSpec) -> str | None:
-    """The first submodule of a block managed by FSDP's ``fully_shard``, or None."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
-    kind = getattr(fsdp, "FSDPModule", None)
-    if not isinstance(kind, type):
-        return None
-    for t, block in enumerate(spec.blocks):
-        named_modules = getattr(block, "named_modules", None)
-        if not callable(named_modules):
-            continue
-        for name, module in named_modules():
-            if isinstance(module, kind):
-                return f"{spec.name(t)}" + (f" (module {name!r})" if name else "")
-    return None
 
 
 @torch.compiler.disable(reason=_EAGER_ONLY)

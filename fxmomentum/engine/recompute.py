@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .spec import ChainSpec, block_buffers
+from .fsdp import in_units
+from .spec import BlockArguments, ChainSpec, block_buffers
 
 __all__ = ["needs_backward", "recomputed", "recomputed_chain"]
 
@@ -83,9 +84,14 @@ def recomputed_chain(
     in floating point, as ``use_backprop=True``.
     """
 
-    def step(t: int, x: torch.Tensor, v: torch.Tensor | None, *args: Any) -> Any:
+    arguments = BlockArguments(args, {})
+
+    def block(t: int, x: torch.Tensor, v: torch.Tensor | None, *args: Any) -> Any:
         return spec.plain_step(t, x, v, args, {})
 
-    for t in range(len(spec.blocks)):
-        x, v = recomputed(step, [spec.blocks[t]], t, x, v, *args)
-    return x
+    def step(t: int, state: tuple) -> tuple:
+        block_args, _ = arguments.build(arguments.tensors)
+        return recomputed(block, [spec.blocks[t]], t, *state, *block_args)
+
+    reads = spec.tensor_reads(arguments)
+    return in_units(spec.blocks, arguments.tensors, reads, (x, v), step)[0]

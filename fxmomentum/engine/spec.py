@@ -48,6 +48,13 @@ class ChainSpec:
     names: Sequence[str] = ()
     reads: Sequence[Sequence[int] | None] = ()
 
+    def tensor_reads(self, arguments: BlockArguments) -> list[list[int]]:
+        """Per block, the indices into ``arguments.tensors`` of the tensors it reads."""
+        return [
+            arguments.tensor_indices(self.reads[t] if self.reads else None)
+            for t in range(len(self.blocks))
+        ]
+
     def name(self, t: int) -> str:
         """Block ``t``'s name for messages."""
         return self.names[t] if t < len(self.names) else f"block {t}"

@@ -172,5 +172,3 @@ def named(gm: fx.GraphModule) -> fx.GraphModule:
     # module's __dict__; only torch.package writes it otherwise).
     gm.__dict__["_graphmodule_cls_name"] = type(gm).__name__
     return gm
-
-

@@ -146,6 +146,8 @@ class _Sequence:
         self.sizes: dict[int, int] = {}
         self.forward_seconds = 0.0
         self.gaps: dict[tuple[int, int], Gap] = {}
+        #: Per chain position, its cost in the original model.
+        self.originals: dict[int, Choice] = {}
         self._synthetic = -1
 
     def synthetic(self) -> int:
@@ -182,6 +184,9 @@ class _Sequence:
         params = _param_bytes(modules, called)
         costs = chain_costs(measured, chain, gamma, params, strategies, self.synthetic())
         key_base = f"{index}:{unit.names[k]}"
+        # The original model's chain (gamma 0, kept): the reference the budget is a part of.
+        original = chain_costs(measured, chain, 0.0, params, ["keep"], 0).strategies["keep"]
+        self.originals[len(self.steps)] = Choice(key_base, "keep", original, len(self.steps) + 1)
         self.steps.append(
             [
                 self.add(f"{key_base}:{s}", _Region(index, chain=k), s, cost, 1)
@@ -247,7 +252,7 @@ class MemoryPlanner:
                     f"the model trains on, or convert without memory_budget"
                 )
             sequence.unit(index, unit, measured, conversion.options)
-        self.original = evaluate(self.fixed(), sequence.sizes)
+        self.original = evaluate(self.fixed("original"), sequence.sizes)
         self.least = solve(sequence.steps, None, sequence.sizes)
 
     @property
@@ -263,11 +268,16 @@ class MemoryPlanner:
 
     def fixed(self, chains: str = "keep", segments: str = "keep") -> list[Choice]:
         """The plan that gives every chain one strategy and every atom another (a chain
-        without it, such as ``reversible`` at gamma 0, is kept)."""
+        without it, such as ``reversible`` at gamma 0, is kept). Chains ``"original"``: as
+        the original model runs them (the budget's reference)."""
         out, position, steps = [], 0, self.sequence.steps
         while position < len(steps):
             kind = "segment" if ":gap" in steps[position][0].region else "chain"
             wanted = chains if kind == "chain" else segments
+            if kind == "chain" and wanted == "original":
+                out.append(self.sequence.originals[position])
+                position += 1
+                continue
             single = [c for c in steps[position] if c.next == position + 1]
             choice = next((c for c in single if c.strategy == wanted), None)
             choice = choice or next(c for c in single if c.strategy == "keep")

@@ -9,6 +9,7 @@ and puts it in place; :func:`make_report` says what was done.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "UnitChoice",
     "build",
     "chain_adds",
+    "check_model",
     "group_notes",
     "make_report",
     "predicted_graphs",
@@ -100,8 +102,7 @@ def chain_adds(graph: fx.Graph, module: nn.Module) -> list[list[fx.Node]]:
 
 def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Conversion:
     """Capture ``root`` (in place: pass a copy) and choose what to convert."""
-    if not isinstance(root, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(root).__name__}")
+    check_model(root)
     descent = descend(
         root,
         example_inputs,
@@ -128,6 +129,32 @@ def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Co
             )
         conversion.plan = plan_memory(conversion, float(options.memory_budget))
     return conversion
+
+
+def check_model(model: object) -> None:
+    """Refuse what cannot be converted: not a module, or a model already sharded by FSDP
+    (before it is copied: a copy would fail less clearly).
+
+    Examples
+    --------
+    >>> check_model("resnet")
+    Traceback (most recent call last):
+    ...
+    TypeError: expected an nn.Module, got str
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    kind = getattr(fsdp, "FSDPModule", None)
+    if not isinstance(kind, type):
+        return
+    sharded = next((path for path, m in model.named_modules() if isinstance(m, kind)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"{sharded or type(model).__name__} is sharded by FSDP (fully_shard): convert the "
+            f"model first, then shard the converted model (its module paths are the original's, "
+            f"so the same fully_shard calls apply)"
+        )
 
 
 def _match(unit: UnitChoice, options: ConvertOptions) -> None:

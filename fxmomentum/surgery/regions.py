@@ -219,7 +219,13 @@ def chain_costs(
     out: dict[str, Cost] = {}
     for strategy in strategies:
         if strategy == "keep":
-            out[strategy] = Cost(_bytes(saved), grads, 0.0, frozenset(saved))
+            # At gamma > 0 a generalized block's output y and the next state x + v are two
+            # tensors where the original had one: the next block keeps x + v besides y.
+            extra = 0
+            if quantize_gamma(gamma):
+                extra = sum(_bytes(measured.outputs.get(b.exit.name, {}))
+                            for b in chain.blocks if b.kind != "pure")  # fmt: skip
+            out[strategy] = Cost(_bytes(saved) + extra, grads, 0.0, frozenset(saved))
         elif strategy == "recompute":
             # Each block keeps its input x and, for gamma > 0, its velocity v.
             entry = dict(measured.outputs.get(chain.entry.name, {}))

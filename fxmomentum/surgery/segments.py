@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..engine.fsdp import in_units
 from ..engine.recompute import needs_backward, recomputed
 from .blocks import ChainBlock, named
 
@@ -57,10 +58,18 @@ class RecomputedSegment(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         block = self.block
-        exporting = torch.compiler.is_compiling()
-        if exporting or not needs_backward(inputs, block.parameters()):
-            return block(*inputs)
-        return recomputed(block, [block], *inputs)
+        context = list(inputs)
+
+        def step(t: int, state: tuple) -> tuple:
+            # The inputs as FSDP passed them on, but a unit's parameter as its unsharded one.
+            args = [c if c is not i else s for c, i, s in zip(context, inputs, state, strict=True)]
+            if torch.compiler.is_compiling() or not needs_backward(args, block.parameters()):
+                return block(*args)
+            return recomputed(block, [block], *args)
+
+        # Inside the FSDP units whose modules it calls (fxmomentum.engine.fsdp).
+        every = [list(range(len(context)))]
+        return in_units([block], context, every, tuple(context), step)
 
 
 def cut_segment(

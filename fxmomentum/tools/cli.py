@@ -126,6 +126,19 @@ def _gamma(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use e.g. 0.5") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside [0, 1]: the budget is a fraction of the original's activation "
+            f"memory (0 = least memory, 1 = fastest)"
+        )
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -199,6 +212,14 @@ def _common_options() -> argparse.ArgumentParser:
         action="store_true",
         help="convert a chain only if its estimated memory saving is positive "
         "(needs example inputs)",
+    )
+    conv.add_argument(
+        "--memory-budget",
+        type=_fraction,
+        metavar="B",
+        help="plan every region (reversible, recompute or keep) for the fastest training step "
+        "within B times the original's activation memory (0 = least memory, 1 = fastest; needs "
+        "example inputs)",
     )
     out = common.add_argument_group("output")
     out.add_argument(
@@ -335,6 +356,12 @@ def _add_profile(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "torch.cuda.max_memory_allocated)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="also measure every chain reversible and checkpoint per block, and plot memory "
+        "against time with the memory budget's curve (needs matplotlib)",
+    )
     p.set_defaults(run="run_profile")
 
 

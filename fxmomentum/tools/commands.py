@@ -59,12 +59,13 @@ def _load(args: argparse.Namespace) -> loader.LoadedModel:
 
 
 def _check_gamma(args: argparse.Namespace) -> None:
+    reversible = not args.use_backprop and args.memory_budget is None
     try:
-        validate_gamma(args.gamma, reversible=not args.use_backprop)
+        validate_gamma(args.gamma, reversible=reversible)
     except ValueError:
         raise CLIError(
             f"--gamma {args.gamma:g} cannot be reversed (the inverse divides by gamma); add "
-            f"--use-backprop, or use a gamma of at least 1.5e-5",
+            f"--use-backprop or --memory-budget, or use a gamma of at least 1.5e-5",
             EXIT_USAGE,
         ) from None
 
@@ -96,6 +97,8 @@ def _converter_options(args: argparse.Namespace) -> dict[str, Any]:
         options["leaf_modules"] = list(args.leaf)
     if args.cost_model:
         options["cost_model"] = True
+    if args.memory_budget is not None:
+        options["memory_budget"] = args.memory_budget
     return options
 
 
@@ -417,6 +420,7 @@ def run_profile(args: argparse.Namespace) -> int:
             device=args.device,
             seed=0,
             progress=progress,
+            plot=args.plot,
         )
     except loader.LoadError as exc:
         raise CLIError(str(exc), exc.exit_code) from exc

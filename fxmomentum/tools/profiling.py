@@ -25,22 +25,33 @@ Examples
 
 from __future__ import annotations
 
-import json
+import copy
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tabulate import tabulate
 
 from .. import api
+from ..engine import MomentumChain
 from ..errors import one_line
 from ..surgery import ConversionReport
+from ..surgery.budget import MemoryPlanner
+from ..surgery.conversion import prepare
+from ..surgery.options import ConvertOptions
 from . import loader
 from .inputs import check_example_inputs, make_example_inputs, parse_dtype
 from .measure import Workload, measure_memory, output_loss, paired_time, train_step
+from .profile_report import (
+    ChainShare,
+    ProfileResult,
+    chain_shares,
+    mib,
+    plot_profile,
+    shape_text,
+)
 
 __all__ = [
     "BUILDER",
@@ -57,7 +68,9 @@ __all__ = [
 BUILDER = "fxmomentum.tools.profiling:build_workload"
 #: The two configurations, in the order of the table.
 CONFIGS = ("original", "converted")
-MIB = 1024 * 1024
+#: What ``--plot`` measures besides: every chain reversible (no budget), and checkpoint per
+#: residual block of the original (gamma 0, each chain recomputed block by block).
+REFERENCES = ("reversible", "checkpoint")
 
 #: ``progress(message, transient)``: ``transient`` messages may be overwritten by the next one.
 Progress = Callable[[str, bool], None]
@@ -159,8 +172,9 @@ def build_workload(
     ----------
     target : str
         ``FILE.py[:NAME]`` or ``package.module:NAME``.
-    kind : {"original", "converted"}
-        The model as loaded, or :func:`fxmomentum.convert` of it.
+    kind : {"original", "converted", "reversible", "checkpoint"}
+        The model as loaded, :func:`fxmomentum.convert` of it, or a reference of ``--plot``
+        (see :data:`REFERENCES`).
     input_shapes : sequence of shapes, optional
         Shapes of random example inputs (``--input-shape``); else the file's ``example_inputs``.
     dtypes : sequence of str, optional
@@ -184,256 +198,40 @@ def build_workload(
     >>> type(w.model).__name__  # doctest: +SKIP
     'GraphModule'
     """
-    if kind not in CONFIGS:
-        raise ValueError(f"kind must be one of {CONFIGS}, got {kind!r}")
+    if kind not in (*CONFIGS, *REFERENCES):
+        raise ValueError(f"kind must be one of {(*CONFIGS, *REFERENCES)}, got {kind!r}")
     dtype_list = [parse_dtype(d) for d in dtypes] if dtypes else None
     loaded = loader.load_target(target, input_shapes=input_shapes, dtypes=dtype_list)
     inputs = _example_inputs(loaded, input_shapes, dtype_list, batch)
     if inputs is None:
         raise loader.ExampleInputsError(f"no example inputs for {target}")
-    model = loaded.model
-    if kind == "converted":
-        model = api.convert(model, gamma, example_inputs=inputs, **dict(options or {}))
+    model = configured(loaded.model, kind, gamma, inputs, options)
     model.train()
     return Workload(model, inputs, loss=output_loss)
 
 
-# -- result ----------------------------------------------------------------------------------------
-@dataclass
-class ChainShare:
-    """A converted chain and its estimated share of the saving.
-
-    Attributes
-    ----------
-    name : str
-        Attribute of the converted model (``momentum_chain_0``).
-    first, last : str
-        Its first and last block.
-    num_blocks : int
-    state : str
-        Shape and dtype of the chain's state.
-    saved_bytes : int or None
-        The report's estimate of the activation memory it saves.
-    share : float or None
-        ``saved_bytes`` over the sum of the estimates of all chains.
-    """
-
-    name: str
-    first: str
-    last: str
-    num_blocks: int
-    state: str
-    saved_bytes: int | None
-    share: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class ProfileResult:
-    """What :func:`profile_model` measured.
-
-    Attributes
-    ----------
-    model : str
-        Class name of the model.
-    source : str
-        Where it came from, in words.
-    inputs : list of str
-        Shape and dtype of each example input (``"8x3x64x64 float32"``).
-    gamma : float
-    use_backprop : bool
-        Whether the converted chains use plain autograd instead of the reversible backward.
-    device : str
-    threads : int
-    memory : dict of str to int
-        Activation memory in bytes of one training step, per configuration.
-    time_ratios : list of float
-        ``time(converted) / time(original)`` of each interleaved pair.
-    chains : list of ChainShare
-        The converted chains and their estimated savings.
-    report : ConversionReport
-        The conversion report.
-    """
-
-    model: str
-    source: str
-    inputs: list[str]
-    gamma: float
-    use_backprop: bool
-    device: str
-    threads: int
-    memory: dict[str, int]
-    time_ratios: list[float]
-    chains: list[ChainShare] = field(default_factory=list)
-    report: ConversionReport | None = None
-
-    @property
-    def memory_ratio(self) -> float:
-        """Activation memory of the converted model over the original's."""
-        return self.memory["converted"] / max(self.memory["original"], 1)
-
-    @property
-    def time_ratio(self) -> float:
-        """Median of :attr:`time_ratios`."""
-        return float(statistics.median(self.time_ratios))
-
-    @property
-    def saved_bytes(self) -> int:
-        """Measured saving: original minus converted activation memory."""
-        return self.memory["original"] - self.memory["converted"]
-
-    @property
-    def estimated_saved_bytes(self) -> int | None:
-        """Sum of the per-chain estimates (None if one is unknown)."""
-        values = [c.saved_bytes for c in self.chains]
-        if not values or any(v is None for v in values):
-            return None
-        return sum(v for v in values if v is not None)
-
-    @property
-    def converted_label(self) -> str:
-        return "converted (backprop)" if self.use_backprop else "converted (reversible)"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return {
-            "model": self.model,
-            "source": self.source,
-            "inputs": list(self.inputs),
-            "gamma": self.gamma,
-            "use_backprop": self.use_backprop,
-            "device": self.device,
-            "threads": self.threads,
-            "memory_bytes": dict(self.memory),
-            "memory_ratio": self.memory_ratio,
-            "time_ratio": self.time_ratio,
-            "time_ratios": list(self.time_ratios),
-            "steps": len(self.time_ratios),
-            "saved_bytes": self.saved_bytes,
-            "estimated_saved_bytes": self.estimated_saved_bytes,
-            "chains": [c.as_dict() for c in self.chains],
-        }
-
-    def tables(self, tablefmt: str = "simple") -> tuple[str, str]:
-        """The measurement table and the per-chain table, as text."""
-        rows = [
-            ["original", _mib(self.memory["original"]), "1.00x", "1.00x"],
-            [
-                self.converted_label,
-                _mib(self.memory["converted"]),
-                f"{self.memory_ratio:.2f}x",
-                f"{self.time_ratio:.2f}x",
-            ],
-        ]
-        head = ["configuration", "activation memory", "memory ratio", "time ratio"]
-        measured = tabulate(rows, head, tablefmt=tablefmt, disable_numparse=True)
-        total = self.estimated_saved_bytes
-        chain_rows = [
-            [
-                c.name,
-                c.num_blocks,
-                c.first,
-                c.last,
-                c.state,
-                _mib(c.saved_bytes),
-                "?" if c.share is None else f"{100 * c.share:.0f}%",
-            ]
-            for c in self.chains
-        ]
-        chain_rows.append(["total (estimate)", "", "", "", "", _mib(total), ""])
-        chain_head = ["chain", "blocks", "first", "last", "state", "saved (est.)", "share"]
-        per_chain = tabulate(chain_rows, chain_head, tablefmt=tablefmt, disable_numparse=True)
-        return measured, per_chain
-
-    def format(self, fmt: str = "table") -> str:
-        """The result as ``"table"`` (plain text), ``"markdown"`` or ``"json"``."""
-        if fmt == "json":
-            return json.dumps(self.as_dict(), indent=2)
-        if fmt not in ("table", "markdown"):
-            raise ValueError(f"unknown format {fmt!r}: use table, json or markdown")
-        md = fmt == "markdown"
-        measured, per_chain = self.tables("github" if md else "simple")
-        blocks = sum(c.num_blocks for c in self.chains)
-        mode = "plain autograd" if self.use_backprop else "reversible"
-        saved = self.saved_bytes
-        pct = 100 * saved / max(self.memory["original"], 1)
-        est = self.estimated_saved_bytes
-        lines = [
-            f"**{self.source} ({self.model})**" if md else f"{self.source} ({self.model})",
-            f"example inputs: {', '.join(self.inputs)}",
-            f"converted: {len(self.chains)} chain(s), {blocks} block(s), gamma {self.gamma:g}, "
-            f"{mode}",
-            "",
-            measured,
-            "",
-            f"measured saving: {_mib(saved)} ({pct:.0f}% of the original's activation memory)"
-            + ("" if est is None else f"; estimated from the chains: {_mib(est)}"),
-            *self._verdict(),
-            "",
-            "Where the saving comes from (the conversion report's per-chain estimates):",
-            "",
-            per_chain,
-            "",
-            "The estimates count what plain autograd would keep inside each chain less the "
-            "reversible state; they rank the chains, the measured figures above are what the step "
-            "uses.",
-            "",
-            f"activation memory: peak resident memory of one training step (forward, sum of "
-            f"the outputs, backward) over the memory before it, in a fresh process per "
-            f"configuration, after one warm-up step ({self.device}, {self.threads} thread(s)); "
-            f"time ratio: median over {len(self.time_ratios)} interleaved step pairs of "
-            f"time(converted) / time(original).",
-        ]
-        return "\n".join(lines)
-
-    def _verdict(self) -> list[str]:
-        if self.memory_ratio >= 1:
-            return [
-                "no saving on this model: the reversible state and the recomputation in backward "
-                "take as much memory as the activations the chains would keep (short chains); "
-                "convert only some chains (--min-blocks, --include, --exclude) or keep the original"
-            ]
-        return []
-
-    def __str__(self) -> str:
-        return self.format("table")
-
-
-def _mib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / MIB:.1f} MiB"
-
-
-def _shape_text(t: torch.Tensor) -> str:
-    return f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-
-
-def _chain_shares(report: ConversionReport) -> list[ChainShare]:
-    converted = report.converted
-    values = [c.saved_bytes for c in converted]
-    known = [v for v in values if v is not None]
-    total = sum(known) if len(known) == len(values) else None
-    shares = []
-    for c in converted:
-        state = "?" if c.shape is None else f"{'x'.join(map(str, c.shape))} {c.dtype or ''}"
-        share = None
-        if total and c.saved_bytes is not None:
-            share = c.saved_bytes / total
-        shares.append(
-            ChainShare(
-                name=c.name or "-",
-                first=c.first,
-                last=c.last,
-                num_blocks=c.num_blocks,
-                state=state.strip(),
-                saved_bytes=c.saved_bytes,
-                share=share,
-            )
-        )
-    return shares
+def configured(
+    model: torch.nn.Module,
+    kind: str,
+    gamma: float,
+    inputs: Sequence[torch.Tensor],
+    options: Mapping[str, Any] | None,
+) -> torch.nn.Module:
+    """``model`` as configuration ``kind`` runs it (see :func:`build_workload`)."""
+    options = dict(options or {})
+    if kind == "original":
+        return model
+    if kind == "converted":
+        return api.convert(model, gamma, example_inputs=inputs, **options)
+    options.pop("memory_budget", None)
+    if kind == "reversible":
+        return api.convert(model, gamma, example_inputs=inputs, **options)
+    options["use_backprop"] = True
+    checkpointed = api.convert(model, 0.0, example_inputs=inputs, **options)
+    for m in checkpointed.modules():
+        if isinstance(m, MomentumChain):
+            m.strategy = "recompute"
+    return checkpointed
 
 
 # -- profiling -------------------------------------------------------------------------------------
@@ -451,6 +249,7 @@ def profile_model(
     device: str = "cpu",
     seed: int = 0,
     progress: Progress | None = None,
+    plot: str | os.PathLike[str] | None = None,
 ) -> ProfileResult:
     """Measure one training step of a loaded model, original against converted.
 
@@ -481,6 +280,10 @@ def profile_model(
         ``torch.manual_seed(seed)`` for the timed models to hold the same weights).
     progress : callable, optional
         ``progress(message, transient)`` receives what is being done.
+    plot : str or os.PathLike, optional
+        Also measure the references (every chain reversible; checkpoint per residual block)
+        and write a PNG of activation memory against step time: the planner's estimated
+        curve over budgets 0 .. 1 and the measured points. Needs matplotlib.
 
     Returns
     -------
@@ -509,8 +312,53 @@ def profile_model(
         raise ValueError("device cuda asked for, but torch.cuda.is_available() is False")
     threads = int(threads or torch.get_num_threads())
     options = dict(options or {})
-    use_backprop = bool(options.get("use_backprop", False))
+    inputs = _profile_inputs(loaded, input_shapes, dtypes, batch)
+    gm, report = _convert(loaded, gamma, inputs, options, say)
+    kinds = (*CONFIGS, *(REFERENCES if plot else ()))
+    models = {"converted": gm}
+    for kind in kinds[2:]:
+        models[kind] = configured(loaded.model, kind, gamma, inputs, options)
+    times = _check_and_time(loaded.model, models, inputs, steps, warmup, threads, device, say)
+    del models, gm
+    measure = dict(
+        target=loaded.target,
+        input_shapes=[list(s) for s in input_shapes] if input_shapes else None,
+        dtypes=_dtype_names(dtypes),
+        batch=batch,
+        gamma=gamma,
+        options=options,
+    )
+    memory = {kind: _memory_of(kind, measure, device, threads, warmup, seed, say) for kind in kinds}
+    result = ProfileResult(
+        model=type(loaded.model).__name__,
+        source=f"{loaded.source}: {loaded.how}",
+        inputs=[shape_text(t) for t in inputs],
+        gamma=float(gamma),
+        use_backprop=bool(options.get("use_backprop", False)),
+        device=device,
+        threads=threads,
+        memory={k: memory[k] for k in CONFIGS},
+        time_ratios=times["converted"],
+        chains=chain_shares(report),
+        report=report,
+        references={
+            k: {"memory": memory[k], "time_ratio": statistics.median(times[k])} for k in kinds[2:]
+        },
+    )
+    if plot:
+        say("estimating the memory / time curve over budgets 0 .. 1", False)
+        result.curve = _budget_curve(loaded.model, gamma, inputs, options)
+        plot_profile(result, plot)
+        result.plot = os.fspath(plot)
+    return result
 
+
+def _profile_inputs(
+    loaded: loader.LoadedModel,
+    input_shapes: Sequence[Sequence[int]] | None,
+    dtypes: Sequence[torch.dtype] | None,
+    batch: int | None,
+) -> tuple[torch.Tensor, ...]:
     inputs = _example_inputs(loaded, input_shapes, dtypes, batch)
     if inputs is None:
         raise loader.ExampleInputsError(
@@ -520,7 +368,16 @@ def profile_model(
     if batch is not None:
         what = f"{loaded.inputs_from or 'the example inputs'}, batch {batch}"
         check_example_inputs(loaded.model, inputs, source=what)
+    return inputs
 
+
+def _convert(
+    loaded: loader.LoadedModel,
+    gamma: float,
+    inputs: tuple[torch.Tensor, ...],
+    options: Mapping[str, Any],
+    say: Progress,
+) -> tuple[torch.nn.Module, ConversionReport]:
     say(f"converting {type(loaded.model).__name__} (gamma {gamma:g})", False)
     try:
         gm, report = api.convert(
@@ -530,85 +387,99 @@ def profile_model(
         raise ProfileError(
             f"converting the model from {loaded.source} failed ({one_line(exc)})", "convert"
         ) from exc
-    if not report.converted:
+    planned = report.plan is not None and any(r.strategy != "keep" for r in report.plan.regions)
+    if not report.converted and not planned:
         raise ProfileError(
             f"no residual chain of {loaded.source} was converted ({report.summary()}), so there "
             f"is nothing to save; see why with `fxmomentum inspect {loaded.target} "
             f"--show-skipped`",
             "convert",
         )
+    return gm, report
 
-    original = Workload(loaded.model.train(), inputs, loss=output_loss)
-    converted = Workload(gm.train(), inputs, loss=output_loss)
+
+def _check_and_time(
+    original: torch.nn.Module,
+    models: Mapping[str, torch.nn.Module],
+    inputs: tuple[torch.Tensor, ...],
+    steps: int,
+    warmup: int,
+    threads: int,
+    device: str,
+    say: Progress,
+) -> dict[str, list[float]]:
+    """Each model's step checked, then timed against the original's: the per-pair ratios."""
+    base = Workload(original.train(), inputs, loss=output_loss)
+    others = {k: Workload(m.train(), inputs, loss=output_loss) for k, m in models.items()}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        original.to(device)
-        converted.to(device)
-        for name, workload in (("original", original), ("converted", converted)):
+        base.to(device)
+        for name, workload in (("original", base), *others.items()):
+            workload.to(device)
             say(f"checking a training step of the {name} model", False)
             try:
                 train_step(workload)
             except Exception as exc:
                 raise ProfileError(
-                    f"a training step of the {name} model fails ({one_line(exc)})", name
+                    f"a training step of the {name} model fails ({one_line(exc)})",
+                    "converted" if name != "original" else "original",
                 ) from exc
-        ratios = _time_steps(original, converted, steps, warmup, device, say)
+        return {
+            name: _time_steps(base, workload, steps, warmup, device, say)
+            for name, workload in others.items()
+        }
     finally:
         torch.set_num_threads(old_threads)
-    del original, converted, gm
 
-    memory: dict[str, int] = {}
-    kwargs = {
-        "target": loaded.target,
-        "input_shapes": [list(s) for s in input_shapes] if input_shapes else None,
-        "dtypes": _dtype_names(dtypes),
-        "batch": batch,
-        "gamma": gamma,
-        "options": options,
-    }
-    for kind in CONFIGS:
-        say(f"measuring the activation memory of the {kind} model (fresh process)", False)
-        start = time.perf_counter()
-        try:
-            res = measure_memory(
-                kind,
-                BUILDER,
-                {**kwargs, "kind": kind},
-                device=device,
-                threads=threads,
-                warmup=max(1, warmup),
-                seed=seed,
-            )
-        except Exception as exc:
-            tail = str(exc).strip().splitlines()
-            last = tail[-1] if tail else type(exc).__name__
-            raise ProfileError(
-                f"the memory measurement of the {kind} model failed in its child process "
-                f"({last[:300]})",
-                "measure",
-            ) from exc
-        key = "cuda_peak_bytes" if device.startswith("cuda") else "peak_bytes"
-        memory[kind] = int(res[key])
-        say(
-            f"{kind}: {_mib(memory[kind])} of activation memory "
-            f"({time.perf_counter() - start:.0f} s)",
-            False,
+
+def _memory_of(
+    kind: str,
+    measure: Mapping[str, Any],
+    device: str,
+    threads: int,
+    warmup: int,
+    seed: int,
+    say: Progress,
+) -> int:
+    """The activation memory of configuration ``kind``, in a fresh process."""
+    say(f"measuring the activation memory of the {kind} model (fresh process)", False)
+    start = time.perf_counter()
+    try:
+        res = measure_memory(
+            kind,
+            BUILDER,
+            {**measure, "kind": kind},
+            device=device,
+            threads=threads,
+            warmup=max(1, warmup),
+            seed=seed,
         )
+    except Exception as exc:
+        tail = str(exc).strip().splitlines()
+        last = tail[-1] if tail else type(exc).__name__
+        raise ProfileError(
+            f"the memory measurement of the {kind} model failed in its child process "
+            f"({last[:300]})",
+            "measure",
+        ) from exc
+    found = int(res["cuda_peak_bytes" if device.startswith("cuda") else "peak_bytes"])
+    say(f"{kind}: {mib(found)} of activation memory ({time.perf_counter() - start:.0f} s)", False)
+    return found
 
-    return ProfileResult(
-        model=type(loaded.model).__name__,
-        source=f"{loaded.source}: {loaded.how}",
-        inputs=[_shape_text(t) for t in inputs],
-        gamma=float(gamma),
-        use_backprop=use_backprop,
-        device=device,
-        threads=threads,
-        memory=memory,
-        time_ratios=ratios,
-        chains=_chain_shares(report),
-        report=report,
-    )
+
+def _budget_curve(
+    model: torch.nn.Module,
+    gamma: float,
+    inputs: tuple[torch.Tensor, ...],
+    options: Mapping[str, Any],
+) -> list[tuple[float, float, float]]:
+    """The planner's estimated memory and time ratios over budgets 0, 0.05, ..., 1."""
+    settings = {k: v for k, v in options.items() if k != "memory_budget"}
+    conversion = prepare(copy.deepcopy(model), ConvertOptions(gamma=gamma, **settings), inputs)
+    planner = MemoryPlanner(conversion)
+    budgets = [i / 20 for i in range(21)]
+    return [(b, *planner.ratios(planner.solve(b).choices)) for b in budgets]
 
 
 def _time_steps(
