@@ -28,7 +28,15 @@ from torch import nn
 from .engine import MomentumChain, validate_gamma
 from .paths import join_path
 from .surgery import ConversionReport, ConvertOptions, GammaSpec
-from .surgery.conversion import build, check_model, make_report, predicted_graphs, prepare
+from .surgery.conversion import (
+    ConversionError,
+    build,
+    check_model,
+    failure_on,
+    make_report,
+    predicted_graphs,
+    prepare,
+)
 from .surgery.options import lookup
 
 __all__ = ["convert", "inspect", "set_gamma"]
@@ -116,6 +124,9 @@ def convert(
     ------
     fxmomentum.capture.CaptureError
         If neither ``model.forward`` nor any submodule that may hold a chain can be traced.
+    fxmomentum.surgery.conversion.ConversionError
+        If the converted model fails on ``example_inputs`` although every captured graph that
+        failed was left as it was (never returned: such a model would fail when called).
 
     Examples
     --------
@@ -161,9 +172,30 @@ def convert(
     check_model(model)
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     result, graphs = build(conversion)
+    failure = failure_on(result, _arguments(example_inputs))
+    if failure and conversion.whole:
+        # The model's own graph fails: its Python code stays, its submodules are converted.
+        whole = f"its converted graph fails on example_inputs: {failure}"
+        conversion = prepare(copy.deepcopy(model), options, example_inputs, whole=whole)
+        result, graphs = build(conversion)
+        failure = failure_on(result, _arguments(example_inputs))
+    if failure:
+        raise ConversionError(
+            f"the converted {type(model).__name__} fails on the example inputs it was converted "
+            f"with ({failure}); fxmomentum returns no such model. Leave the failing part out "
+            f"with exclude=... or leaf_modules=..., and report the model"
+        )
     if not return_report:
         return result
     return result, make_report(conversion, graphs)
+
+
+def _arguments(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
 
 
 def inspect(

@@ -596,3 +596,78 @@ def test_a_parent_calling_its_converted_childs_methods_keeps_working():
         assert isinstance(other.trunk, Trunk), how
         other.eval().train()
         assert other.trunk.training and not other.trunk.head.training, how
+
+
+# -- a converted model never fails on the inputs it was converted with -------------------------
+class MaskedBody(nn.Module):
+    """A root whose forward takes an optional mask (timm's hiera): left at None by the example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = archs.MLPResNet(depth=3)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        return self.body(x)
+
+
+def test_an_argument_the_example_leaves_at_none_is_none_in_the_graph():
+    model = MaskedBody()
+    x = torch.randn(3, 8)
+    gm, report = fxmomentum.convert(model, 0.0, example_inputs=x, use_backprop=True,
+                                    return_report=True)  # fmt: skip
+    assert [c.num_blocks for c in report.chains] == [3]
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match="mask"):
+        gm(x, torch.ones(3, 8))
+
+
+class StoresSize(nn.Module):
+    """Stores a size read from its input on itself (Hugging Face's Swin sets its window size
+    so): traced, that would leave a tracing object in the attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 8
+        self.fs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        self.size = x.shape[-1]
+        for f in self.fs:
+            x = x + f(x)
+        return x
+
+
+def test_what_tracing_stores_on_a_module_is_undone():
+    model = nn.Sequential(StoresSize(), nn.Linear(8, 2))
+    model[0].size = 5
+    gm = fxmomentum.convert(model, 0.9, example_inputs=torch.randn(2, 8))
+    # The trace stored a proxy there; what the module held before is back.
+    assert model[0].size == 5 and isinstance(model[0].size, int)
+    gm(torch.randn(2, 8)).sum().backward()
+    model(torch.randn(2, 8))
+    assert model[0].size == 8
+
+
+def test_a_graph_that_fails_when_called_is_not_returned(monkeypatch):
+    from fxmomentum.surgery import conversion
+
+    model, x = archs.MLPResNet(depth=3), torch.randn(3, 8)
+    calls = []
+
+    def fails_once(module, arguments):
+        calls.append(type(module).__name__)
+        return "RuntimeError: broken" if len(calls) == 1 else None
+
+    # The model's own graph fails the first time: its Python forward stays, submodules convert.
+    monkeypatch.setattr(conversion, "failure_on", fails_once)
+    monkeypatch.setattr(fxmomentum.api, "failure_on", fails_once)
+    net, report = fxmomentum.convert(model, 0.9, example_inputs=x, return_report=True)
+    assert type(net) is archs.MLPResNet and not isinstance(net, torch.fx.GraphModule)
+    assert any("converted graph fails" in leaf.reason for leaf in report.leaves)
+    # Failing every time: no model is returned.
+    monkeypatch.setattr(conversion, "failure_on", lambda m, a: "RuntimeError: broken")
+    monkeypatch.setattr(fxmomentum.api, "failure_on", lambda m, a: "RuntimeError: broken")
+    with pytest.raises(conversion.ConversionError, match="fails on the example inputs"):
+        fxmomentum.convert(model, 0.9, example_inputs=x)

@@ -87,6 +87,7 @@ def descend(
     concrete_args: dict[str, Any] | None = None,
     *,
     find_chains: ChainFinder,
+    whole: str | None = None,
 ) -> Descent:
     """Capture ``root`` whole, or else every capturable subtree of it (see the module doc).
 
@@ -102,6 +103,9 @@ def descend(
         For torch.fx, values of ``root.forward``'s arguments that steer control flow.
     find_chains : ChainFinder
         The residual chains of a graph (which decide where shape-aware tracing pays).
+    whole : str, optional
+        Why the model is not to be captured whole (its converted graph failed): descend at
+        once.
 
     Returns
     -------
@@ -112,7 +116,9 @@ def descend(
     CaptureError
         If neither ``root.forward`` nor any submodule that may hold a chain can be captured.
     """
-    return _Descender(root, example_inputs, leaf_modules, concrete_args, find_chains).run()
+    descender = _Descender(root, example_inputs, leaf_modules, concrete_args, find_chains)
+    descender.refused = whole
+    return descender.run()
 
 
 def _is_container(m: nn.Module) -> bool:
@@ -180,6 +186,8 @@ class _Descender:
         # shape-aware on its recorded call before conversion descends into it.
         self.untraced: set[str] = set()
         self.recorded = example_inputs is not None
+        #: Why the model itself is not captured whole, when it is not to be.
+        self.refused: str | None = None
 
     # -- the whole model ------------------------------------------------------------------------
     def run(self) -> Descent:
@@ -226,6 +234,8 @@ class _Descender:
         root, name = self.root, self.name
         arguments = dict(leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
         try:
+            if self.refused is not None:
+                raise CaptureError(self.refused)
             self._take("", root, capture(root, self.example_inputs, **arguments))
             return None
         except CaptureError as e:
@@ -243,6 +253,8 @@ class _Descender:
             shaped: _ShapedRoot | CaptureError | None = None
             if per_mode:
                 what, kept = _PER_MODE, "it stays Python code, so that both modes work, and"
+            elif self.refused is not None:
+                what, kept = "has a converted graph that fails", "it stays Python code, and"
             else:
                 what, kept = "cannot be traced", "it stays Python code, and"
                 shaped = self._shape_aware_chains()

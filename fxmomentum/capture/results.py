@@ -143,6 +143,16 @@ class Capture:
     var_keyword: dict[str, Any] | None = None
     checks: list[Specialisation] = field(default_factory=list)
 
+    def call_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """``(args, kwargs)`` to call the graph module as the example call did, or None."""
+        inputs = self.graph_inputs()
+        if inputs is None:
+            return None
+        targets = [str(n.target) for n in self.graph.nodes if n.op == "placeholder"]
+        if targets and targets[-1].startswith("**"):
+            return tuple(inputs[:-1]), dict(inputs[-1])
+        return tuple(inputs), {}
+
     def graph_inputs(self) -> tuple[Any, ...] | None:
         """The graph's inputs from :attr:`inputs`, one per placeholder (a ``**kwargs``
         placeholder gets :attr:`var_keyword` as one dict), or None when they do not map onto

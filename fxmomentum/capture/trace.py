@@ -128,6 +128,11 @@ def capture(
         concrete_args, example_inputs, var_keyword = specialise(model, call)
     else:
         var_keyword = None
+        if example_inputs is not None:
+            # An argument the example leaves at its default (None, a flag, a number) has that
+            # value: traced as a proxy, ``if mask is not None`` would take the other branch.
+            # The graph checks it at run time.
+            concrete_args = {**_defaults_left(model, example_inputs), **(concrete_args or {})}
     leaves, leaf_types = requested_leaves(model, leaf_modules)
     attempt = _Attempt(model, leaves, leaf_types, concrete_args, example_inputs, var_keyword)
     attempt.call = attempt.reference = call
@@ -446,6 +451,23 @@ def _examples_by_name(
             out[p.name] = dict(var_keyword or {})
     out.update(concrete_args or {})
     return out
+
+
+def _defaults_left(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """The arguments of ``model.forward`` after the example's positional ones whose default
+    is None, a flag, a number or a string, with their defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+        given = len(as_tuple(example_inputs))
+    except (TypeError, ValueError):
+        return {}
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                             p.KEYWORD_ONLY)]  # fmt: skip
+    return {
+        p.name: p.default
+        for p in named[given:]
+        if p.default is None or type(p.default) in FIXED_TYPES
+    }
 
 
 def _named_arguments(model: nn.Module) -> list[str]:

@@ -281,6 +281,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             stack.enter_context(traced_factories(self))
             stack.callback(self.unpatch_range)
             if isinstance(root, nn.Module):
+                stack.enter_context(_no_proxies_left(root))
                 if self.shaped:
                     # The example runs as it is traced: buffers and the random state stay.
                     stack.enter_context(no_side_effects(root, grad=torch.is_grad_enabled()))
@@ -407,6 +408,35 @@ class GraphCodeTracer(CaptureTracer):
     """
 
     proxy_buffer_attributes = True
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def _no_proxies_left(root: nn.Module) -> Iterator[None]:
+    """Undo what the traced code stored into its modules' attributes during the trace, where
+    that is a traced value: a proxy left in an attribute (Hugging Face's Swin sets its window
+    size from a traced resolution) breaks the module's Python code, and every later call."""
+    before = {id(m): dict(m.__dict__) for m in root.modules()}
+    try:
+        yield
+    finally:
+        for m in root.modules():
+            old = before.get(id(m), {})
+            for key, value in list(m.__dict__.items()):
+                if _holds_proxy(value):
+                    if key in old:
+                        m.__dict__[key] = old[key]
+                    else:
+                        del m.__dict__[key]
 
 
 @contextlib.contextmanager

@@ -41,6 +41,8 @@ class ChainBlock(fx.GraphModule):
 
     Examples
     --------
+    >>> import torch
+    >>> from torch import fx, nn
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
     >>> g = fx.Graph()
     >>> g.output(g.call_module("1", (g.call_module("0", (g.placeholder("x"),)),)))

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import Capture, Descent, Note, Unit, descend, undo_tracing
+from ..capture import Capture, Descent, Note, Unit, descend, no_side_effects, undo_tracing
 from ..capture.records import FIXED_TYPES
 from ..engine import validate_gamma
+from ..errors import one_line
 from ..paths import join_path
 from .budget import MemoryPlan, plan_memory
 from .estimate import estimate_saved_bytes
@@ -32,6 +33,7 @@ from .select import select_chains
 
 __all__ = [
     "Conversion",
+    "ConversionError",
     "UnitChoice",
     "build",
     "chain_adds",
@@ -41,6 +43,10 @@ __all__ = [
     "predicted_graphs",
     "prepare",
 ]
+
+
+class ConversionError(RuntimeError):
+    """The converted model fails on the example inputs it was converted with."""
 
 
 @dataclass
@@ -100,8 +106,11 @@ def chain_adds(graph: fx.Graph, module: nn.Module) -> list[list[fx.Node]]:
     return [[b.add for b in c.blocks] for c in chains]
 
 
-def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Conversion:
-    """Capture ``root`` (in place: pass a copy) and choose what to convert."""
+def prepare(
+    root: nn.Module, options: ConvertOptions, example_inputs: Any, whole: str | None = None
+) -> Conversion:
+    """Capture ``root`` (in place: pass a copy) and choose what to convert; ``whole``: why the
+    model is not to be captured as one graph (see :func:`fxmomentum.capture.descend`)."""
     check_model(root)
     descent = descend(
         root,
@@ -109,6 +118,7 @@ def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Co
         options.leaf_modules,
         options.concrete_args,
         find_chains=chain_adds,
+        whole=whole,
     )
     conversion = Conversion(root, descent, [UnitChoice(u) for u in descent.units], options)
     conversion.notes = list(descent.notes)
@@ -277,6 +287,12 @@ def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
             strategies=unit.strategies,
             segments=unit.segments,
         )
+        failure = unit.path and failure_on(gm, unit.capture.call_arguments())
+        if failure:
+            # Never put in place a graph that fails where the model calls it.
+            _leave_as_it_was(conversion, unit, failure)
+            graphs.append(unit.capture.graph)
+            continue
         graphs.append(gm.graph)
         if unit.path:
             put_in_place(conversion.root, unit.module, gm)
@@ -284,6 +300,37 @@ def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
             result = gm
     graphs.reverse()
     return result, graphs
+
+
+def failure_on(
+    module: nn.Module, arguments: tuple[tuple[Any, ...], dict[str, Any]] | None
+) -> str | None:
+    """Why ``module(*args, **kwargs)`` fails (one line), or None when it runs (or there are no
+    arguments to run it on). Run as in training, grad enabled, without side effects."""
+    if arguments is None:
+        return None
+    args, kwargs = arguments
+    try:
+        with no_side_effects(module, args, grad=True):
+            module(*args, **kwargs)
+    except Exception as exc:
+        return one_line(exc, 200)
+    return None
+
+
+def _leave_as_it_was(conversion: Conversion, unit: UnitChoice, failure: str) -> None:
+    """A unit whose converted graph fails stays Python code: the report says why."""
+    if unit.unit.before is not None:
+        undo_tracing(unit.module, unit.unit.before)
+    reason = (
+        f"the converted graph of `{unit.path}` fails on the arguments the model calls it with "
+        f"({failure}): left as it was"
+    )
+    for info in unit.infos:
+        if info.converted:
+            info.converted, info.name, info.gamma, info.reason = False, None, None, reason
+    conversion.notes.append(Note(unit.path, f"converted graph fails ({failure}): left as it was"))
+    unit.chosen, unit.segments = [], []
 
 
 def predicted_graphs(conversion: Conversion) -> list[fx.Graph]:

@@ -17,10 +17,19 @@ Examples
 >>> import torch
 >>> import fxmomentum
 >>> from torch import nn
->>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
->>> report = fxmomentum.inspect(net, torch.randn(4, 8), memory_budget=0.0)
+>>> class Block(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.f = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
+...     def forward(self, x):
+...         return x + self.f(x)
+>>> net = nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(4)], nn.Linear(16, 2))
+>>> report = fxmomentum.inspect(net, torch.randn(32, 8), memory_budget=0.0)
 >>> [(r.kind, r.strategy) for r in report.plan.regions]
-[('segment', 'recompute')]
+[('segment', 'keep'), ('chain', 'reversible'), ('segment', 'keep')]
+>>> report = fxmomentum.inspect(net, torch.randn(32, 8), memory_budget=1.0)
+>>> [(r.kind, r.strategy) for r in report.plan.regions]
+[('segment', 'keep'), ('chain', 'keep'), ('segment', 'keep')]
 """
 
 from __future__ import annotations
