@@ -108,6 +108,8 @@ def test_exit_codes_are_distinct():
         (["inspect", "m.py", "--gamma", "-0.1"], ["outside [0, 1)"]),
         (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1)"]),
         (["inspect", "m.py", "--gamma", "1"], ["outside [0, 1)", "no block would have an effect"]),
+        (["convert", "m.py", "--gamma", "1", "-o", "x.pt"], ["outside [0, 1)", "no block would"]),
+        (["profile", "m.py", "--gamma", "1.0"], ["outside [0, 1)", "no block would have an effect"]),
         (["inspect", "m.py", "--gamma", "abc"], ["not a number"]),
         (["inspect", "m.py", "--input-shape", "2,x"], ["--input-shape", "commas"]),
         (["inspect", "m.py", "--input-shape", "2,3", "--dtype", "floaty"], ["unknown dtype"]),
