@@ -74,6 +74,7 @@ class Conversion:
     units: list[UnitChoice]
     options: ConvertOptions
     notes: list[Note] = field(default_factory=list)
+    inputs_given: bool = False
 
     @property
     def whole(self) -> bool:
@@ -104,6 +105,7 @@ def prepare(root: nn.Module, options: ConvertOptions, example_inputs: Any) -> Co
         find_chains=chain_adds,
     )
     conversion = Conversion(root, descent, [UnitChoice(u) for u in descent.units], options)
+    conversion.inputs_given = example_inputs is not None
     conversion.notes = list(descent.notes)
     index = 0
     for unit in conversion.units:
@@ -286,6 +288,7 @@ def make_report(conversion: Conversion, graphs: Sequence[fx.Graph]) -> Conversio
         code_after=_code(conversion, codes_after),
         use_backprop=conversion.options.use_backprop,
         notes=group_notes(conversion.notes),
+        inputs_given=conversion.inputs_given,
     )
 
 

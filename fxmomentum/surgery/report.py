@@ -186,6 +186,9 @@ class ConversionReport:
         Python code of the top-level graph before and after.
     use_backprop : bool
     notes : list of str
+    inputs_given : bool
+        Whether example inputs were given (shapes may still be unverified: shape propagation
+        can fail on them).
 
     Examples
     --------
@@ -208,6 +211,7 @@ class ConversionReport:
     code_after: str = ""
     use_backprop: bool = False
     notes: list[str] = field(default_factory=list)
+    inputs_given: bool = False
 
     @property
     def converted(self) -> list[ChainInfo]:
