@@ -109,7 +109,7 @@ def test_exit_codes_are_distinct():
         (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1)"]),
         (["inspect", "m.py", "--gamma", "1"], ["outside [0, 1)", "no block would have an effect"]),
         (["convert", "m.py", "--gamma", "1", "-o", "x.pt"], ["outside [0, 1)", "no block would"]),
-        (["profile", "m.py", "--gamma", "1.0"], ["outside [0, 1)", "no block would have an effect"]),
+        (["profile", "m.py", "--gamma", "1.0"], ["outside [0, 1)", "no block would have"]),
         (["inspect", "m.py", "--gamma", "abc"], ["not a number"]),
         (["inspect", "m.py", "--input-shape", "2,x"], ["--input-shape", "commas"]),
         (["inspect", "m.py", "--input-shape", "2,3", "--dtype", "floaty"], ["unknown dtype"]),
@@ -512,8 +512,9 @@ UNPICKLABLE = LEAFY.replace(
 def test_unpicklable_model_is_exit_8_and_writes_nothing(capsys, tmp_path):
     path = write_model(tmp_path, UNPICKLABLE)
     code, out, err = run_cli(capsys, "convert", path + ":Net", "-o", str(tmp_path / "m.pt"))
-    assert code == 8 and out == ""
+    assert code == 8 and "momentum_chain_0" in out
     assert_one_line_error(err, "cannot save the converted model", "state_dict")
+    assert err.strip().endswith(f"; {tmp_path / 'm.pt'} was not written; nothing else was written")
     assert sorted(os.listdir(tmp_path)) == ["model.py"]
 
 
@@ -528,10 +529,96 @@ def test_export_failure_is_exit_8(capsys, tmp_path, monkeypatch, option):
     out_file = tmp_path / "out.bin"
     code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"), option,
                              str(out_file))  # fmt: skip
-    assert code == 8 and out == ""
+    assert code == 8
+    assert "Residual chains" in out  # the report comes first
     assert_one_line_error(err, "Unsupported: something")
+    assert err.strip().endswith(
+        f"; {out_file} was not written; wrote {tmp_path / 'm.pt'}; try without {option}, or "
+        f"rerun with --debug to see torch's output"
+    )
     assert not out_file.exists()
     assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]  # -o was complete before
+
+
+def test_real_export_failure_is_one_line_after_the_table(capfd, tmp_path):
+    """Gate's data-dependent branch stops torch.export: torch's 30-odd lines stay hidden."""
+    path = write_model(tmp_path, LEAFY)
+    pt, pt2, onnx_file = (str(tmp_path / n) for n in ("m.pt", "m.pt2", "m.onnx"))
+    code = cli.main(["convert", path + ":Net", "-o", pt, "--export", pt2, "--onnx", onnx_file])
+    out, err = capfd.readouterr()
+    assert code == 8
+    assert out.startswith(f"{path}: class Net() (Net)") and "momentum_chain_0" in out
+    assert_one_line_error(err, "torch.export failed: GuardOnDataDependentSymNode")
+    assert "\x1b" not in err
+    assert err.strip().endswith(
+        f"; {pt2} was not written; wrote {pt}; --onnx {onnx_file} not attempted; try without "
+        f"--export, or rerun with --debug to see torch's output"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]
+    code = cli.main(["convert", path + ":Net", "--export", pt2, "--debug"])
+    _, err = capfd.readouterr()
+    assert code == 8 and len(err.strip().splitlines()) > 1  # --debug shows torch's output
+    assert err.strip().splitlines()[-1].endswith("; nothing else was written; try without "
+                                                 "--export, or rerun with --debug to see torch's "
+                                                 "output")  # fmt: skip
+
+
+NO_RESIDUAL = """
+import torch
+from torch import nn
+
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
+example_inputs = torch.randn(1, 3, 8, 8)
+"""
+
+
+def test_convert_with_nothing_to_convert_writes_nothing(capsys, tmp_path):
+    path = write_model(tmp_path, NO_RESIDUAL)
+    code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"))
+    assert code == 5 and out == ""
+    assert_one_line_error(err)
+    assert err.strip() == (
+        f"fxmomentum: error: nothing to convert: no residual chain of {path} was converted "
+        f"(Sequential: 0 residual chain(s), 0 converted (0 blocks); 0 residual add(s) skipped; "
+        f"0 opaque module(s); graph 6 -> 6 nodes; shapes verified); nothing was written; see why "
+        f"with `fxmomentum inspect {path} --show-skipped`"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
+    assert cli.EXIT_CODES[5] == "the model could not be captured or converted"
+
+
+EXPORTED_AT_5 = """
+import sys, torch, onnxruntime
+x = torch.randn(5, 3, 8, 8)
+ep = torch.export.load(sys.argv[1])
+session = onnxruntime.InferenceSession(sys.argv[2])
+(got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+ref = ep.module()(x)
+print(tuple(ref.shape), tuple(got.shape), float((ref - torch.from_numpy(got)).abs().max()))
+"""
+
+
+def test_exports_take_any_batch(capsys, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    path = write_model(tmp_path)
+    pt2, onnx_file = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    code, _, err = run_cli(
+        capsys, "convert", path, "--input-shape", "2,3,8,8", "--export", str(pt2),
+        "--onnx", str(onnx_file),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"wrote {pt2} (torch.export ExportedProgram, eval mode, batch dimension dynamic;" in err
+    assert f"wrote {onnx_file} (batch dimension dynamic); onnxruntime outputs match" in err
+    assert "at batch 2, 2, 5" in err
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORTED_AT_5, str(pt2), str(onnx_file)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("(5, 5) (5, 5) "), proc.stdout
+    diff = float(proc.stdout.split()[-1])
+    assert diff < 1e-4
 
 
 # -- converter options -----------------------------------------------------------------------------

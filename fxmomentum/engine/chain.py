@@ -131,7 +131,10 @@ class MomentumChain(GammaSetting, nn.Module):
         return reversible_chain(spec, x, v0, args)
 
     def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
-        if not torch.is_grad_enabled():
+        # Under torch.export (and torch.onnx.export, dynamo=True) the plain chain is traced,
+        # grad enabled or not: the exported program is for inference, and the reversible
+        # function's state checks depend on the data, which export cannot trace.
+        if not torch.is_grad_enabled() or torch.compiler.is_exporting():
             return False
         tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
         if any(t is not None and t.requires_grad for t in tensors):

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +36,14 @@ from .cli import (
     EXIT_USAGE,
     CLIError,
 )
-from .export import ExportError, atomic_output, export_onnx, export_program, save_program
+from .export import (
+    ExportError,
+    StaticBatchWarning,
+    atomic_output,
+    export_onnx,
+    export_program,
+    save_program,
+)
 
 __all__ = ["run_convert", "run_inspect", "run_profile"]
 
@@ -328,40 +336,120 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     except Exception as exc:
         raise _conversion_failed(loaded, exc) from exc
+    if not report.converted:
+        raise _nothing_to_convert(loaded, report)
+    # The report first: if an output then fails, the table is already there.
+    print(_format_report(report, loaded, args), flush=True)
+    _write_outputs(gm, loaded, args, outputs)
+    return EXIT_OK
 
-    written: list[str] = []
-    if args.output:
-        _save_graph_module(gm, loaded, args.output, written)
-    if args.export:
+
+def _nothing_to_convert(loaded: loader.LoadedModel, report: ConversionReport) -> CLIError:
+    return CLIError(
+        f"nothing to convert: no residual chain of {loaded.source} was converted "
+        f"({report.summary()}); nothing was written; see why with `fxmomentum inspect "
+        f"{loaded.target} --show-skipped`",
+        EXIT_CONVERT,
+    )
+
+
+def _write_outputs(
+    gm: torch.nn.Module,
+    loaded: loader.LoadedModel,
+    args: argparse.Namespace,
+    outputs: list[tuple[str, str]],
+) -> None:
+    """Write ``-o``, ``--export``, ``--onnx`` in that order; on a failure, the one error line
+    says exactly which outputs were written and which were not attempted."""
+    progress = _StderrProgress(quiet=False)
+    written: list[tuple[str, str]] = []  # (path, line)
+    for k, (option, path) in enumerate(outputs):
         try:
-            program = export_program(gm, loaded.example_inputs)
-        except ExportError as exc:
-            raise CLIError(
-                f"{exc}; the other outputs were written; try without --export or rerun with "
-                f"--debug",
-                EXIT_EXPORT,
-            ) from exc
+            written.append((path, _write_output(option, path, gm, loaded, progress)))
+        except CLIError as exc:
+            progress.clear()
+            output = getattr(exc.__cause__, "output", "")
+            if args.debug and output:
+                sys.stderr.write(output.rstrip("\n") + "\n")
+            status = _outputs_status(path, [p for p, _ in written], outputs[k + 1 :])
+            fix = ""
+            if isinstance(exc.__cause__, ExportError):
+                fix = f"; try without {option}, or rerun with --debug to see torch's output"
+            raise CLIError(f"{exc}; {status}{fix}", exc.code) from exc.__cause__
+    progress.clear()
+    for _, line in written:
+        print(line, file=sys.stderr)
+
+
+def _outputs_status(failed: str, written: list[str], rest: list[tuple[str, str]]) -> str:
+    """Which outputs exist after a failure, in words.
+
+    Examples
+    --------
+    >>> _outputs_status("m.pt2", ["m.pt"], [("--onnx", "m.onnx")])
+    'm.pt2 was not written; wrote m.pt; --onnx m.onnx not attempted'
+    """
+    parts = [f"{failed} was not written"]
+    parts.append(f"wrote {' and '.join(written)}" if written else "nothing else was written")
+    if rest:
+        parts.append(" and ".join(f"{opt} {path}" for opt, path in rest) + " not attempted")
+    return "; ".join(parts)
+
+
+def _write_output(
+    option: str,
+    path: str,
+    gm: torch.nn.Module,
+    loaded: loader.LoadedModel,
+    progress: _StderrProgress,
+) -> str:
+    """Write one output; returns the line that says what was written."""
+    if option == "-o":
+        progress(f"saving {path} (torch.save)", transient=True)
+        return _save_graph_module(gm, loaded, path)
+    inputs = loaded.example_inputs
+    assert inputs is not None
+    if option == "--export":
+        progress(f"exporting {path} (torch.export)", transient=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StaticBatchWarning)
+            try:
+                program = export_program(gm, inputs)
+            except ExportError as exc:
+                raise CLIError(str(exc), EXIT_EXPORT) from exc
+        batch = _batch_text(caught)
         try:
-            save_program(program, args.export)
+            save_program(program, path)
         except OSError as exc:
-            raise _write_failed("--export", args.export, exc) from exc
-        written.append(
-            f"wrote {args.export} (torch.export ExportedProgram, eval mode; "
+            raise _write_failed("--export", path, exc) from exc
+        return (
+            f"wrote {path} (torch.export ExportedProgram, eval mode, {batch}; "
             f"torch.export.load to read it)"
         )
-    if args.onnx:
+    progress(f"exporting {path} (torch.onnx.export, dynamo=True; then onnxruntime)", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StaticBatchWarning)  # OnnxResult says it
         try:
-            result = export_onnx(gm, loaded.example_inputs, args.onnx)
+            result = export_onnx(gm, inputs, path)
         except ExportError as exc:
-            raise CLIError(f"{exc}; {args.onnx} was not written", EXIT_EXPORT) from exc
+            raise CLIError(str(exc), EXIT_EXPORT) from exc
         except OSError as exc:
-            raise _write_failed("--onnx", args.onnx, exc) from exc
-        written.append(str(result))
+            raise _write_failed("--onnx", path, exc) from exc
+    return str(result)
 
-    print(_format_report(report, loaded, args))
-    for line in written:
-        print(line, file=sys.stderr)
-    return EXIT_OK
+
+def _batch_text(caught: list[warnings.WarningMessage]) -> str:
+    """"batch dimension dynamic", or static and why (from a :class:`StaticBatchWarning`);
+    other warnings are given again."""
+    reasons = []
+    for w in caught:
+        if issubclass(w.category, StaticBatchWarning):
+            reasons.append(str(w.message).partition(": ")[2])
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if reasons:
+        return reasons[0].replace("the batch dimension is static", "batch dimension static", 1)
+    return "batch dimension dynamic"
 
 
 class _StderrProgress:
@@ -386,6 +474,13 @@ class _StderrProgress:
     def close(self) -> None:
         if self.open_line:
             sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open_line = False
+
+    def clear(self) -> None:
+        """Erase an open transient line (nothing is left of it on the terminal)."""
+        if self.open_line:
+            sys.stderr.write("\r\033[K")
             sys.stderr.flush()
             self.open_line = False
 
@@ -466,9 +561,7 @@ def _profile_failed(loaded: loader.LoadedModel, exc: profiling.ProfileError) -> 
     )
 
 
-def _save_graph_module(
-    gm: torch.nn.Module, loaded: loader.LoadedModel, path: str, written: list[str]
-) -> None:
+def _save_graph_module(gm: torch.nn.Module, loaded: loader.LoadedModel, path: str) -> str:
     try:
         with _importable_as_file_module(gm, loaded) as module_name, atomic_output(path) as tmp:
             torch.save(gm, tmp)
@@ -486,4 +579,4 @@ def _save_graph_module(
             f"; it uses classes from {loaded.source}, so loading needs that file importable as "
             f"`{module_name}` (run from its directory or put it on PYTHONPATH)"
         )
-    written.append(line)
+    return line
