@@ -23,6 +23,7 @@ WITH_EXAMPLES = {
     "fxmomentum.errors",
     "fxmomentum.patches",
     "fxmomentum.paths",
+    "fxmomentum.schedule",
     "fxmomentum.capture.trace",
     "fxmomentum.capture.descent",
     "fxmomentum.engine.chain",
