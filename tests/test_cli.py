@@ -50,6 +50,14 @@ class TinyResNet(nn.Module):
 CHAIN_LENGTHS = [3, 2]
 
 
+@pytest.fixture(autouse=True)
+def writes_bytecode(monkeypatch):
+    """As on a user's machine, without PYTHONDONTWRITEBYTECODE: Python writes ``__pycache__``
+    next to the files it imports unless the loader stops it, and the folder listings of these
+    tests (nothing half-written, nothing else either) would show it."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+
+
 def write_model(tmp_path, body: str = TINY_RESNET, extra: str = "", name: str = "model.py"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(body) + textwrap.dedent(extra))
@@ -72,6 +80,33 @@ def assert_one_line_error(err: str, *words: str) -> None:
 
 
 # -- help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["convert", "--help"]])
+def test_help_does_not_import_torch(argv):
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fxmomentum", *argv],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]  # fmt: skip
+    assert "fxmomentum.tools.cli" in imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+
+
+def test_no_bytecode_next_to_the_model_in_a_fresh_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    path = write_model(tmp_path)
+    (tmp_path / "helper_for_bytecode_cli_test.py").write_text("C = 8\n")
+    with open(path, "a") as fh:
+        fh.write("from helper_for_bytecode_cli_test import C\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxmomentum", "inspect", path], capture_output=True, text=True,
+        timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["helper_for_bytecode_cli_test.py", "model.py"]
+
+
 def test_python_m_help():
     proc = subprocess.run(
         [sys.executable, "-m", "fxmomentum", "--help"], capture_output=True, text=True, timeout=120
@@ -234,6 +269,51 @@ def test_read_only_directory(capsys, tmp_path):
     assert code == 7
     assert_one_line_error(err, "cannot write -o")
     assert os.listdir(ro) == []
+
+
+TOKENS = """
+import torch
+from torch import nn
+
+
+class Tok(nn.Module):
+    def __init__(self, vocab, width=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.fs = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for f in self.fs:
+            x = x + f(x)
+        return x
+"""
+
+
+def test_token_model_errors_and_model_args(capsys, tmp_path):
+    path = write_model(tmp_path, TOKENS)
+    code, out, err = run_cli(capsys, "inspect", path)
+    assert code == 4 and out == ""
+    assert_one_line_error(err, "class Tok needs arguments (vocab)",
+                          f"{path}:Tok(vocab=...)", "--model-args 'vocab=...'")  # fmt: skip
+    code, out, err = run_cli(capsys, "convert", path + ":Tok(50)", "--export", "t.pt2")
+    assert code == 6
+    assert_one_line_error(err, "--export needs example inputs; add --input-shape (e.g. "
+                               "--input-shape 1,16 --dtype int64)")  # fmt: skip
+    code, out, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=50",
+                             "--input-shape", "1,3,8,8")  # fmt: skip
+    assert code == 6
+    assert_one_line_error(err, "at model.py:13;", "e.g. --input-shape 1,16 --dtype int64")
+    code, out, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=50",
+                             "--input-shape", "2,16", "--dtype", "int64", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["target"]["found"] == "class Tok(vocab=50)"
+    assert [c["num_blocks"] for c in data["chains"]] == [2]
+    code, _, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=open('x')")
+    assert code == 3
+    assert_one_line_error(err, "open('x') is not a literal")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
 
 
 def test_export_needs_example_inputs(capsys, tmp_path):

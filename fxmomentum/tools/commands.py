@@ -44,6 +44,7 @@ from .export import (
     export_program,
     save_program,
 )
+from .inputs import input_shape_hint
 
 __all__ = ["run_convert", "run_inspect", "run_profile"]
 
@@ -55,9 +56,12 @@ def _load(args: argparse.Namespace) -> loader.LoadedModel:
             "example_inputs keep their own dtypes)",
             EXIT_USAGE,
         )
+    target = args.target
     try:
+        if getattr(args, "model_args", None):
+            target = loader.with_model_args(target, args.model_args)
         return loader.load_target(
-            args.target,
+            target,
             input_shapes=args.input_shape,
             dtypes=args.dtype,
             check_inputs=True,
@@ -319,8 +323,8 @@ def run_convert(args: argparse.Namespace) -> int:
     if (args.export or args.onnx) and loaded.example_inputs is None:
         option = "--export" if args.export else "--onnx"
         raise CLIError(
-            f"{option} needs example inputs; add --input-shape (e.g. --input-shape 1,3,224,224) "
-            f"or define example_inputs in the model file",
+            f"{option} needs example inputs; add --input-shape (e.g. "
+            f"{input_shape_hint(loaded.model)}) or define example_inputs in the model file",
             EXIT_INPUTS,
         )
 
