@@ -726,3 +726,17 @@ def test_unknown_leaf_is_a_usage_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", write_model(tmp_path), "--leaf", "stage1.01")
     assert code == 2
     assert_one_line_error(err, "--leaf stage1.01", "did you mean stage1.1")
+
+
+def test_profile_announces_kernel_compilation(capsys):
+    from fxmomentum.engine import kernels
+
+    before = kernels.on_first_compile
+    restore = commands._show_compile_progress(commands._StderrProgress(quiet=False))
+    kernels.on_first_compile()  # what the engine calls before its first compilation
+    restore()
+    assert kernels.on_first_compile is before
+    assert capsys.readouterr().err == (
+        "fxmomentum: compiling the reversible engine's kernels (torch.compile, once per "
+        "process; this takes a while)\n"
+    )

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -502,6 +502,7 @@ def run_profile(args: argparse.Namespace) -> int:
     loaded = _load(args)
     _check_leaves(args, loaded)
     progress = _StderrProgress(args.quiet)
+    restore_compile_hook = _show_compile_progress(progress)
     try:
         result = profiling.profile_model(
             loaded,
@@ -523,6 +524,7 @@ def run_profile(args: argparse.Namespace) -> int:
         raise _profile_failed(loaded, exc) from exc
     finally:
         progress.close()
+        restore_compile_hook()
     if args.format == "json":
         print(json.dumps({"target": _target_info(loaded), **result.as_dict()}, indent=2))
         return EXIT_OK
@@ -539,6 +541,27 @@ def run_profile(args: argparse.Namespace) -> int:
                 f"--show-skipped to see them and why"
             )
     return EXIT_OK
+
+
+def _show_compile_progress(progress: _StderrProgress) -> Callable[[], None]:
+    """A progress line when the reversible engine first compiles its kernels (seconds to a
+    minute); returns the function that removes it."""
+    from ..engine import kernels
+
+    before = kernels.on_first_compile
+
+    def say() -> None:
+        progress(
+            "compiling the reversible engine's kernels (torch.compile, once per process; "
+            "this takes a while)"
+        )
+
+    kernels.on_first_compile = say
+
+    def restore() -> None:
+        kernels.on_first_compile = before
+
+    return restore
 
 
 def _profile_failed(loaded: loader.LoadedModel, exc: profiling.ProfileError) -> CLIError:
