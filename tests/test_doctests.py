@@ -36,6 +36,7 @@ WITH_EXAMPLES = {
     "fxmomentum.surgery.rewrite",
     "fxmomentum.surgery.select",
     "fxmomentum.tools.export",
+    "fxmomentum.tools.html",
     "fxmomentum.tools.measure",
 }
 

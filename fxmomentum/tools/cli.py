@@ -243,12 +243,19 @@ def _add_inspect(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "  fxmomentum inspect model.py\n"
         "  fxmomentum inspect torchvision.models:resnet50 --input-shape 1,3,224,224\n"
         "  fxmomentum inspect model.py:Net --format json --show-skipped\n"
-        "  fxmomentum inspect model.py --diff          # graph code before/after\n\n" + _EXIT_TEXT,
+        "  fxmomentum inspect model.py --diff          # graph code before/after\n"
+        "  fxmomentum inspect model.py --input-shape 1,3,64,64 --html model.html\n\n" + _EXIT_TEXT,
     )
     p.add_argument(
         "--diff",
         action="store_true",
         help="show the top-level graph code before and after conversion (unified diff)",
+    )
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write one self-contained page: the modules in order with every chain "
+        "highlighted, what was skipped and why, each chain's memory and time cost",
     )
     p.set_defaults(run="run_inspect")
 

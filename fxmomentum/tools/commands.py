@@ -293,6 +293,9 @@ def _uses_module(gm: torch.nn.Module, module_name: str) -> bool:
 def run_inspect(args: argparse.Namespace) -> int:
     """``fxmomentum inspect``: print the report of what convert would do."""
     _check_gamma(args)
+    html_path = getattr(args, "html", None)
+    if html_path:
+        _check_writable("--html", html_path)
     loaded = _load(args)
     _check_leaves(args, loaded)
     options = _converter_options(args)
@@ -300,8 +303,41 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = api.inspect(loaded.model, loaded.example_inputs, gamma=args.gamma, **options)
     except Exception as exc:
         raise _conversion_failed(loaded, exc) from exc
-    print(_format_report(report, loaded, args))
+    print(_format_report(report, loaded, args), flush=True)
+    if html_path:
+        _write_html_page(html_path, report, loaded)
     return EXIT_OK
+
+
+def _write_html_page(path: str, report: ConversionReport, loaded: loader.LoadedModel) -> None:
+    """``inspect --html``: the page of :mod:`fxmomentum.tools.html`, costs measured when there
+    are example inputs."""
+    from . import html
+
+    progress = _StderrProgress(quiet=False)
+    costs = None
+    if loaded.example_inputs is not None and report.chains:
+        progress("measuring each chain's share of memory and time (one forward)", transient=True)
+        try:
+            costs = html.measure_costs(loaded.model, loaded.example_inputs, report.as_dict())
+        except Exception as exc:  # the page is still worth writing without them
+            what = one_line(exc)
+            warnings.warn(f"--html: the costs could not be measured ({what})", stacklevel=1)
+    subtitle = f"{loaded.source}: {loaded.how}; example inputs: {_inputs_text(loaded)}"
+    try:
+        html.write_html(
+            path,
+            report.as_dict(),
+            html.model_modules(loaded.model),
+            costs=costs,
+            title=type(loaded.model).__name__,
+            subtitle=subtitle,
+        )
+    except OSError as exc:
+        progress.clear()
+        raise _write_failed("--html", path, exc) from exc
+    progress.clear()
+    print(f"wrote {path} (one self-contained page; open it in a browser)", file=sys.stderr)
 
 
 def run_convert(args: argparse.Namespace) -> int:
