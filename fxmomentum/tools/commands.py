@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import os
+import shlex
 import sys
 import tempfile
 import warnings
@@ -388,7 +389,7 @@ def _nothing_to_convert(loaded: loader.LoadedModel, report: ConversionReport) ->
     return CLIError(
         f"nothing to convert: no residual chain of {loaded.source} was converted "
         f"({report.summary()}); nothing was written; see why with `fxmomentum inspect "
-        f"{loaded.target} --show-skipped`",
+        f"{shlex.quote(loaded.target)} --show-skipped`",
         EXIT_CONVERT,
     )
 
