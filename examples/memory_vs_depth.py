@@ -6,7 +6,8 @@ memory of one training step over the memory before it. Plain backprop keeps ever
 activations, so its memory grows with depth; the reversible chain rebuilds them in backward and
 stays flat (apart from the few lost bits per element and block it keeps to be exact).
 
-Run ``python examples/memory_vs_depth.py [--out memory_vs_depth.png]`` (``--quick``: tiny sizes).
+Run ``python examples/memory_vs_depth.py`` (``--quick``: tiny sizes). The plot goes to
+``examples/results/memory_vs_depth.png``, or where ``--out`` says.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def build(kind: str, depth: int, width: int, hidden: int, batch: int) -> Workloa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--out", type=Path, default=Path("memory_vs_depth.png"), help="PNG file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results" / "memory_vs_depth.png",
+        help="PNG file (default examples/results/memory_vs_depth.png)",
+    )
     args = parser.parse_args(argv)
     if args.quick:  # tensors above the mmap threshold, below the kernels' compile threshold
         depths, sizes = [2, 16], dict(width=256, hidden=1024, batch=96)
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title("MomentumNet training step, gamma = 0.9")
         ax.legend()
         fig.tight_layout()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out, dpi=110)
         print(f"wrote {args.out}")
     ok = mib[("reversible", depths[-1])] < mib[("backprop", depths[-1])]

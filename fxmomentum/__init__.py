@@ -7,6 +7,7 @@ answers ``--help`` at once. The layers, lowest first (ARCHITECTURE.md has the di
 * :mod:`fxmomentum.capture`: a model as torch.fx graphs, with shapes, whatever the model;
 * :mod:`fxmomentum.surgery`: residual chains found, selected, rewritten and reported;
 * :mod:`fxmomentum.api`: :func:`convert`, :func:`inspect`, :func:`set_gamma`;
+  :mod:`fxmomentum.schedule`: :class:`GammaScheduler` (gamma raised during fine-tuning);
 * :mod:`fxmomentum.official`: the official library's API (``MomentumNet``,
   ``transform_to_momentumnet``);
 * :mod:`fxmomentum.tools`: the command line, model loading, profiling, export.
@@ -30,12 +31,14 @@ _EXPORTS = {
     "convert": "fxmomentum.api",
     "inspect": "fxmomentum.api",
     "set_gamma": "fxmomentum.api",
+    "GammaScheduler": "fxmomentum.schedule",
     "export_onnx": "fxmomentum.tools.export",
     "export_program": "fxmomentum.tools.export",
 }
 
 __all__ = [
     "ConversionReport",
+    "GammaScheduler",
     "MomentumChain",
     "MomentumNet",
     "NumericalError",
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from .api import convert, inspect, set_gamma
     from .engine import MomentumChain, NumericalError, quantize_gamma
     from .official import MomentumNet, transform_to_momentumnet
+    from .schedule import GammaScheduler
     from .surgery import ConversionReport
     from .tools.export import export_onnx, export_program
 

@@ -30,6 +30,7 @@ from .paths import join_path
 from .surgery import ConversionReport, ConvertOptions, GammaSpec
 from .surgery.conversion import (
     ConversionError,
+    Note,
     build,
     check_model,
     failure_on,
@@ -173,6 +174,15 @@ def convert(
     conversion = prepare(copy.deepcopy(model), options, example_inputs)
     result, graphs = build(conversion)
     failure = failure_on(result, _arguments(example_inputs))
+    if failure:
+        original = failure_on(model, _arguments(example_inputs))
+        if original:
+            # Inputs the original itself refuses say nothing about the conversion.
+            failure = None
+            conversion.notes.append(
+                Note("", f"example_inputs fail on the original model too ({original}): the "
+                     "converted model could not be checked on them")
+            )  # fmt: skip
     if failure and conversion.whole:
         # The model's own graph fails: its Python code stays, its submodules are converted.
         whole = f"its converted graph fails on example_inputs: {failure}"

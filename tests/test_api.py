@@ -301,3 +301,34 @@ def test_two_thousand_block_chain_converts():
     assert [c.num_blocks for c in report.chains] == [2000] and report.shapes_verified
     with torch.no_grad():
         assert torch.isfinite(gm(torch.randn(4, 8))).all()
+
+
+def _gamma_one(where: str, value: object) -> str:
+    return (
+        f"gamma{where} is {value!r}: at gamma = 1 the velocity never changes, so no block has an "
+        f"effect and no block's parameters get a gradient. Use a gamma below 1 (0.9 is the usual "
+        f"momentum; the largest is 0.999985)."
+    )
+
+
+@pytest.mark.parametrize("use_backprop", [False, True])
+def test_gamma_one_is_refused_everywhere(use_backprop):
+    model = archs.MLPResNet()
+    for value in (1, 1.0, 1 - 1e-9):  # the last rounds to 1 on the 2**-16 grid
+        with pytest.raises(ValueError) as err:
+            fxmomentum.convert(model, value, use_backprop=use_backprop)
+        assert str(err.value) == _gamma_one("", value)
+    with pytest.raises(ValueError) as err:
+        fxmomentum.convert(model, {0: 1.0}, use_backprop=use_backprop)
+    assert str(err.value) == _gamma_one(" for chain 0 (blocks.0)", 1.0)
+    with pytest.raises(ValueError) as err:
+        fxmomentum.inspect(model, gamma=1.0, use_backprop=use_backprop)
+    assert str(err.value) == _gamma_one("", 1.0)
+    gm = fxmomentum.convert(model, 0.9, use_backprop=use_backprop)
+    with pytest.raises(ValueError) as err:
+        fxmomentum.set_gamma(gm, 1)
+    assert str(err.value) == _gamma_one(" for momentum_chain_0", 1)
+    with pytest.raises(ValueError) as err:
+        gm.momentum_chain_0.gamma = 1.0
+    assert str(err.value) == _gamma_one("", 1.0)
+    assert gm.momentum_chain_0.gamma == 0.9  # unchanged

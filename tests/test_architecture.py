@@ -20,6 +20,7 @@ LAYERS = {
     "official": "official",
     "surgery": "surgery",
     "api": "api",
+    "schedule": "api",
     "tools": "tools",
 }
 ALLOWED = {

@@ -50,6 +50,14 @@ class TinyResNet(nn.Module):
 CHAIN_LENGTHS = [3, 2]
 
 
+@pytest.fixture(autouse=True)
+def writes_bytecode(monkeypatch):
+    """As on a user's machine, without PYTHONDONTWRITEBYTECODE: Python writes ``__pycache__``
+    next to the files it imports unless the loader stops it, and the folder listings of these
+    tests (nothing half-written, nothing else either) would show it."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+
+
 def write_model(tmp_path, body: str = TINY_RESNET, extra: str = "", name: str = "model.py"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(body) + textwrap.dedent(extra))
@@ -72,6 +80,33 @@ def assert_one_line_error(err: str, *words: str) -> None:
 
 
 # -- help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["convert", "--help"]])
+def test_help_does_not_import_torch(argv):
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fxmomentum", *argv],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]  # fmt: skip
+    assert "fxmomentum.tools.cli" in imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+
+
+def test_no_bytecode_next_to_the_model_in_a_fresh_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    path = write_model(tmp_path)
+    (tmp_path / "helper_for_bytecode_cli_test.py").write_text("C = 8\n")
+    with open(path, "a") as fh:
+        fh.write("from helper_for_bytecode_cli_test import C\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxmomentum", "inspect", path], capture_output=True, text=True,
+        timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["helper_for_bytecode_cli_test.py", "model.py"]
+
+
 def test_python_m_help():
     proc = subprocess.run(
         [sys.executable, "-m", "fxmomentum", "--help"], capture_output=True, text=True, timeout=120
@@ -108,6 +143,8 @@ def test_exit_codes_are_distinct():
         (["inspect", "m.py", "--gamma", "-0.1"], ["outside [0, 1)"]),
         (["inspect", "m.py", "--gamma", "nan"], ["outside [0, 1)"]),
         (["inspect", "m.py", "--gamma", "1"], ["outside [0, 1)", "no block would have an effect"]),
+        (["convert", "m.py", "--gamma", "1", "-o", "x.pt"], ["outside [0, 1)", "no block would"]),
+        (["profile", "m.py", "--gamma", "1.0"], ["outside [0, 1)", "no block would have"]),
         (["inspect", "m.py", "--gamma", "abc"], ["not a number"]),
         (["inspect", "m.py", "--input-shape", "2,x"], ["--input-shape", "commas"]),
         (["inspect", "m.py", "--input-shape", "2,3", "--dtype", "floaty"], ["unknown dtype"]),
@@ -232,6 +269,51 @@ def test_read_only_directory(capsys, tmp_path):
     assert code == 7
     assert_one_line_error(err, "cannot write -o")
     assert os.listdir(ro) == []
+
+
+TOKENS = """
+import torch
+from torch import nn
+
+
+class Tok(nn.Module):
+    def __init__(self, vocab, width=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.fs = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for f in self.fs:
+            x = x + f(x)
+        return x
+"""
+
+
+def test_token_model_errors_and_model_args(capsys, tmp_path):
+    path = write_model(tmp_path, TOKENS)
+    code, out, err = run_cli(capsys, "inspect", path)
+    assert code == 4 and out == ""
+    assert_one_line_error(err, "class Tok needs arguments (vocab)",
+                          f"{path}:Tok(vocab=...)", "--model-args 'vocab=...'")  # fmt: skip
+    code, out, err = run_cli(capsys, "convert", path + ":Tok(50)", "--export", "t.pt2")
+    assert code == 6
+    assert_one_line_error(err, "--export needs example inputs; add --input-shape (e.g. "
+                               "--input-shape 1,16 --dtype int64)")  # fmt: skip
+    code, out, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=50",
+                             "--input-shape", "1,3,8,8")  # fmt: skip
+    assert code == 6
+    assert_one_line_error(err, "at model.py:13;", "e.g. --input-shape 1,16 --dtype int64")
+    code, out, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=50",
+                             "--input-shape", "2,16", "--dtype", "int64", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["target"]["found"] == "class Tok(vocab=50)"
+    assert [c["num_blocks"] for c in data["chains"]] == [2]
+    code, _, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=open('x')")
+    assert code == 3
+    assert_one_line_error(err, "open('x') is not a literal")
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
 
 
 def test_export_needs_example_inputs(capsys, tmp_path):
@@ -510,8 +592,9 @@ UNPICKLABLE = LEAFY.replace(
 def test_unpicklable_model_is_exit_8_and_writes_nothing(capsys, tmp_path):
     path = write_model(tmp_path, UNPICKLABLE)
     code, out, err = run_cli(capsys, "convert", path + ":Net", "-o", str(tmp_path / "m.pt"))
-    assert code == 8 and out == ""
+    assert code == 8 and "momentum_chain_0" in out
     assert_one_line_error(err, "cannot save the converted model", "state_dict")
+    assert err.strip().endswith(f"; {tmp_path / 'm.pt'} was not written; nothing else was written")
     assert sorted(os.listdir(tmp_path)) == ["model.py"]
 
 
@@ -526,10 +609,96 @@ def test_export_failure_is_exit_8(capsys, tmp_path, monkeypatch, option):
     out_file = tmp_path / "out.bin"
     code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"), option,
                              str(out_file))  # fmt: skip
-    assert code == 8 and out == ""
+    assert code == 8
+    assert "Residual chains" in out  # the report comes first
     assert_one_line_error(err, "Unsupported: something")
+    assert err.strip().endswith(
+        f"; {out_file} was not written; wrote {tmp_path / 'm.pt'}; try without {option}, or "
+        f"rerun with --debug to see torch's output"
+    )
     assert not out_file.exists()
     assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]  # -o was complete before
+
+
+def test_real_export_failure_is_one_line_after_the_table(capfd, tmp_path):
+    """Gate's data-dependent branch stops torch.export: torch's 30-odd lines stay hidden."""
+    path = write_model(tmp_path, LEAFY)
+    pt, pt2, onnx_file = (str(tmp_path / n) for n in ("m.pt", "m.pt2", "m.onnx"))
+    code = cli.main(["convert", path + ":Net", "-o", pt, "--export", pt2, "--onnx", onnx_file])
+    out, err = capfd.readouterr()
+    assert code == 8
+    assert out.startswith(f"{path}: class Net() (Net)") and "momentum_chain_0" in out
+    assert_one_line_error(err, "torch.export failed: GuardOnDataDependentSymNode")
+    assert "\x1b" not in err
+    assert err.strip().endswith(
+        f"; {pt2} was not written; wrote {pt}; --onnx {onnx_file} not attempted; try without "
+        f"--export, or rerun with --debug to see torch's output"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "model.py"]
+    code = cli.main(["convert", path + ":Net", "--export", pt2, "--debug"])
+    _, err = capfd.readouterr()
+    assert code == 8 and len(err.strip().splitlines()) > 1  # --debug shows torch's output
+    assert err.strip().splitlines()[-1].endswith("; nothing else was written; try without "
+                                                 "--export, or rerun with --debug to see torch's "
+                                                 "output")  # fmt: skip
+
+
+NO_RESIDUAL = """
+import torch
+from torch import nn
+
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
+example_inputs = torch.randn(1, 3, 8, 8)
+"""
+
+
+def test_convert_with_nothing_to_convert_writes_nothing(capsys, tmp_path):
+    path = write_model(tmp_path, NO_RESIDUAL)
+    code, out, err = run_cli(capsys, "convert", path, "-o", str(tmp_path / "m.pt"))
+    assert code == 5 and out == ""
+    assert_one_line_error(err)
+    assert err.strip() == (
+        f"fxmomentum: error: nothing to convert: no residual chain of {path} was converted "
+        f"(Sequential: 0 residual chain(s), 0 converted (0 blocks); 0 residual add(s) skipped; "
+        f"0 opaque module(s); graph 6 -> 6 nodes; shapes verified); nothing was written; see why "
+        f"with `fxmomentum inspect {path} --show-skipped`"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["model.py"]
+    assert cli.EXIT_CODES[5] == "the model could not be captured or converted"
+
+
+EXPORTED_AT_5 = """
+import sys, torch, onnxruntime
+x = torch.randn(5, 3, 8, 8)
+ep = torch.export.load(sys.argv[1])
+session = onnxruntime.InferenceSession(sys.argv[2])
+(got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+ref = ep.module()(x)
+print(tuple(ref.shape), tuple(got.shape), float((ref - torch.from_numpy(got)).abs().max()))
+"""
+
+
+def test_exports_take_any_batch(capsys, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    path = write_model(tmp_path)
+    pt2, onnx_file = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    code, _, err = run_cli(
+        capsys, "convert", path, "--input-shape", "2,3,8,8", "--export", str(pt2),
+        "--onnx", str(onnx_file),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"wrote {pt2} (torch.export ExportedProgram, eval mode, batch dimension dynamic;" in err
+    assert f"wrote {onnx_file} (batch dimension dynamic); onnxruntime outputs match" in err
+    assert "at batch 2, 2, 5" in err
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORTED_AT_5, str(pt2), str(onnx_file)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("(5, 5) (5, 5) "), proc.stdout
+    diff = float(proc.stdout.split()[-1])
+    assert diff < 1e-4
 
 
 # -- converter options -----------------------------------------------------------------------------
@@ -557,3 +726,17 @@ def test_unknown_leaf_is_a_usage_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", write_model(tmp_path), "--leaf", "stage1.01")
     assert code == 2
     assert_one_line_error(err, "--leaf stage1.01", "did you mean stage1.1")
+
+
+def test_profile_announces_kernel_compilation(capsys):
+    from fxmomentum.engine import kernels
+
+    before = kernels.on_first_compile
+    restore = commands._show_compile_progress(commands._StderrProgress(quiet=False))
+    kernels.on_first_compile()  # what the engine calls before its first compilation
+    restore()
+    assert kernels.on_first_compile is before
+    assert capsys.readouterr().err == (
+        "fxmomentum: compiling the reversible engine's kernels (torch.compile, once per "
+        "process; this takes a while)\n"
+    )

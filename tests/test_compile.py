@@ -152,3 +152,49 @@ def test_fullgraph_training_needs_use_backprop():
     reversible = fxmomentum.convert(model, 0.9, example_inputs=x)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="reversible momentum chain runs"):
         torch.compile(reversible, fullgraph=True)(x)
+
+
+# -- the engine's own kernels: a progress hook, torch's CUDA-home record kept quiet ---------------
+def test_first_compile_is_announced_once_and_cuda_home_record_dropped(monkeypatch):
+    import logging
+
+    from fxmomentum.engine import kernels
+
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    def fake_compile(fn, fullgraph):
+        def compiled(*args):
+            # What torch logs when its compiler imports cpp_extension on a CUDA-less machine.
+            cpp_log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+            cpp_log.warning("another record")
+            return fn(*args)
+
+        return compiled
+
+    calls: list[int] = []
+    monkeypatch.setattr(kernels, "_announced", False)
+    monkeypatch.setattr(kernels, "on_first_compile", lambda: calls.append(1))
+    monkeypatch.setattr(kernels.torch, "compile", fake_compile)
+    monkeypatch.setenv("FXMOMENTUM_COMPILE", "1")
+    handler = Keep()
+    cpp_log.addHandler(handler)
+    try:
+        big = torch.ones(kernels.COMPILE_MIN_NUMEL)
+        for fn in (lambda t: t + 1, lambda t: t * 2):
+            kernel = kernels._Kernel(fn)
+            assert torch.equal(kernel(big), fn(big))
+            kernel(big)  # compiled already: no filter, no record
+        cpp_log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "elsewhere")
+    finally:
+        cpp_log.removeHandler(handler)
+    assert calls == [1]  # once per process
+    # Dropped only while compiling; other records and other times pass.
+    assert seen == ["another record", "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'",
+                    "another record", "another record",
+                    "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'", "another record",
+                    "No CUDA runtime is found, using CUDA_HOME='elsewhere'"]  # fmt: skip

@@ -23,6 +23,7 @@ WITH_EXAMPLES = {
     "fxmomentum.errors",
     "fxmomentum.patches",
     "fxmomentum.paths",
+    "fxmomentum.schedule",
     "fxmomentum.capture.trace",
     "fxmomentum.capture.descent",
     "fxmomentum.engine.chain",
@@ -35,6 +36,7 @@ WITH_EXAMPLES = {
     "fxmomentum.surgery.rewrite",
     "fxmomentum.surgery.select",
     "fxmomentum.tools.export",
+    "fxmomentum.tools.html",
     "fxmomentum.tools.measure",
 }
 

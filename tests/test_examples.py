@@ -42,8 +42,8 @@ def runs(tmp_path_factory):
         if _missing(name):
             continue
         cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick"]
-        if name == "memory_vs_depth":
-            cmd += ["--out", str(out_dir / "memory_vs_depth.png")]
+        if name in ("memory_vs_depth", "finetune_digits"):
+            cmd += ["--out", str(out_dir / f"{name}.png")]
         procs[name] = subprocess.Popen(
             cmd,
             cwd=out_dir,
@@ -129,11 +129,22 @@ def test_memory_vs_depth(runs):
 
 
 def test_finetune_digits(runs):
-    code, out, _ = runs("finetune_digits")
+    code, out, out_dir = runs("finetune_digits")
     _ok(code, out)
     (original,) = _floats(r"backprop: loss \S+, test accuracy (\S+)", out)
     (finetuned,) = _floats(r"fine-tuning: loss \S+, test accuracy (\S+)", out)
     assert original > 0.5 and finetuned > 0.5  # ten classes: chance is 0.1
+    # The table: epoch 0 (before fine-tuning) and 1, three runs.
+    rows = re.findall(r"^\| (\d+) \| (\S+) \| (\S+) \| (\S+) \|$", out, re.M)
+    assert [int(r[0]) for r in rows] == [0, 1], out
+    before = [float(x) for x in rows[0][1:]]
+    assert before[0] == pytest.approx(original, abs=1e-3)
+    assert before[1] < before[0] - 0.1  # gamma 0.9 at once: another function of the weights
+    assert abs(before[2] - before[0]) < 0.15  # gamma 0.1: close to the original
+    assert "final gamma of the scheduled run: 0.9" in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out_dir / "finetune_digits.png").read_bytes().startswith(b"\x89PNG")
+        assert "| epoch |" in (out_dir / "finetune_digits.md").read_text()
     orig_mib, conv_mib, ratio = _floats(
         r"activation memory (\S+) MiB original, (\S+) MiB converted \((\S+)x\)", out
     )

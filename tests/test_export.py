@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -205,3 +206,177 @@ def test_onnx_of_converted_model(converted, name, tmp_path):
     result = export_onnx(gm, (x,), tmp_path / f"{name}.onnx")
     assert result.checked and result.max_relative_error <= 1e-4
     assert os.listdir(tmp_path) == [f"{name}.onnx"]
+
+
+# -- the user's own export calls, grad enabled -----------------------------------------------------
+def _encoder_stack():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    stack = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    model = nn.Sequential(nn.Linear(6, 16), stack)
+    return model, torch.randn(2, 5, 6)
+
+
+STACKS = {"resnet18": _resnet18, "encoder": _encoder_stack}
+
+
+@pytest.fixture(scope="module")
+def stacks():
+    out = {}
+    for name, make in STACKS.items():
+        model, x = make()
+        x = torch.cat([x, x.flip(0)]) if x.shape[0] == 1 else x  # batch 2
+        gm = fxmomentum.convert(model, gamma=0.9, example_inputs=(x,))
+        chains = [m for m in gm.modules() if isinstance(m, MomentumChain)]
+        assert chains and not any(c.use_backprop for c in chains), name
+        out[name] = (gm.eval(), x)
+    return out
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_torch_export_export_with_grad_enabled(stacks, name):
+    gm, x = stacks[name]
+    assert torch.is_grad_enabled()
+    ep = torch.export.export(gm, (x,))  # as on any model: no torch.no_grad() needed
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("autograd" in t or "Function" in t for t in targets)
+    with torch.no_grad():
+        plain = gm(x)  # the plain chain
+    torch.testing.assert_close(ep.module()(x), plain, rtol=1e-5, atol=1e-5)
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x2), gm(x2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_torch_onnx_export_with_grad_enabled(stacks, name, tmp_path):
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    gm, x = stacks[name]
+    path = tmp_path / f"{name}.onnx"
+    with fxmomentum.tools.export.captured_output():  # torch.onnx prints its progress
+        torch.onnx.export(gm, (x,), str(path), dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        plain = gm(x)
+    assert relative_error(torch.from_numpy(got), plain) < 1e-5
+
+
+# -- the batch dimension ---------------------------------------------------------------------------
+def test_batch_dynamic_shapes():
+    shapes = export.batch_dynamic_shapes((torch.zeros(2, 3), torch.zeros(2), torch.zeros(7, 2), 3))
+    assert [None if s is None else list(s) for s in shapes] == [[0], [0], None, None]
+    assert shapes[0][0] is shapes[1][0]  # one batch size for all inputs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_exports_run_at_another_batch(batch, tmp_path):
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    gm = chain_graph_module()
+    x = torch.randn(batch, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", export.StaticBatchWarning)
+        ep = export_program(gm, (x,))
+        result = export_onnx(gm, (x,), tmp_path / "m.onnx")
+    assert result.static_batch == "" and result.batches == [batch, batch, batch + 3]
+    assert "batch dimension dynamic" in str(result)
+    x5 = torch.randn(5, 8)
+    with eval_no_grad(gm):
+        expected = gm(x5)
+    torch.testing.assert_close(ep.module()(x5), expected, rtol=1e-5, atol=1e-6)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x5.numpy()})
+    assert relative_error(torch.from_numpy(got), expected) < 1e-5
+
+
+class _FixedBatch(nn.Module):
+    """Reshapes to a constant batch of 2: the model itself fixes the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).reshape(2, 2, 4)
+
+
+def test_a_model_that_fixes_the_batch_exports_static_and_says_why(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(2, 8)
+    with pytest.warns(export.StaticBatchWarning) as record:
+        ep = export_program(_FixedBatch(), (x,))
+    (message,) = [str(w.message) for w in record]
+    assert message.startswith(
+        "torch.export: the batch dimension is static (the exported model takes a batch of 2 "
+        "only): "
+    )
+    assert "\n" not in message and len(message) < 400
+    assert ep.module()(x).shape == (2, 2, 4)
+    with pytest.warns(export.StaticBatchWarning, match="^ONNX export: the batch dimension"):
+        result = export_onnx(_FixedBatch(), (x,), tmp_path / "m.onnx")
+    assert result.static_batch and result.checked and result.batches == [2, 2]
+    assert str(result).startswith(f"wrote {tmp_path / 'm.onnx'} (batch dimension static: ")
+
+
+# -- the ONNX check --------------------------------------------------------------------------------
+def test_onnx_check_says_when_outputs_do_not_vary(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    result = export_onnx(model, (torch.randn(2, 8),), tmp_path / "a.onnx")
+    assert result.checked and result.weak == "" and "weak" not in str(result)
+    nn.init.zeros_(model[2].weight)  # as torchvision's ViT heads: the output is the bias
+    result = export_onnx(model, (torch.randn(2, 8),), tmp_path / "b.onnx")
+    assert result.checked and result.weak.startswith("the outputs do not change with the inputs")
+    assert str(result).endswith(
+        "; the check is weak: the outputs do not change with the inputs (the same for two "
+        "different inputs), so a wrong graph could match them"
+    )
+
+
+def test_onnx_check_on_vit_b_16_is_weak(tmp_path):
+    """torchvision's vit_b_16 initialises its head to zero: a random one outputs zeros."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    gm = fxmomentum.convert(model, 0.9, example_inputs=torch.randn(1, 3, 32, 32))
+    result = export_onnx(gm, (torch.randn(1, 3, 32, 32),), tmp_path / "vit.onnx")
+    assert result.max_relative_error == 0.0 and result.weak
+
+
+# -- what torch prints -----------------------------------------------------------------------------
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.mean() > 100:
+            return x
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("which", ["torch.export", "onnx"])
+def test_failed_export_prints_nothing(capfd, tmp_path, which):
+    if which == "onnx":
+        pytest.importorskip("onnxscript")
+    with pytest.raises(ExportError) as err:
+        if which == "onnx":
+            export_onnx(_DataDependent(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+        else:
+            export_program(_DataDependent(), (torch.randn(2, 3),))
+    out, errout = capfd.readouterr()
+    assert out == "" and errout == ""
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(
+        "torch.export failed: " if which == "torch.export" else "ONNX export failed: "
+    )
+    assert err.value.output  # torch's own output is kept for --debug
+    assert os.listdir(tmp_path) == []

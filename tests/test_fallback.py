@@ -657,6 +657,8 @@ def test_a_graph_that_fails_when_called_is_not_returned(monkeypatch):
     calls = []
 
     def fails_once(module, arguments):
+        if module is model:
+            return None  # the original runs
         calls.append(type(module).__name__)
         return "RuntimeError: broken" if len(calls) == 1 else None
 
@@ -666,8 +668,27 @@ def test_a_graph_that_fails_when_called_is_not_returned(monkeypatch):
     net, report = fxmomentum.convert(model, 0.9, example_inputs=x, return_report=True)
     assert type(net) is archs.MLPResNet and not isinstance(net, torch.fx.GraphModule)
     assert any("converted graph fails" in leaf.reason for leaf in report.leaves)
+
     # Failing every time: no model is returned.
-    monkeypatch.setattr(conversion, "failure_on", lambda m, a: "RuntimeError: broken")
-    monkeypatch.setattr(fxmomentum.api, "failure_on", lambda m, a: "RuntimeError: broken")
+    def fails(module, arguments):
+        return None if module is model else "RuntimeError: broken"
+
+    monkeypatch.setattr(conversion, "failure_on", fails)
+    monkeypatch.setattr(fxmomentum.api, "failure_on", fails)
     with pytest.raises(conversion.ConversionError, match="fails on the example inputs"):
         fxmomentum.convert(model, 0.9, example_inputs=x)
+
+
+def test_inputs_the_original_refuses_are_no_verdict_on_the_conversion():
+    model = archs.MLPResNet(depth=3)
+    # The wrong width: the original fails as the converted model does; that is no reason to
+    # refuse the conversion, and the report says the check could not be made.
+    net, report = fxmomentum.convert(
+        model, 0.9, example_inputs=torch.randn(3, 5), return_report=True
+    )
+    assert any("fail on the original model too" in note for note in report.notes)
+    x = torch.randn(3, 8)
+    ref = fxmomentum.convert(model, 0.9, example_inputs=x)
+    assert [c.num_blocks for c in report.chains] == [3]
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))

@@ -18,6 +18,8 @@ from fxmomentum.tools.loader import (
     TargetError,
     load_target,
     parse_target,
+    split_call,
+    with_model_args,
 )
 
 HEADER = "import torch\nfrom torch import nn\n"
@@ -378,3 +380,167 @@ def test_check_example_inputs_restores_modes():
     model[1].eval()
     inputs.check_example_inputs(model, (torch.randn(1, 2),))
     assert model.training and model[0].training and not model[1].training
+
+
+# -- bytecode --------------------------------------------------------------------------------------
+def test_loading_a_file_writes_no_bytecode(tmp_path, monkeypatch):
+    """A user's machine writes __pycache__ by default; loading their model must not."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    (tmp_path / "neighbour_for_bytecode_test.py").write_text("WIDTH = 3\n")
+    path = write(
+        tmp_path,
+        """
+        from neighbour_for_bytecode_test import WIDTH
+
+        def build_model():
+            import neighbour_lazy_for_bytecode_test  # imported while the model is built
+            return nn.Linear(WIDTH, neighbour_lazy_for_bytecode_test.OUT)
+        """,
+    )
+    (tmp_path / "neighbour_lazy_for_bytecode_test.py").write_text("OUT = 2\n")
+    try:
+        loaded = load_target(path)
+    finally:
+        for name in ("neighbour_for_bytecode_test", "neighbour_lazy_for_bytecode_test"):
+            sys.modules.pop(name, None)
+    assert loaded.model.out_features == 2
+    assert sys.dont_write_bytecode is False  # restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.py", "neighbour_for_bytecode_test.py", "neighbour_lazy_for_bytecode_test.py"
+    ]  # fmt: skip
+
+
+# -- arguments of NAME -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("m.py:Net(depth=4)", ("file", "m.py", "Net(depth=4)")),
+        ("torchvision.models:vit_b_16(image_size=96)",
+         ("module", "torchvision.models", "vit_b_16(image_size=96)")),
+        ('m.py:f(name="a:b(c)")', ("file", "m.py", 'f(name="a:b(c)")')),
+        ("C:\\models\\m.py:Net(2)", ("file", "C:\\models\\m.py", "Net(2)")),
+    ],
+)  # fmt: skip
+def test_parse_target_with_arguments(target, expected):
+    assert parse_target(target) == expected
+
+
+def test_split_call_reads_literals_only():
+    assert split_call("Net(3, widths=(16, 32), act='relu', extra=None)") == (
+        "Net", (3,), {"widths": (16, 32), "act": "relu", "extra": None}
+    )  # fmt: skip
+    for bad, words in [
+        ("Net(depth=os.sep)", "os.sep is not a literal"),
+        ("Net(depth=__import__('os'))", "__import__('os') is not a literal"),
+        ("Net(*xs)", "*args cannot be given"),
+        ("Net(**kw)", "**kwargs cannot be given"),
+        ("Net(depth=", "cannot read the arguments of 'Net(depth='"),
+    ]:
+        with pytest.raises(TargetError) as info:
+            split_call(bad)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+NEEDS_ARGS = """
+class Net(nn.Module):
+    def __init__(self, depth, width=4):
+        super().__init__()
+        self.fs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+    def forward(self, x):
+        for f in self.fs:
+            x = x + f(x)
+        return x
+"""
+
+
+def test_arguments_reach_a_class_or_factory(tmp_path):
+    path = write(tmp_path, NEEDS_ARGS)
+    loaded = load_target(f"{path}:Net(3, width=8)")
+    assert len(loaded.model.fs) == 3 and loaded.model.fs[0].in_features == 8
+    assert loaded.how == "class Net(3, width=8)" and loaded.name == "Net"
+    assert loaded.target == f"{path}:Net(3, width=8)"
+    net = load_target("torchvision.models:resnet18(num_classes=7)")
+    assert net.model.fc.out_features == 7 and net.how == "factory resnet18(num_classes=7)"
+    with pytest.raises(ModelNotFoundError) as info:
+        load_target(f"{path}:Net(3, depth=2)")
+    assert str(info.value) == (
+        f"Net(3, depth=2) in {path}: multiple values for argument 'depth'; check the arguments"
+    )
+    assert with_model_args(f"{path}:Net", "depth=2") == f"{path}:Net(depth=2)"
+    with pytest.raises(TargetError, match="--model-args needs the class or factory named"):
+        with_model_args(path, "depth=2")
+
+
+def test_a_class_that_needs_arguments_is_named(tmp_path):
+    path = write(tmp_path, NEEDS_ARGS)
+    with pytest.raises(ModelNotFoundError) as info:
+        load_target(path)
+    assert str(info.value) == (
+        f"no model found in {path} that builds without arguments: class Net needs arguments "
+        f"(depth); pass them as {path}:Net(depth=...) (or --model-args 'depth=...'), give them "
+        f"defaults, or define `model = Net(...)`"
+    )
+
+
+# -- errors that fit the model ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model, hint",
+    [
+        (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), "--input-shape 1,16 --dtype int64"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3)), "--input-shape 1,1,224,224"),
+        (nn.Sequential(nn.Conv1d(2, 4, 3)), "--input-shape 1,2,128"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(6, 2)), "--input-shape 1,6"),
+        (nn.Transformer(16, 2, 1, 1, 32), "--input-shape 1,16,16"),
+        (nn.ReLU(), "--input-shape 1,3,224,224"),
+    ],
+)
+def test_input_shape_hint(model, hint):
+    assert inputs.input_shape_hint(model) == hint
+
+
+def test_a_token_model_on_image_inputs_gets_a_token_hint_and_the_line(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        class Tok(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(100, 8)
+                self.f = nn.Linear(8, 8)
+            def forward(self, ids):
+                x = self.emb(ids)
+                return x + self.f(x)
+        """,
+    )
+    with pytest.raises(ExampleInputsError) as info:
+        load_target(path, input_shapes=[(1, 3, 8, 8)], check_inputs=True)
+    msg = str(info.value)
+    assert msg.endswith(" at model.py:10; give inputs the model accepts, e.g. --input-shape 1,16 "
+                        "--dtype int64")  # fmt: skip
+    assert load_target(path, input_shapes=[(1, 16)], dtypes=torch.int64, check_inputs=True)
+
+
+def test_an_exception_in_forward_names_the_line(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.f = nn.Linear(3, 3)
+            def forward(self, x):
+                if x.shape[0] == 3:
+                    raise ValueError("batch 3 is unlucky")
+                return x + self.f(x)
+        """,
+    )
+    with pytest.raises(ExampleInputsError) as info:
+        load_target(path, input_shapes=[(3, 3)], check_inputs=True)
+    assert str(info.value) == (
+        "the model fails on example inputs of shape 3x3 float32 (from --input-shape): "
+        "ValueError: batch 3 is unlucky at model.py:10; give inputs the model accepts, "
+        "e.g. --input-shape 1,3"
+    )
+    with pytest.raises(ExampleInputsError, match=r"at vision_transformer\.py:"):  # not torch's
+        load_target("torchvision.models:vit_b_16", input_shapes=[(1, 3, 64, 64)],
+                    check_inputs=True)  # fmt: skip

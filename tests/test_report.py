@@ -103,3 +103,45 @@ def test_without_example_inputs_the_estimate_is_unavailable():
     assert report.as_dict()["chains"][0]["saved_bytes"] is None
     backprop = fxmomentum.inspect(model, use_backprop=True)
     assert "unavailable" not in str(backprop)
+
+
+def test_failed_shape_propagation_is_not_called_missing_inputs():
+    """At 1x3x2x2 a ResNet's train-mode BatchNorm fails on a 1x1 map: shape propagation fails
+    on inputs that were given."""
+    import torchvision
+
+    report = fxmomentum.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 2, 2))
+    assert report.inputs_given and not report.shapes_verified
+    notes = [line for line in str(report).splitlines() if line.startswith("note: saved")]
+    assert notes == [
+        "note: saved (est.) unavailable: it measures what autograd saves on example_inputs, and "
+        "shape propagation failed on them (see the note above)"
+    ]
+    assert "example_inputs were not given" not in str(report)
+    assert not fxmomentum.inspect(torchvision.models.resnet18()).inputs_given
+
+
+def test_kind_legend_and_gamma_note():
+    model, x = wide_mlp()
+    text = str(fxmomentum.inspect(model, x))
+    legend = (
+        "kind: pure = each block ends at its add, x + F(x), and f = F; generalized = "
+        "shape-preserving operations follow the add (relu(x + F(x)), a post-norm), the block's "
+        "output y is the next state and f(x) = y - x; mixed = both in one chain"
+    )
+    lines = text.splitlines()
+    assert lines[lines.index(legend) - 1].split()[-1] == "converted"  # right under the table
+    note = (
+        "note: gamma > 0: the converted model computes a different function of the same weights "
+        "(gamma 0 is the original), so pretrained weights need fine-tuning: train it as it is, "
+        "or start from a small gamma and raise it during training with "
+        "fxmomentum.GammaScheduler(model, start=0.1, end=0.9, steps=N)"
+    )
+    assert note in lines
+    assert f"- {note}" in fxmomentum.inspect(model, x).format("markdown").splitlines()
+    same = str(fxmomentum.inspect(model, x, gamma=0.0, use_backprop=True))
+    assert "gamma > 0" not in same and legend in same
+    # True: at 0.9 the converted model computes another function of the same weights.
+    gm = fxmomentum.convert(model, 0.9).eval()
+    with torch.no_grad():
+        assert (gm(x) - model.eval()(x)).norm() > 0.05 * model(x).norm()

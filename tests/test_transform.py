@@ -247,3 +247,78 @@ def test_layers_not_all_called_raise_after_the_forward(use_backprop: bool):
     top = transform_to_momentumnet(Owner("inside"), **{**kw, "sub_layers": ["layers"]})
     with pytest.raises(RuntimeError, match=r"^Owner\.forward ran without calling"):
         top(x)
+
+
+class AddsAgain(nn.Module):
+    """A parent that adds the residual itself, `x = x + layer(x)`, around converted layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+ADDS_AGAIN = (
+    "layer 1 of the momentum chain 'layers' was not given the output of layer 0: the parent "
+    "changed x between the layers (as `x = x + layer(x)` does). The parent must pass each "
+    "layer's output to the next unchanged, `x = layer(x, ...)`; is_residual only says whether a "
+    "layer returns f(x) (True) or x + f(x) (False). Change the parent's code, or use "
+    "fxmomentum.convert(model), which converts the residual additions written in the parent's "
+    "code."
+)
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+@pytest.mark.parametrize("is_residual", [True, False])
+def test_parent_that_changes_x_between_layers_is_named(use_backprop, is_residual):
+    m = transform_to_momentumnet(
+        AddsAgain(), sub_layers=["layers"], keep_first_layer=False, gamma=0.9,
+        use_backprop=use_backprop, is_residual=is_residual,
+    )  # fmt: skip
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError) as err:
+        m(x)
+    assert str(err.value) == ADDS_AGAIN
+    # The chain was reset: the same layers called in sequence work, and match MomentumNet.
+    from fxmomentum import MomentumNet
+
+    seq = nn.Sequential(*m.layers)
+    ref = MomentumNet(list(AddsAgain().layers), 0.9, is_residual=is_residual)
+    ref.load_state_dict({f"blocks.{k}": v for k, v in m.layers.state_dict().items()})
+    torch.testing.assert_close(seq(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fxmomentum_convert_takes_the_parent_that_adds():
+    x = torch.randn(2, 4)
+    model = AddsAgain()
+    gm, report = fxmomentum_convert(model)
+    assert [c.num_blocks for c in report.chains] == [3]
+    torch.testing.assert_close(
+        fxmomentum_convert(model, gamma=0.0, use_backprop=True)[0](x), model(x)
+    )
+    assert gm(x).shape == (2, 4)
+
+
+def fxmomentum_convert(model, **kwargs):
+    import fxmomentum
+
+    kwargs.setdefault("gamma", 0.9)
+    return fxmomentum.convert(model, return_report=True, **kwargs)
+
+
+GAMMA_ONE = (
+    "gamma is 1: at gamma = 1 the velocity never changes, so no block has an effect and no "
+    "block's parameters get a gradient. Use a gamma below 1 (0.9 is the usual momentum; the "
+    "largest is 0.999985)."
+)
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_transform_refuses_gamma_one(use_backprop):
+    with pytest.raises(ValueError) as err:
+        transform_to_momentumnet(resnet18(), gamma=1, use_backprop=use_backprop)
+    assert str(err.value) == GAMMA_ONE

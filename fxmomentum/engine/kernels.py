@@ -8,14 +8,20 @@ and the eager version may even be mixed between a forward and its backward.
 
 Compilation is used on CPU tensors of at least :data:`COMPILE_MIN_NUMEL` elements, and turned
 off with the environment variable ``FXMOMENTUM_COMPILE=0`` (read at each call). If compiling
-fails (no C++ compiler, say), a warning is given once and the eager kernels are used.
+fails (no C++ compiler, say), a warning is given once and the eager kernels are used. The first
+compilation in a process takes seconds: it is logged (INFO, this module's logger) and
+:data:`on_first_compile` is called, which the command line uses for a progress line. torch's
+"No CUDA runtime is found" log record, which compiling emits on a machine with a CUDA toolkit
+and no GPU, is dropped there (and only there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -260,6 +266,40 @@ def _input_grad_(grad_x: torch.Tensor, grad_out: torch.Tensor, grad_f: torch.Ten
     grad_x.copy_(total if grad_f is None else total - grad_f)
 
 
+#: Called with no arguments just before the first kernel of this process compiles.
+on_first_compile: Callable[[], None] | None = None
+_announced = False
+_log = logging.getLogger(__name__)
+
+
+def _announce_compile() -> None:
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    _log.info("compiling the reversible engine's kernels (torch.compile, once per process)")
+    if on_first_compile is not None:
+        on_first_compile()
+
+
+class _NoCudaRuntimeRecord(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    """Drop torch's "No CUDA runtime is found" (its C++ extension module, imported by the
+    compiler, logs it on a machine with a CUDA toolkit and no GPU) while a kernel compiles."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeRecord()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class _Kernel:
     """An eager function plus, when worthwhile, its torch.compile'd twin."""
 
@@ -269,6 +309,7 @@ class _Kernel:
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
         self._compiled: Callable | None = None
+        self._warm = False
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__.lstrip("_")
 
@@ -284,9 +325,16 @@ class _Kernel:
     def __call__(self, *args):
         if self._use_compiled(args[0]):
             if self._compiled is None:
+                _announce_compile()
                 self._compiled = torch.compile(self.fn, fullgraph=True)
+                self._warm = False
             try:
-                return self._compiled(*args)
+                if self._warm:
+                    return self._compiled(*args)
+                with _compiling():  # the first call compiles
+                    out = self._compiled(*args)
+                self._warm = True
+                return out
             except Exception as err:  # any compiler failure falls back
                 _Kernel._failed = True
                 warnings.warn(

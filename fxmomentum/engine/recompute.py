@@ -35,8 +35,13 @@ __all__ = ["needs_backward", "recomputed", "recomputed_chain"]
 
 def needs_backward(tensors: Iterable[object], parameters: Iterable[torch.Tensor]) -> bool:
     """Whether autograd will differentiate through something that reads ``tensors`` and
-    ``parameters``: grad is enabled and one of them requires grad."""
-    if not torch.is_grad_enabled():
+    ``parameters``: grad is enabled and one of them requires grad.
+
+    Under ``torch.export`` (and ``torch.onnx.export(dynamo=True)``) it is never: the exported
+    program is for inference, and the engine's state checks depend on the data, which export
+    cannot trace.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_exporting():
         return False
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return True

@@ -23,7 +23,8 @@ class MomentumNet(MomentumChain):
     ----------
     functions : sequence of nn.Module
         The residual functions; each is called as ``f(x, *args)``. The same module may appear
-        several times (tied weights).
+        several times (tied weights). An empty list gives the identity, as in the official
+        library (its nested-rings example draws the states after 0, 1, ... blocks).
     gamma : float
         Momentum in ``[0, 1]``.
     init_speed : bool
@@ -43,6 +44,9 @@ class MomentumNet(MomentumChain):
     >>> mresnet = MomentumNet([function] * 10, gamma=0.9, use_backprop=False)
     >>> mresnet(torch.randn(4, 500)).shape
     torch.Size([4, 500])
+    >>> x = torch.randn(2, 500)
+    >>> MomentumNet([], gamma=0.9)(x) is x
+    True
     """
 
     def __init__(
@@ -56,7 +60,17 @@ class MomentumNet(MomentumChain):
     ) -> None:
         if init_speed and init_function is None:
             raise ValueError("init_speed=True needs an init_function giving v_0 from x_0")
-        super().__init__(functions, gamma, residual=is_residual, use_backprop=use_backprop)
+        functions = list(functions)
+        if functions:
+            super().__init__(functions, gamma, residual=is_residual, use_backprop=use_backprop)
+        else:
+            # No blocks: the identity. MomentumChain refuses an empty chain; the attributes it
+            # would set are set here, gamma validated the same way.
+            nn.Module.__init__(self)
+            self.use_backprop = bool(use_backprop)
+            self.gamma = gamma
+            self.residual, self.names, self.reads = [], [], None
+            self.blocks = nn.ModuleList()
         self.init_speed = bool(init_speed)
         self.init_function = init_function
         self.is_residual = bool(is_residual)
@@ -67,5 +81,7 @@ class MomentumNet(MomentumChain):
         return self.blocks
 
     def forward(self, x: torch.Tensor, *args: object) -> torch.Tensor:  # type: ignore[override]
+        if not self.residual:
+            return x  # no blocks: the identity (v_0 is never used)
         v0 = self.init_function(x) if self.init_speed else None
         return super().forward(x, *args, v0=v0)

@@ -112,11 +112,27 @@ class LayerChain(GammaSetting):
         self._next = 0
         self._run: ChainRun | None = None
         self._v: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None  # the last layer's output, the next one's input
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_next=0, _run=None, _v=None)
+        state.update(_next=0, _run=None, _v=None, _out=None)
         return state
+
+    def _check_input(self, i: int, x: torch.Tensor) -> None:
+        """Layer ``i > 0`` must get layer ``i - 1``'s output itself: the chain's state ``v``
+        (and, reversible, its exact ``x``) continues from that output, not from another value."""
+        if x is self._out:
+            return
+        self._reset()
+        raise RuntimeError(
+            f"layer {i} of the momentum chain {self.name!r} was not given the output of layer "
+            f"{i - 1}: the parent changed x between the layers (as `x = x + layer(x)` does). The "
+            f"parent must pass each layer's output to the next unchanged, `x = layer(x, ...)`; "
+            f"is_residual only says whether a layer returns f(x) (True) or x + f(x) (False). "
+            f"Change the parent's code, or use fxmomentum.convert(model), which converts the "
+            f"residual additions written in the parent's code."
+        )
 
     def step(self, i: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Advance the chain through layer ``i``."""
@@ -130,6 +146,8 @@ class LayerChain(GammaSetting):
                 f"{expected - 1}: the layers of a momentum chain must run in order, each once "
                 f"per forward. Convert only lists whose layers the model calls in sequence."
             )
+        else:
+            self._check_input(i, x)
         spec = ChainSpec(self.blocks, self.residual, self._gamma_num, self.names)
         if i == 0 and not self.use_backprop and _needs_backward(x, args, kwargs, self.blocks):
             self._run = start_run(spec, x)
@@ -142,6 +160,7 @@ class LayerChain(GammaSetting):
             else:
                 x, self._v = spec.plain_step(t, x, self._v, a, k)
         self._next = i + 1
+        self._out = x
         if self._next == self.num_layers:
             self._reset()
             self.passes += 1
@@ -182,7 +201,9 @@ class _CallCheck:
 
 
 def _needs_backward(x: torch.Tensor, args: tuple, kwargs: dict, blocks) -> bool:
-    if not torch.is_grad_enabled():
+    # Under torch.export (and torch.onnx.export, dynamo=True) the plain chain is traced: the
+    # reversible function's state checks depend on the data, which export cannot trace.
+    if not torch.is_grad_enabled() or torch.compiler.is_exporting():
         return False
     leaves = [x, *args, *kwargs.values()]
     if any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves):

@@ -88,6 +88,7 @@ class Conversion:
     options: ConvertOptions
     notes: list[Note] = field(default_factory=list)
     plan: MemoryPlan | None = None
+    inputs_given: bool = False
 
     @property
     def whole(self) -> bool:
@@ -121,6 +122,7 @@ def prepare(
         whole=whole,
     )
     conversion = Conversion(root, descent, [UnitChoice(u) for u in descent.units], options)
+    conversion.inputs_given = example_inputs is not None
     conversion.notes = list(descent.notes)
     index = 0
     for unit in conversion.units:
@@ -306,12 +308,16 @@ def failure_on(
     module: nn.Module, arguments: tuple[tuple[Any, ...], dict[str, Any]] | None
 ) -> str | None:
     """Why ``module(*args, **kwargs)`` fails (one line), or None when it runs (or there are no
-    arguments to run it on). Run as in training, grad enabled, without side effects."""
+    arguments to run it on). Run as in training, grad enabled, without side effects; on the
+    meta device without grad (reversible training cannot run there, shapes can)."""
     if arguments is None:
         return None
     args, kwargs = arguments
+    tensors = [*module.parameters(), *module.buffers()]
+    tensors += [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    on_meta = any(t.is_meta for t in tensors)
     try:
-        with no_side_effects(module, args, grad=True):
+        with no_side_effects(module, args, grad=not on_meta):
             module(*args, **kwargs)
     except Exception as exc:
         return one_line(exc, 200)
@@ -364,6 +370,7 @@ def make_report(conversion: Conversion, graphs: Sequence[fx.Graph]) -> Conversio
         use_backprop=conversion.options.use_backprop,
         notes=group_notes(conversion.notes),
         plan=conversion.plan,
+        inputs_given=conversion.inputs_given,
     )
 
 

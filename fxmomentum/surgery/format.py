@@ -9,7 +9,7 @@ from tabulate import tabulate
 from .budget import MemoryPlan
 from .report import ConversionReport
 
-__all__ = ["FORMATS", "format_bytes", "format_report"]
+__all__ = ["FORMATS", "KIND_LEGEND", "format_bytes", "format_report", "gamma_note"]
 
 #: The formats :func:`format_report` writes.
 FORMATS = ("table", "json", "markdown")
@@ -42,16 +42,50 @@ def _count(n: int) -> str:
     return str(n)
 
 
+#: The legend of the chain table's ``kind`` column.
+KIND_LEGEND = (
+    "kind: pure = each block ends at its add, x + F(x), and f = F; generalized = "
+    "shape-preserving operations follow the add (relu(x + F(x)), a post-norm), the block's "
+    "output y is the next state and f(x) = y - x; mixed = both in one chain"
+)
+
+
 def _all_notes(report: ConversionReport) -> list[str]:
-    note = _estimate_note(report)
-    return [*report.notes, note] if note else list(report.notes)
+    extra = [_estimate_note(report), gamma_note(report)]
+    return [*report.notes, *(n for n in extra if n)]
 
 
 def _estimate_note(report: ConversionReport) -> str | None:
     if report.use_backprop or not any(c.saved_bytes is None for c in report.converted):
         return None
-    why = "example_inputs were not given" if not report.shapes_verified else "it failed"
+    if not report.inputs_given:
+        why = "example_inputs were not given"
+    elif not report.shapes_verified:
+        why = "shape propagation failed on them (see the note above)"
+    else:
+        why = "it failed"
     return f"saved (est.) unavailable: it measures what autograd saves on example_inputs, and {why}"
+
+
+def gamma_note(report: ConversionReport) -> str | None:
+    """What a gamma above 0 means for the converted model's outputs, or None.
+
+    Examples
+    --------
+    >>> from fxmomentum.surgery.report import ChainInfo
+    >>> chain = ChainInfo("momentum_chain_0", [], "pure", "a", "b", None, None, 0, True,
+    ...                   gamma=0.9)
+    >>> print(gamma_note(ConversionReport("Net", chains=[chain])))
+    gamma > 0: the converted model computes a different function of the same weights ...
+    """
+    if not any(c.gamma for c in report.converted):
+        return None
+    return (
+        "gamma > 0: the converted model computes a different function of the same weights "
+        "(gamma 0 is the original), so pretrained weights need fine-tuning: train it as it is, "
+        "or start from a small gamma and raise it during training with "
+        "fxmomentum.GammaScheduler(model, start=0.1, end=0.9, steps=N)"
+    )
 
 
 def _tables(report: ConversionReport, tablefmt: str) -> list[tuple[str, str]]:
@@ -76,7 +110,10 @@ def _tables(report: ConversionReport, tablefmt: str) -> list[tuple[str, str]]:
         )
     head = ["#", "module", "blocks", "kind", "first", "last", "state", "params", "gamma",
             "saved (est.)", "status"]  # fmt: skip
-    out = [("Residual chains", tabulate(rows, head, tablefmt=tablefmt) if rows else "none")]
+    table = tabulate(rows, head, tablefmt=tablefmt) if rows else "none"
+    if rows:
+        table += f"\n\n{KIND_LEGEND}" if tablefmt == "github" else f"\n{KIND_LEGEND}"
+    out = [("Residual chains", table)]
     if report.skipped:
         # One line each (`str(item)`): the reasons are sentences, too wide for a table.
         bullet = "- " if tablefmt == "github" else "  "

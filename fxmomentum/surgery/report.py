@@ -189,6 +189,9 @@ class ConversionReport:
     notes : list of str
     plan : MemoryPlan or None
         With ``memory_budget``: every region's strategy and the estimates behind it.
+    inputs_given : bool
+        Whether example inputs were given (shapes may still be unverified: shape propagation
+        can fail on them).
 
     Examples
     --------
@@ -212,6 +215,7 @@ class ConversionReport:
     use_backprop: bool = False
     notes: list[str] = field(default_factory=list)
     plan: MemoryPlan | None = None
+    inputs_given: bool = False
 
     @property
     def converted(self) -> list[ChainInfo]:

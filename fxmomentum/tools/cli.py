@@ -19,6 +19,8 @@ it from :func:`build_parser`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import traceback
 import warnings
@@ -59,7 +61,9 @@ _EXIT_TEXT = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in E
 
 _TARGET_TEXT = """\
 TARGET is model.py, model.py:NAME or package.module:NAME. NAME is an nn.Module instance,
-an nn.Module class built without arguments, or a function returning the model. Without NAME:
+an nn.Module class built without arguments, or a function returning the model; a class or
+function takes arguments as NAME(ARGS) or --model-args ARGS, Python literals only, e.g.
+torchvision.models:vit_b_16(image_size=96). Without NAME:
 a module-level `model`, else a function build_model/get_model/create_model, else the only
 nn.Module instance, else the only nn.Module class of the file that builds without arguments.
 Example inputs: `example_inputs` in the file (a tensor, a tuple of tensors, or a function
@@ -152,7 +156,15 @@ def _positive_int(text: str) -> int:
 # -- parser ----------------------------------------------------------------------------------------
 def _common_options() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("target", metavar="TARGET", help="model.py[:NAME] or package.module:NAME")
+    common.add_argument(
+        "target", metavar="TARGET", help="model.py[:NAME] or package.module:NAME[(ARGS)]"
+    )
+    common.add_argument(
+        "--model-args",
+        metavar="ARGS",
+        help="arguments of the class or factory NAME, Python literals, e.g. "
+        "'image_size=96, num_classes=10' (the same as TARGET:NAME(ARGS))",
+    )
     inputs = common.add_argument_group("example inputs")
     inputs.add_argument(
         "--input-shape",
@@ -252,12 +264,19 @@ def _add_inspect(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "  fxmomentum inspect model.py\n"
         "  fxmomentum inspect torchvision.models:resnet50 --input-shape 1,3,224,224\n"
         "  fxmomentum inspect model.py:Net --format json --show-skipped\n"
-        "  fxmomentum inspect model.py --diff          # graph code before/after\n\n" + _EXIT_TEXT,
+        "  fxmomentum inspect model.py --diff          # graph code before/after\n"
+        "  fxmomentum inspect model.py --input-shape 1,3,64,64 --html model.html\n\n" + _EXIT_TEXT,
     )
     p.add_argument(
         "--diff",
         action="store_true",
         help="show the top-level graph code before and after conversion (unified diff)",
+    )
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write one self-contained page: the modules in order with every chain "
+        "highlighted, what was skipped and why, each chain's memory and time cost",
     )
     p.set_defaults(run="run_inspect")
 
@@ -435,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxmomentum: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`fxmomentum inspect ... | head`): nothing to report.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         if debug:
             raise

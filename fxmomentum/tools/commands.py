@@ -13,9 +13,11 @@ import dataclasses
 import difflib
 import json
 import os
+import shlex
 import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,7 +37,15 @@ from .cli import (
     EXIT_USAGE,
     CLIError,
 )
-from .export import ExportError, atomic_output, export_onnx, export_program, save_program
+from .export import (
+    ExportError,
+    StaticBatchWarning,
+    atomic_output,
+    export_onnx,
+    export_program,
+    save_program,
+)
+from .inputs import input_shape_hint
 
 __all__ = ["run_convert", "run_inspect", "run_profile"]
 
@@ -47,9 +57,12 @@ def _load(args: argparse.Namespace) -> loader.LoadedModel:
             "example_inputs keep their own dtypes)",
             EXIT_USAGE,
         )
+    target = args.target
     try:
+        if getattr(args, "model_args", None):
+            target = loader.with_model_args(target, args.model_args)
         return loader.load_target(
-            args.target,
+            target,
             input_shapes=args.input_shape,
             dtypes=args.dtype,
             check_inputs=True,
@@ -284,6 +297,9 @@ def _uses_module(gm: torch.nn.Module, module_name: str) -> bool:
 def run_inspect(args: argparse.Namespace) -> int:
     """``fxmomentum inspect``: print the report of what convert would do."""
     _check_gamma(args)
+    html_path = getattr(args, "html", None)
+    if html_path:
+        _check_writable("--html", html_path)
     loaded = _load(args)
     _check_leaves(args, loaded)
     options = _converter_options(args)
@@ -291,8 +307,41 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = api.inspect(loaded.model, loaded.example_inputs, gamma=args.gamma, **options)
     except Exception as exc:
         raise _conversion_failed(loaded, exc) from exc
-    print(_format_report(report, loaded, args))
+    print(_format_report(report, loaded, args), flush=True)
+    if html_path:
+        _write_html_page(html_path, report, loaded)
     return EXIT_OK
+
+
+def _write_html_page(path: str, report: ConversionReport, loaded: loader.LoadedModel) -> None:
+    """``inspect --html``: the page of :mod:`fxmomentum.tools.html`, costs measured when there
+    are example inputs."""
+    from . import html
+
+    progress = _StderrProgress(quiet=False)
+    costs = None
+    if loaded.example_inputs is not None and report.chains:
+        progress("measuring each chain's share of memory and time (one forward)", transient=True)
+        try:
+            costs = html.measure_costs(loaded.model, loaded.example_inputs, report.as_dict())
+        except Exception as exc:  # the page is still worth writing without them
+            what = one_line(exc)
+            warnings.warn(f"--html: the costs could not be measured ({what})", stacklevel=1)
+    subtitle = f"{loaded.source}: {loaded.how}; example inputs: {_inputs_text(loaded)}"
+    try:
+        html.write_html(
+            path,
+            report.as_dict(),
+            html.model_modules(loaded.model),
+            costs=costs,
+            title=type(loaded.model).__name__,
+            subtitle=subtitle,
+        )
+    except OSError as exc:
+        progress.clear()
+        raise _write_failed("--html", path, exc) from exc
+    progress.clear()
+    print(f"wrote {path} (one self-contained page; open it in a browser)", file=sys.stderr)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -314,8 +363,8 @@ def run_convert(args: argparse.Namespace) -> int:
     if (args.export or args.onnx) and loaded.example_inputs is None:
         option = "--export" if args.export else "--onnx"
         raise CLIError(
-            f"{option} needs example inputs; add --input-shape (e.g. --input-shape 1,3,224,224) "
-            f"or define example_inputs in the model file",
+            f"{option} needs example inputs; add --input-shape (e.g. "
+            f"{input_shape_hint(loaded.model)}) or define example_inputs in the model file",
             EXIT_INPUTS,
         )
 
@@ -331,40 +380,120 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     except Exception as exc:
         raise _conversion_failed(loaded, exc) from exc
+    if not report.converted:
+        raise _nothing_to_convert(loaded, report)
+    # The report first: if an output then fails, the table is already there.
+    print(_format_report(report, loaded, args), flush=True)
+    _write_outputs(gm, loaded, args, outputs)
+    return EXIT_OK
 
-    written: list[str] = []
-    if args.output:
-        _save_graph_module(gm, loaded, args.output, written)
-    if args.export:
+
+def _nothing_to_convert(loaded: loader.LoadedModel, report: ConversionReport) -> CLIError:
+    return CLIError(
+        f"nothing to convert: no residual chain of {loaded.source} was converted "
+        f"({report.summary()}); nothing was written; see why with `fxmomentum inspect "
+        f"{shlex.quote(loaded.target)} --show-skipped`",
+        EXIT_CONVERT,
+    )
+
+
+def _write_outputs(
+    gm: torch.nn.Module,
+    loaded: loader.LoadedModel,
+    args: argparse.Namespace,
+    outputs: list[tuple[str, str]],
+) -> None:
+    """Write ``-o``, ``--export``, ``--onnx`` in that order; on a failure, the one error line
+    says exactly which outputs were written and which were not attempted."""
+    progress = _StderrProgress(quiet=False)
+    written: list[tuple[str, str]] = []  # (path, line)
+    for k, (option, path) in enumerate(outputs):
         try:
-            program = export_program(gm, loaded.example_inputs)
-        except ExportError as exc:
-            raise CLIError(
-                f"{exc}; the other outputs were written; try without --export or rerun with "
-                f"--debug",
-                EXIT_EXPORT,
-            ) from exc
+            written.append((path, _write_output(option, path, gm, loaded, progress)))
+        except CLIError as exc:
+            progress.clear()
+            output = getattr(exc.__cause__, "output", "")
+            if args.debug and output:
+                sys.stderr.write(output.rstrip("\n") + "\n")
+            status = _outputs_status(path, [p for p, _ in written], outputs[k + 1 :])
+            fix = ""
+            if isinstance(exc.__cause__, ExportError):
+                fix = f"; try without {option}, or rerun with --debug to see torch's output"
+            raise CLIError(f"{exc}; {status}{fix}", exc.code) from exc.__cause__
+    progress.clear()
+    for _, line in written:
+        print(line, file=sys.stderr)
+
+
+def _outputs_status(failed: str, written: list[str], rest: list[tuple[str, str]]) -> str:
+    """Which outputs exist after a failure, in words.
+
+    Examples
+    --------
+    >>> _outputs_status("m.pt2", ["m.pt"], [("--onnx", "m.onnx")])
+    'm.pt2 was not written; wrote m.pt; --onnx m.onnx not attempted'
+    """
+    parts = [f"{failed} was not written"]
+    parts.append(f"wrote {' and '.join(written)}" if written else "nothing else was written")
+    if rest:
+        parts.append(" and ".join(f"{opt} {path}" for opt, path in rest) + " not attempted")
+    return "; ".join(parts)
+
+
+def _write_output(
+    option: str,
+    path: str,
+    gm: torch.nn.Module,
+    loaded: loader.LoadedModel,
+    progress: _StderrProgress,
+) -> str:
+    """Write one output; returns the line that says what was written."""
+    if option == "-o":
+        progress(f"saving {path} (torch.save)", transient=True)
+        return _save_graph_module(gm, loaded, path)
+    inputs = loaded.example_inputs
+    assert inputs is not None
+    if option == "--export":
+        progress(f"exporting {path} (torch.export)", transient=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StaticBatchWarning)
+            try:
+                program = export_program(gm, inputs)
+            except ExportError as exc:
+                raise CLIError(str(exc), EXIT_EXPORT) from exc
+        batch = _batch_text(caught)
         try:
-            save_program(program, args.export)
+            save_program(program, path)
         except OSError as exc:
-            raise _write_failed("--export", args.export, exc) from exc
-        written.append(
-            f"wrote {args.export} (torch.export ExportedProgram, eval mode; "
+            raise _write_failed("--export", path, exc) from exc
+        return (
+            f"wrote {path} (torch.export ExportedProgram, eval mode, {batch}; "
             f"torch.export.load to read it)"
         )
-    if args.onnx:
+    progress(f"exporting {path} (torch.onnx.export, dynamo=True; then onnxruntime)", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StaticBatchWarning)  # OnnxResult says it
         try:
-            result = export_onnx(gm, loaded.example_inputs, args.onnx)
+            result = export_onnx(gm, inputs, path)
         except ExportError as exc:
-            raise CLIError(f"{exc}; {args.onnx} was not written", EXIT_EXPORT) from exc
+            raise CLIError(str(exc), EXIT_EXPORT) from exc
         except OSError as exc:
-            raise _write_failed("--onnx", args.onnx, exc) from exc
-        written.append(str(result))
+            raise _write_failed("--onnx", path, exc) from exc
+    return str(result)
 
-    print(_format_report(report, loaded, args))
-    for line in written:
-        print(line, file=sys.stderr)
-    return EXIT_OK
+
+def _batch_text(caught: list[warnings.WarningMessage]) -> str:
+    """ "batch dimension dynamic", or static and why (from a :class:`StaticBatchWarning`);
+    other warnings are given again."""
+    reasons = []
+    for w in caught:
+        if issubclass(w.category, StaticBatchWarning):
+            reasons.append(str(w.message).partition(": ")[2])
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if reasons:
+        return reasons[0].replace("the batch dimension is static", "batch dimension static", 1)
+    return "batch dimension dynamic"
 
 
 class _StderrProgress:
@@ -392,6 +521,13 @@ class _StderrProgress:
             sys.stderr.flush()
             self.open_line = False
 
+    def clear(self) -> None:
+        """Erase an open transient line (nothing is left of it on the terminal)."""
+        if self.open_line:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.open_line = False
+
 
 def run_profile(args: argparse.Namespace) -> int:
     """``fxmomentum profile``: measure original against converted and print the result."""
@@ -406,6 +542,7 @@ def run_profile(args: argparse.Namespace) -> int:
     loaded = _load(args)
     _check_leaves(args, loaded)
     progress = _StderrProgress(args.quiet)
+    restore_compile_hook = _show_compile_progress(progress)
     try:
         result = profiling.profile_model(
             loaded,
@@ -428,6 +565,7 @@ def run_profile(args: argparse.Namespace) -> int:
         raise _profile_failed(loaded, exc) from exc
     finally:
         progress.close()
+        restore_compile_hook()
     if args.format == "json":
         print(json.dumps({"target": _target_info(loaded), **result.as_dict()}, indent=2))
         return EXIT_OK
@@ -444,6 +582,27 @@ def run_profile(args: argparse.Namespace) -> int:
                 f"--show-skipped to see them and why"
             )
     return EXIT_OK
+
+
+def _show_compile_progress(progress: _StderrProgress) -> Callable[[], None]:
+    """A progress line when the reversible engine first compiles its kernels (seconds to a
+    minute); returns the function that removes it."""
+    from ..engine import kernels
+
+    before = kernels.on_first_compile
+
+    def say() -> None:
+        progress(
+            "compiling the reversible engine's kernels (torch.compile, once per process; "
+            "this takes a while)"
+        )
+
+    kernels.on_first_compile = say
+
+    def restore() -> None:
+        kernels.on_first_compile = before
+
+    return restore
 
 
 def _profile_failed(loaded: loader.LoadedModel, exc: profiling.ProfileError) -> CLIError:
@@ -470,9 +629,7 @@ def _profile_failed(loaded: loader.LoadedModel, exc: profiling.ProfileError) -> 
     )
 
 
-def _save_graph_module(
-    gm: torch.nn.Module, loaded: loader.LoadedModel, path: str, written: list[str]
-) -> None:
+def _save_graph_module(gm: torch.nn.Module, loaded: loader.LoadedModel, path: str) -> str:
     try:
         with _importable_as_file_module(gm, loaded) as module_name, atomic_output(path) as tmp:
             torch.save(gm, tmp)
@@ -490,4 +647,4 @@ def _save_graph_module(
             f"; it uses classes from {loaded.source}, so loading needs that file importable as "
             f"`{module_name}` (run from its directory or put it on PYTHONPATH)"
         )
-    written.append(line)
+    return line

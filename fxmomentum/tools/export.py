@@ -14,10 +14,20 @@ same weights (``gamma`` rounded to a multiple of ``2**-16`` as in every mode), w
 semantics (BatchNorm uses its running statistics, dropout is off). An exported program is for
 inference; train the converted GraphModule itself.
 
-Eval mode alone is not enough: with grad enabled and trainable parameters, a reversible chain
-still takes the autograd-Function path, and calling ``torch.export.export`` (or
-``torch.onnx.export``) on it directly fails on a data-dependent guard inside the exact engine.
-Use these helpers, or wrap such calls in ``torch.no_grad()``.
+Under export tracing the chains take the plain path whatever the grad mode
+(``torch.compiler.is_exporting()``), so ``torch.export.export(gm, (x,))`` and
+``torch.onnx.export(gm, (x,), path, dynamo=True)`` on a converted model in eval mode work as on
+any model. These helpers add eval mode, the batch dimension made dynamic, torch's own output
+kept off the terminal, and (ONNX) the check against onnxruntime.
+
+The batch dimension
+-------------------
+Both helpers export with the batch dimension (the first dimension of every input whose first
+dimension equals the first input's) dynamic, so that the program runs at any batch size. An
+example batch of 1 is repeated to 2 for tracing (torch.export fixes a dimension of size 1). If
+the model fixes the batch size (a reshape to a constant, a check in its code), the export falls
+back to the example's static shapes with a :class:`StaticBatchWarning` naming the exporter's
+reason.
 
 Saving and loading
 ------------------
@@ -40,9 +50,11 @@ import contextlib
 import io
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,7 +64,10 @@ from ..errors import one_line
 __all__ = [
     "ExportError",
     "OnnxResult",
+    "StaticBatchWarning",
     "atomic_output",
+    "batch_dynamic_shapes",
+    "captured_output",
     "eval_no_grad",
     "export_onnx",
     "export_program",
@@ -67,7 +82,17 @@ ONNX_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
-    """Exporting failed, or the exported model does not compute what the model computes."""
+    """Exporting failed, or the exported model does not compute what the model computes.
+
+    ``output`` holds what torch printed while exporting (kept off the terminal; the command
+    line shows it with ``--debug``).
+    """
+
+    output: str = ""
+
+
+class StaticBatchWarning(UserWarning):
+    """The model fixes its batch size: the export falls back to the example's static shapes."""
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -126,6 +151,53 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)
 
 
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[_Captured]:
+    """Keep what is printed inside the block (Python's and C++'s stdout and stderr, torch's
+    log records, warnings) off the terminal; ``.text`` holds it afterwards.
+
+    Examples
+    --------
+    >>> with captured_output() as out:
+    ...     print("compiling...")
+    >>> out.text.strip()
+    'compiling...'
+    """
+    captured = _Captured()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        saved: list[tuple[int, int]] = []
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(sink.fileno(), fd)
+        text = io.StringIO()
+        try:
+            with (
+                contextlib.redirect_stdout(text),
+                contextlib.redirect_stderr(text),
+                warnings.catch_warnings(record=True) as caught,
+            ):
+                warnings.simplefilter("default")
+                yield captured
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            raw = sink.read().decode(errors="replace")
+            shown = "".join(
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+            )
+            captured.text = text.getvalue() + raw + shown
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
@@ -174,18 +246,89 @@ def _new_file_mode(path: str) -> int:
 
 
 # -- torch.export ----------------------------------------------------------------------------------
+def batch_dynamic_shapes(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
+    """``dynamic_shapes`` that make the batch dimension dynamic, one ``Dim`` for every input.
+
+    The batch dimension is the first dimension of every input whose first dimension equals the
+    first input's; other inputs (and non-tensors) stay static.
+
+    Examples
+    --------
+    >>> batch_dynamic_shapes((torch.zeros(2, 3), torch.zeros(2), torch.zeros(7, 2)))
+    ({0: Dim('batch', min=1)}, {0: Dim('batch', min=1)}, None)
+    """
+    args = _as_tuple(example_inputs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
+    if not tensors:
+        return tuple(None for _ in args)
+    batch = tensors[0].shape[0]
+    dim = torch.export.Dim("batch", min=1)
+    return tuple(
+        {0: dim} if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else None
+        for a in args
+    )
+
+
+def _batch_of_two(args: tuple) -> tuple:
+    """``args`` with a batch of 1 repeated to 2: torch.export fixes a dimension of size 1."""
+    shapes = batch_dynamic_shapes(args)
+    return tuple(
+        a.expand(2, *a.shape[1:]).clone() if spec is not None and a.shape[0] == 1 else a
+        for a, spec in zip(args, shapes, strict=True)
+    )
+
+
+def _with_dynamic_batch(
+    export: Callable[[tuple, object], object], args: tuple
+) -> tuple[object, str]:
+    """``export(args, dynamic_shapes)`` with a dynamic batch, else with static shapes.
+
+    Returns the result and, when it is static, why (one line; ``""`` when dynamic)."""
+    if all(d is None for d in batch_dynamic_shapes(args)):
+        return export(args, None), "the inputs have no batch dimension"
+    try:
+        wide = _batch_of_two(args)
+        return export(wide, batch_dynamic_shapes(wide)), ""
+    except Exception as exc:
+        reason = _constraint_reason(exc)
+    return export(args, None), reason
+
+
+def _warn_static(what: str, args: tuple, reason: str) -> None:
+    if not reason:
+        return
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
+    warnings.warn(
+        f"{what}: the batch dimension is static (the exported model takes a batch of {batch} "
+        f"only): {reason}",
+        StaticBatchWarning,
+        stacklevel=3,
+    )
+
+
+def _constraint_reason(exc: BaseException) -> str:
+    """The exporter's reason for a static batch, one line."""
+    if type(exc).__name__ == "_StaticBatch":
+        return str(exc)
+    lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip(" -")]
+    useful = [ln for ln in lines if "specialized" in ln or "Guard" in ln or "guard" in ln]
+    text = (useful or lines or [type(exc).__name__])[0]
+    return one_line(RuntimeError(text), 200).removeprefix("RuntimeError: ")
+
+
 def export_program(
     gm: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     strict: bool = False,
     dynamic_shapes: object = None,
+    dynamic_batch: bool = True,
 ) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of a converted model in eval mode.
+    """``torch.export.export`` of a converted model in eval mode, for any batch size.
 
     The model is exported in eval mode under ``torch.no_grad()``, where its momentum chains run
     the plain chain (no autograd Function; see the module docstring); its training flags are
-    restored afterwards.
+    restored afterwards. What torch prints while exporting is kept off the terminal.
 
     Parameters
     ----------
@@ -196,7 +339,10 @@ def export_program(
     strict : bool
         Passed to :func:`torch.export.export` (default non-strict).
     dynamic_shapes : optional
-        Passed to :func:`torch.export.export`.
+        Passed to :func:`torch.export.export`; overrides ``dynamic_batch``.
+    dynamic_batch : bool
+        Make the batch dimension dynamic (:func:`batch_dynamic_shapes`); where the model fixes
+        it, export static shapes with a :class:`StaticBatchWarning` saying why.
 
     Returns
     -------
@@ -211,15 +357,31 @@ def export_program(
     --------
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> ep = export_program(model, (torch.randn(2, 4),))
-    >>> ep.module()(torch.ones(2, 4)).shape
-    torch.Size([2, 4])
+    >>> ep.module()(torch.ones(5, 4)).shape
+    torch.Size([5, 4])
     """
     args = _as_tuple(example_inputs)
-    try:
-        with eval_no_grad(gm):
-            return torch.export.export(gm, args, strict=strict, dynamic_shapes=dynamic_shapes)
-    except Exception as exc:
-        raise ExportError(f"torch.export failed: {one_line(exc, 400)}") from exc
+
+    def export(inputs: tuple, shapes: object) -> torch.export.ExportedProgram:
+        return torch.export.export(gm, inputs, strict=strict, dynamic_shapes=shapes)
+
+    failure: Exception | None = None
+    with captured_output() as printed:
+        try:
+            with eval_no_grad(gm):
+                if dynamic_shapes is not None or not dynamic_batch:
+                    program, static = export(args, dynamic_shapes), ""
+                else:
+                    program, static = _with_dynamic_batch(export, args)
+        except Exception as exc:
+            failure = exc
+    if failure is not None:
+        error = ExportError(f"torch.export failed: {one_line(failure, 400)}")
+        error.output = printed.text
+        raise error from failure
+    if dynamic_batch and dynamic_shapes is None:
+        _warn_static("torch.export", args, static)
+    return program  # type: ignore[return-value]
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
@@ -249,23 +411,42 @@ class OnnxResult:
     checked : bool
         Whether onnxruntime ran it and its outputs were compared with PyTorch's.
     max_relative_error : float or None
-        The largest relative error over the outputs, when checked.
+        The largest relative error over the outputs and the inputs checked, when checked.
     reason : str
         Why it was not checked (onnxruntime not installed, ``check=False``), or ``""``.
+    static_batch : str
+        Why the batch dimension is static (the model fixes it), or ``""`` when it is dynamic.
+    weak : str
+        Why the check proves little (the outputs do not change with the inputs, so a wrong
+        graph could give them too), or ``""``.
+    batches : list of int
+        The batch sizes the check ran at.
     """
 
     path: str
     checked: bool
     max_relative_error: float | None = None
     reason: str = ""
+    static_batch: str = ""
+    weak: str = ""
+    batches: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if self.checked:
-            return (
-                f"wrote {self.path}; onnxruntime outputs match PyTorch's (max relative error "
-                f"{self.max_relative_error:.1e} <= {ONNX_TOLERANCE:.0e})"
-            )
-        return f"wrote {self.path}; outputs not checked ({self.reason})"
+        batch = (
+            f"batch dimension static: {self.static_batch}"
+            if self.static_batch
+            else "batch dimension dynamic"
+        )
+        if not self.checked:
+            return f"wrote {self.path} ({batch}); outputs not checked ({self.reason})"
+        at = ", ".join(map(str, self.batches))
+        text = (
+            f"wrote {self.path} ({batch}); onnxruntime outputs match PyTorch's at batch {at} "
+            f"(max relative error {self.max_relative_error:.1e} <= {ONNX_TOLERANCE:.0e})"
+        )
+        if self.weak:
+            text += f"; the check is weak: {self.weak}"
+        return text
 
 
 def export_onnx(
@@ -276,14 +457,22 @@ def export_onnx(
     *,
     opset_version: int | None = None,
     tolerance: float = ONNX_TOLERANCE,
+    dynamic_batch: bool = True,
 ) -> OnnxResult:
     """Write ONNX with ``torch.onnx.export(..., dynamo=True)`` and check it with onnxruntime.
 
     The model is exported in eval mode under ``torch.no_grad()`` (the plain chain path, see the
-    module docstring). The file is written to a temporary name in the same directory and moved
-    onto ``path`` only once it is complete and, if checked, correct. Needs the ``onnx`` and
-    ``onnxscript`` packages; the check needs ``onnxruntime`` and is skipped (``checked=False``)
-    without it.
+    module docstring), with the batch dimension dynamic (see the module docstring); what torch
+    prints meanwhile is kept off the terminal. The file is written to a temporary name in the
+    same directory and moved onto ``path`` only once it is complete and, if checked, correct.
+    Needs the ``onnx`` and ``onnxscript`` packages; the check needs ``onnxruntime`` and is
+    skipped (``checked=False``) without it.
+
+    The check compares onnxruntime with PyTorch on the example inputs, on random inputs of the
+    same shapes (floating inputs drawn anew at 4 times the examples' scale) and, when the batch
+    is dynamic, on random inputs of another batch size. If the outputs do not change with the
+    inputs (a random model whose last layer is initialised to zero gives zeros), matching them
+    proves little: ``weak`` says so.
 
     Parameters
     ----------
@@ -300,6 +489,8 @@ def export_onnx(
         ONNX opset (default: the exporter's).
     tolerance : float
         Largest accepted relative error per output (default ``1e-4``).
+    dynamic_batch : bool
+        Make the batch dimension dynamic where the model allows it.
 
     Returns
     -------
@@ -316,8 +507,8 @@ def export_onnx(
     >>> import os, tempfile
     >>> out = os.path.join(tempfile.mkdtemp(), "model.onnx")
     >>> result = export_onnx(nn.Linear(3, 2), (torch.randn(1, 3),), out)  # doctest: +SKIP
-    >>> result.checked  # doctest: +SKIP
-    True
+    >>> result.checked, result.batches  # doctest: +SKIP
+    (True, [1, 1, 4])
     """
     args = _as_tuple(example_inputs)
     path = os.fspath(path)
@@ -331,22 +522,50 @@ def export_onnx(
     workdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         tmp = os.path.join(workdir, os.path.basename(path))
-        try:
-            with eval_no_grad(gm), contextlib.redirect_stdout(io.StringIO()):
-                program = torch.onnx.export(
-                    gm, args, dynamo=True, verbose=False, opset_version=opset_version
-                )
-                program.save(tmp)
-        except Exception as exc:
-            raise ExportError(f"ONNX export failed: {one_line(exc, 400)}") from exc
 
-        result = OnnxResult(path=path, checked=False)
+        def export(inputs: tuple, shapes: object) -> object:
+            program = torch.onnx.export(
+                gm,
+                inputs,
+                dynamo=True,
+                verbose=False,
+                opset_version=opset_version,
+                dynamic_shapes=shapes,
+            )
+            if shapes is not None and _onnx_batch_is_static(program, inputs, shapes):
+                # The ONNX exporter relaxes the batch Dim to "static where the model fixes it"
+                # without a word: ask torch.export why.
+                raise _StaticBatch(_static_reason(gm, inputs, shapes))
+            program.save(tmp)
+            return program
+
+        failure: Exception | None = None
+        static = ""
+        with captured_output() as printed:
+            try:
+                with eval_no_grad(gm):
+                    if dynamic_batch:
+                        static = _with_dynamic_batch(export, args)[1]
+                    else:
+                        export(args, None)
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            error = ExportError(f"ONNX export failed: {one_line(failure, 400)}")
+            error.output = printed.text
+            raise error from failure
+        if dynamic_batch:
+            _warn_static("ONNX export", args, static)
+
+        result = OnnxResult(path=path, checked=False, static_batch=static)
         if not check:
             result.reason = "check=False"
         elif not _importable("onnxruntime"):
             result.reason = "onnxruntime is not installed"
         else:
-            result.max_relative_error = _check_onnx(gm, args, tmp, tolerance)
+            sets = _check_inputs(args, dynamic=dynamic_batch and not static)
+            result.max_relative_error, result.weak = _check_onnx(gm, sets, tmp, tolerance)
+            result.batches = [_batch_size(s) for s in sets]
             result.checked = True
         # Move the file (and external data, if any) into place.
         for name in os.listdir(workdir):
@@ -356,50 +575,136 @@ def export_onnx(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _StaticBatch(Exception):
+    """The ONNX exporter made the batch dimension static; the message says why."""
+
+
+def _onnx_batch_is_static(program: object, args: tuple, shapes: object) -> bool:
+    """Whether an input meant to have a dynamic batch has a fixed first dimension."""
+    values = program.model.graph.inputs  # type: ignore[attr-defined]
+    meant = [spec is not None for a, spec in zip(args, shapes, strict=True)  # type: ignore[call-overload]
+             if isinstance(a, torch.Tensor)]  # fmt: skip
+    return any(
+        dynamic and v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)
+        for v, dynamic in zip(values, meant, strict=False)
+    )
+
+
+def _static_reason(gm: nn.Module, inputs: tuple, shapes: object) -> str:
+    try:
+        torch.export.export(gm, inputs, dynamic_shapes=shapes)
+    except Exception as exc:
+        return _constraint_reason(exc)
+    return "the ONNX exporter fixed it"
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
 
 
-def _check_onnx(gm: nn.Module, args: tuple, onnx_path: str, tolerance: float) -> float:
+def _batch_size(args: tuple) -> int:
+    first = args[0] if args else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 0
+
+
+def _check_inputs(args: tuple, dynamic: bool) -> list[tuple]:
+    """The input sets the ONNX check runs: the examples, random ones of the same shapes, and
+    (``dynamic``) random ones of another batch size. Integer inputs (token ids) are kept: their
+    valid range is the model's business."""
+    gen = torch.Generator().manual_seed(1234)
+    shapes = batch_dynamic_shapes(args)
+
+    def fresh(batch: int | None) -> tuple:
+        out = []
+        for a, spec in zip(args, shapes, strict=True):
+            if not isinstance(a, torch.Tensor):
+                out.append(a)
+                continue
+            shape = list(a.shape)
+            if batch is not None and spec is not None:
+                shape[0] = batch
+            if a.is_floating_point():
+                scale = 4 * max(a.detach().float().std().item() if a.numel() > 1 else 0.0, 1.0)
+                out.append((torch.randn(shape, generator=gen) * scale).to(a.dtype))
+            else:
+                reps = [shape[0] // max(a.shape[0], 1) + 1] + [1] * (a.dim() - 1) if a.dim() else []
+                out.append(a.repeat(*reps)[: shape[0]] if a.dim() else a)
+        return tuple(out)
+
+    sets = [args, fresh(None)]
+    if dynamic and any(spec is not None for spec in shapes):
+        sets.append(fresh(_batch_size(args) + 3))
+    return sets
+
+
+def _run_onnx(session: object, args: tuple) -> list:
+    tensors = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
+    if len(names) != len(tensors):
+        raise ExportError(
+            f"the ONNX model takes {len(names)} inputs, the example inputs are {len(tensors)}"
+        )
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+    return session.run(None, feed)  # type: ignore[attr-defined]
+
+
+def _check_onnx(
+    gm: nn.Module, sets: Sequence[tuple], onnx_path: str, tolerance: float
+) -> tuple[float, str]:
+    """The largest relative error over ``sets``, and why the check is weak (or ``""``)."""
     import onnxruntime
 
     with eval_no_grad(gm):
-        expected = output_leaves(gm(*args))
+        expected = [output_leaves(gm(*args)) for args in sets]
     try:
         session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        tensors = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
-        names = [i.name for i in session.get_inputs()]
-        if len(names) != len(tensors):
-            raise ExportError(
-                f"the ONNX model takes {len(names)} inputs, the example inputs are {len(tensors)}"
-            )
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
-        got = session.run(None, feed)
+        got = [_run_onnx(session, args) for args in sets]
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(
             f"onnxruntime could not run the exported model: {one_line(exc, 400)}"
         ) from exc
-    if len(got) != len(expected):
-        raise ExportError(
-            f"the ONNX model gives {len(got)} outputs, PyTorch gives {len(expected)}; "
-            f"nothing was written"
-        )
     worst = 0.0
-    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        g = torch.from_numpy(g)
-        if tuple(g.shape) != tuple(e.shape):
+    for args, outs, refs in zip(sets, got, expected, strict=True):
+        if len(outs) != len(refs):
             raise ExportError(
-                f"ONNX output {i} has shape {tuple(g.shape)}, PyTorch's {tuple(e.shape)}; "
+                f"the ONNX model gives {len(outs)} outputs, PyTorch gives {len(refs)}; "
                 f"nothing was written"
             )
-        worst = max(worst, relative_error(g, e))
+        for i, (g, e) in enumerate(zip(outs, refs, strict=True)):
+            g = torch.from_numpy(g)
+            if tuple(g.shape) != tuple(e.shape):
+                raise ExportError(
+                    f"ONNX output {i} has shape {tuple(g.shape)}, PyTorch's {tuple(e.shape)} "
+                    f"(batch {_batch_size(args)}); nothing was written"
+                )
+            worst = max(worst, relative_error(g, e))
     if not worst <= tolerance:
         raise ExportError(
             f"onnxruntime's outputs differ from PyTorch's (relative error {worst:.1e} > "
             f"{tolerance:.0e}); nothing was written"
         )
-    return worst
+    return worst, _weakness(sets, expected)
+
+
+def _weakness(sets: Sequence[tuple], expected: Sequence[list[torch.Tensor]]) -> str:
+    """Why matching these outputs proves little, or ``""``."""
+    first, second = expected[0], expected[1]
+    inputs_differ = any(
+        isinstance(a, torch.Tensor) and not torch.equal(a, b)
+        for a, b in zip(sets[0], sets[1], strict=True)
+    )
+    if inputs_differ:
+        if all(torch.equal(a, b) for a, b in zip(first, second, strict=True)):
+            return (
+                "the outputs do not change with the inputs (the same for two different "
+                "inputs), so a wrong graph could match them"
+            )
+        return ""
+    # Integer inputs only (kept as given): look at the outputs themselves.
+    if all(t.numel() > 1 and bool((t == t.flatten()[0]).all()) for t in first):
+        return "the outputs are constant (every element the same), so a wrong graph could match"
+    return ""

@@ -3,7 +3,9 @@ check that the model runs on them."""
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +16,7 @@ from .errors import ExampleInputsError
 
 __all__ = [
     "check_example_inputs",
+    "input_shape_hint",
     "make_example_inputs",
     "parse_dtype",
     "parse_shape",
@@ -122,6 +125,52 @@ def shape_text(inputs: Sequence[torch.Tensor]) -> str:
     )
 
 
+def input_shape_hint(model: nn.Module) -> str:
+    """An ``--input-shape`` (and ``--dtype``) that fits the model's first module.
+
+    The first module with parameters of its own decides: an embedding takes token ids, a
+    convolution its channels, a linear layer its features.
+
+    Examples
+    --------
+    >>> input_shape_hint(nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2)))
+    '--input-shape 1,16 --dtype int64'
+    >>> input_shape_hint(nn.Sequential(nn.Conv2d(1, 4, 3)))
+    '--input-shape 1,1,224,224'
+    """
+    for m in model.modules():
+        if not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            return "--input-shape 1,16 --dtype int64"
+        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+            return f"--input-shape 1,{m.in_channels},128"
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            return f"--input-shape 1,{m.in_channels},224,224"
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            return f"--input-shape 1,{m.in_channels},16,112,112"
+        if isinstance(m, nn.Linear):
+            return f"--input-shape 1,{m.in_features}"
+        if isinstance(m, nn.MultiheadAttention):
+            return f"--input-shape 1,16,{m.embed_dim}"
+        break
+    return "--input-shape 1,3,224,224"
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`` at file:line`` of the innermost frame of the model's own code: not torch's, not
+    fxmomentum's (``""`` if there is none)."""
+    import fxmomentum
+
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(fxmomentum.__file__)]
+    skip = [os.path.realpath(d) + os.sep for d in skip]
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        real = os.path.realpath(frame.filename)
+        if not any(real.startswith(d) for d in skip) and not frame.filename.startswith("<"):
+            return f" at {os.path.basename(frame.filename)}:{frame.lineno}"
+    return ""
+
+
 def check_example_inputs(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], *, source: str = "the inputs"
 ) -> None:
@@ -147,8 +196,8 @@ def check_example_inputs(
     except Exception as exc:
         raise ExampleInputsError(
             f"the model fails on example inputs of shape {shape_text(example_inputs)} "
-            f"(from {source}): {one_line(exc)}; give inputs the model accepts, "
-            f"e.g. --input-shape 1,3,224,224"
+            f"(from {source}): {one_line(exc)}{_raised_at(exc)}; give inputs the model "
+            f"accepts, e.g. {input_shape_hint(model)}"
         ) from exc
     finally:
         for m, training in flags:

@@ -8,8 +8,13 @@ A target names a Python file or an importable module, optionally followed by ``:
                              attribute ``resnet50`` of an importable module
 
 ``NAME`` picks an attribute: an ``nn.Module`` instance, an ``nn.Module`` class whose constructor
-needs no arguments, or a factory function called with no arguments. Without ``NAME`` the first rule
-that finds something wins:
+needs no arguments, or a factory function called with no arguments. A class or factory may be
+given arguments, Python literals only (read with :func:`ast.literal_eval`, never evaluated)::
+
+    torchvision.models:vit_b_16(image_size=96)
+    model.py:Net(depth=4, widths=(16, 32))
+
+Without ``NAME`` the first rule that finds something wins:
 
 1. a module-level ``nn.Module`` instance named ``model``;
 2. a factory function named ``build_model``, ``get_model`` or ``create_model``;
@@ -22,6 +27,8 @@ A rule that finds several candidates raises :class:`AmbiguousModelError`, listin
 Example inputs come from an ``example_inputs`` object in the file (a tensor, a tuple of tensors,
 or a function returning one of these), or from shapes given on the command line
 (:func:`make_example_inputs`); shapes given explicitly win over the file's.
+
+Loading a file does not write its bytecode (``__pycache__``) next to it.
 
 Every error raised here is a :class:`LoadError` whose message is one line naming the problem and
 the fix, and whose ``exit_code`` the command line uses.
@@ -55,6 +62,7 @@ from .errors import (
     TargetError,
 )
 from .inputs import check_example_inputs, make_example_inputs
+from .targets import parse_target, split_call, with_model_args
 
 __all__ = [
     "FACTORY_NAMES",
@@ -68,12 +76,13 @@ __all__ = [
     "load_module",
     "load_target",
     "parse_target",
+    "split_call",
+    "with_model_args",
 ]
 
 #: Factory function names looked for (rule 2), in this order.
 FACTORY_NAMES = ("build_model", "get_model", "create_model")
 
-_NAME_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _counter = itertools.count()
 
 
@@ -112,58 +121,15 @@ class LoadedModel:
     inputs_from: str | None = None
 
 
-# -- targets ---------------------------------------------------------------------------------------
-def parse_target(target: str) -> tuple[str, str, str | None]:
-    """Split a target into its kind, location and attribute name.
-
-    Parameters
-    ----------
-    target : str
-        ``FILE.py``, ``FILE.py:NAME``, ``package.module`` or ``package.module:NAME``.
-
-    Returns
-    -------
-    kind : {"file", "module"}
-    location : str
-        The file path or the dotted module name.
-    name : str or None
-        The attribute after the last ``:``, if any.
-
-    Raises
-    ------
-    TargetError
-        If the target is neither a file path nor a dotted module name.
-
-    Examples
-    --------
-    >>> parse_target("model.py:Net")
-    ('file', 'model.py', 'Net')
-    >>> parse_target("torchvision.models:resnet50")
-    ('module', 'torchvision.models', 'resnet50')
-    """
-    if not target or not target.strip():
-        raise TargetError(
-            "empty target; give a model file (model.py[:NAME]) or package.module:NAME"
-        )
-    location, sep, name = target.rpartition(":")
-    if not sep or not location or not _NAME_RE.match(name):
-        # No ``:NAME`` (or a colon that belongs to the path, as in ``C:\\model.py``).
-        location, name = target, None
-    is_file = (
-        location.endswith(".py")
-        or os.sep in location
-        or "/" in location
-        or os.path.isfile(location)
-        or os.path.isdir(location)
-    )
-    if is_file:
-        return "file", location, name
-    if _NAME_RE.match(location):
-        return "module", location, name
-    raise TargetError(
-        f"target {target!r} is neither a Python file nor a module name; "
-        f"give model.py[:NAME] or package.module[:NAME]"
-    )
+@contextlib.contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Python does not write ``__pycache__`` next to the user's files while they load."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
 
 
 @contextlib.contextmanager
@@ -264,7 +230,7 @@ def load_module(kind: str, location: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        with _on_sys_path(os.path.dirname(real)):
+        with _on_sys_path(os.path.dirname(real)), _no_bytecode():
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
@@ -302,42 +268,79 @@ def _is_module_class(obj: object) -> bool:
     return inspect.isclass(obj) and issubclass(obj, nn.Module)
 
 
+def _call_text(name: str, args: tuple, kwargs: dict[str, object]) -> str:
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(shown)})"
+
+
 def _call(
-    obj: Callable[..., object], label: str, source: str, path: str | None, what: str
+    obj: Callable[..., object],
+    label: str,
+    source: str,
+    path: str | None,
+    what: str,
+    args: tuple = (),
+    kwargs: dict[str, object] | None = None,
 ) -> object:
+    kwargs = kwargs or {}
     missing = _required_params(obj)
-    if missing:
+    if missing and not args and not kwargs:
         names = ", ".join(missing)
+        attr = label.partition("(")[0]
+        example = ", ".join(f"{n}=..." for n in missing)
         raise ModelNotFoundError(
-            f"{label} in {source} needs arguments ({names}); give them defaults, or write a "
-            f"function without arguments that returns the model and pass {source}:THAT_FUNCTION"
+            f"{label} in {source} needs arguments ({names}); pass them as "
+            f"{source}:{attr}({example}) (or --model-args '{example}'), give them defaults, or "
+            f"write a function without arguments that returns the model"
         )
+    if args or kwargs:
+        try:
+            inspect.signature(obj).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ModelNotFoundError(f"{label} in {source}: {exc}; check the arguments") from None
+        except ValueError:
+            pass  # no signature to check against
     try:
-        return obj()
+        return obj(*args, **kwargs)
     except Exception as exc:
         raise _raised(label, exc, path, f"fix {what} in {source}") from exc
 
 
-def _build(obj: object, name: str, source: str, path: str | None) -> tuple[nn.Module, str]:
-    """Turn the attribute ``name`` into a model: instance, class or factory."""
+def _build(
+    obj: object,
+    name: str,
+    source: str,
+    path: str | None,
+    args: tuple = (),
+    kwargs: dict[str, object] | None = None,
+) -> tuple[nn.Module, str]:
+    """Turn the attribute ``name`` into a model: instance, class or factory (called with
+    ``args`` and ``kwargs``)."""
+    kwargs = kwargs or {}
+    label = _call_text(name, args, kwargs)
     if isinstance(obj, nn.Module):
+        if args or kwargs:
+            raise ModelNotFoundError(
+                f"{source}:{name} is an nn.Module instance, which takes no arguments; drop "
+                f"them, or name its class or a factory"
+            )
         return obj, f"instance `{name}`"
     if _is_module_class(obj):
-        built = _call(obj, f"{name}()", source, path, f"class {name}")
-        return built, f"class {name}()"  # type: ignore[return-value]
+        built = _call(obj, label, source, path, f"class {name}", args, kwargs)
+        return built, f"class {label}"  # type: ignore[return-value]
     if inspect.isclass(obj):
         raise ModelNotFoundError(
             f"{source}:{name} is the class {obj.__name__}, which is not an nn.Module subclass; "
             f"pass an nn.Module instance, subclass or factory function"
         )
     if callable(obj):
-        built = _call(obj, f"{name}()", source, path, f"function {name}")
+        built = _call(obj, label, source, path, f"function {name}", args, kwargs)
         if not isinstance(built, nn.Module):
             raise ModelNotFoundError(
-                f"{name}() in {source} returned {type(built).__name__}, not an nn.Module; "
+                f"{label} in {source} returned {type(built).__name__}, not an nn.Module; "
                 f"make it return the model"
             )
-        return built, f"factory {name}()"
+        return built, f"factory {label}"
     raise ModelNotFoundError(
         f"{source}:{name} is {_a(type(obj).__name__)}, not a model; pass an nn.Module instance, "
         f"an nn.Module subclass or a factory function"
@@ -397,6 +400,7 @@ def find_model(
     namespace = vars(module)
 
     if name is not None:
+        name, args, kwargs = split_call(name)
         obj: object = module
         for part in name.split("."):
             if not hasattr(obj, part):
@@ -405,7 +409,7 @@ def find_model(
                     f"{source} has no attribute {name!r}; check the name after ':'{hint}"
                 )
             obj = getattr(obj, part)
-        model, how = _build(obj, name, source, path)
+        model, how = _build(obj, name, source, path, args, kwargs)
         return model, name, how
 
     # Rule 1: an instance named `model`.
@@ -441,10 +445,38 @@ def find_model(
         model, how = _build(cls, cls_name, source, path)
         return model, cls_name, how
 
+    needing = _classes_needing_arguments(module)
+    if needing:
+        cls_name, missing = needing[0]
+        example = ", ".join(f"{n}=..." for n in missing)
+        others = f" (also: {', '.join(c for c, _ in needing[1:])})" if needing[1:] else ""
+        raise ModelNotFoundError(
+            f"no model found in {source} that builds without arguments: class {cls_name} needs "
+            f"arguments ({', '.join(missing)}){others}; pass them as "
+            f"{source}:{cls_name}({example}) (or --model-args '{example}'), give them defaults, "
+            f"or define `model = {cls_name}(...)`"
+        )
     raise ModelNotFoundError(
         f"no model found in {source}; define `model = ...`, a function build_model() returning "
         f"the model, or pass {source}:NAME"
     )
+
+
+def _own_classes(module: types.ModuleType) -> list[tuple[str, type, list[str]]]:
+    """The concrete ``nn.Module`` classes the file defines, each with the constructor
+    arguments it needs (an unknown signature needs none)."""
+    found = []
+    for key, value in vars(module).items():
+        if not _is_module_class(value) or value.__module__ != module.__name__:
+            continue
+        if not inspect.isabstract(value):
+            found.append((key, value, _required_params(value)))
+    return found
+
+
+def _classes_needing_arguments(module: types.ModuleType) -> list[tuple[str, list[str]]]:
+    """The ``nn.Module`` classes defined in the file whose constructor needs arguments."""
+    return [(key, missing) for key, _, missing in _own_classes(module) if missing]
 
 
 def _module_instances(namespace: dict[str, object]) -> dict[str, nn.Module]:
@@ -459,16 +491,7 @@ def _module_instances(namespace: dict[str, object]) -> dict[str, nn.Module]:
 
 
 def _buildable_classes(module: types.ModuleType) -> list[tuple[str, type]]:
-    found = []
-    for key, value in vars(module).items():
-        if not _is_module_class(value) or value.__module__ != module.__name__:
-            continue
-        if inspect.isabstract(value):
-            continue
-        if _required_params(value):  # an unknown signature stays a candidate
-            continue
-        found.append((key, value))
-    return found
+    return [(key, value) for key, value, missing in _own_classes(module) if not missing]
 
 
 def _candidates_hint(module: types.ModuleType) -> str:
@@ -571,11 +594,16 @@ def load_target(
     ('ResNet', torch.Size([1, 3, 64, 64]))
     """
     kind, location, name = parse_target(target)
+    if name is not None:
+        split_call(name)  # a bad argument list is reported before anything is imported
     module = load_module(kind, location)
     source = location
     path = getattr(module, "__file__", None) if kind == "file" else None
     directory = os.path.dirname(os.path.realpath(location)) if kind == "file" else None
-    with _on_sys_path(directory) if directory else contextlib.nullcontext():
+    with (
+        _on_sys_path(directory) if directory else contextlib.nullcontext(),
+        _no_bytecode() if directory else contextlib.nullcontext(),
+    ):
         model, attr, how = find_model(module, name, source=source)
         if input_shapes:
             example_inputs = make_example_inputs(input_shapes, dtypes)
