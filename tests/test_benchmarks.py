@@ -97,3 +97,13 @@ def test_bench_convert_quick_finds_the_chains(capsys):
     # resnet18: layer1 is one chain of 2 pure-after-ReLU blocks, each later stage's one block
     # after its projection block; the synthetic model is one chain of all its blocks.
     assert "| 2, 1, 1, 1 " in out and "| 50 " in out
+
+
+def test_bench_fsdp_quick_gathers_one_layer_at_a_time(tmp_path):
+    # 2 ranks (gloo): per rank its half of the model plus the running layer, and the 2-rank
+    # step equal to one process's (float64); the script exits 1 if that check fails.
+    cmd = [sys.executable, str(BENCH / "bench_fsdp.py"), "--quick", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    text = (tmp_path / "fsdp.md").read_text()
+    assert "at most 1 layer unit(s) unsharded at once" in text
+    assert "tolerance 1e-06: passed" in text
