@@ -47,9 +47,15 @@ from .match import Chain
 
 __all__ = ["Atom", "Cost", "Gap", "RegionCosts", "atoms_of", "chain_costs", "segment_cost"]
 
-#: The engine's work per block and element beyond the recomputation, as a share of the
-#: block's forward: its integer passes (see benchmarks/results, "recomputation floor").
-REVERSIBLE_OVERHEAD = 0.5
+#: Time a recomputed region adds beyond its forward, as a share of that forward: saving and
+#: restoring its inputs, RNG and buffers, autograd's second graph (torch's checkpoint on
+#: ResNet-101 measures 1.44x the original's step in CPU time where one more forward of its
+#: blocks is 1.25x: ``benchmarks/results/budget.md``).
+RECOMPUTE_OVERHEAD = 0.5
+#: The reversible engine's work per block beyond the recomputation, as a share of the
+#: block's forward: its integer passes and per-block bookkeeping (ResNet-101, every chain
+#: reversible: 1.79x the original's step in CPU time, one more forward of the chains 1.3x).
+REVERSIBLE_OVERHEAD = 1.5
 #: Bytes per element of the working state while a reversible chain goes backward (int64
 #: velocity, float16 residual, the gradient buffer).
 WORKING_STATE_BYTES = 14
@@ -202,7 +208,7 @@ def segment_cost(
         for key, nbytes in measured.outputs.get(name, {}).items():
             if key not in measured.fixed and key not in measured.inputs:
                 kept[key] = nbytes
-    seconds = sum(measured.seconds.get(n, 0.0) for n in names)
+    seconds = sum(measured.seconds.get(n, 0.0) for n in names) * (1 + RECOMPUTE_OVERHEAD)
     return Cost(_bytes(kept), _bytes(saved) + grads, seconds, frozenset(kept))
 
 
@@ -242,7 +248,8 @@ def chain_costs(
             per = x_bytes * (2 if quantize_gamma(gamma) else 1)
             kept = per * len(blocks) - x_bytes  # the first input is the chain's entry
             keys = frozenset({*entry, synthetic})
-            out[strategy] = Cost(kept + x_bytes, per_block + grads, seconds, keys)
+            cost = seconds * (1 + RECOMPUTE_OVERHEAD)
+            out[strategy] = Cost(kept + x_bytes, per_block + grads, cost, keys)
         else:
             working = WORKING_STATE_BYTES * numel
             kept = state_bytes + _bytes(exit_storages)
