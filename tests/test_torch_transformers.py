@@ -84,6 +84,8 @@ CASES = {
     "encoder_pre_norm": (lambda: Encoder(3, norm_first=True), encoder_inputs, [6]),
     # Three per decoder layer (self-attention, cross-attention, feed-forward).
     "decoder": (lambda: Decoder(3), decoder_inputs, [9]),
+    # nn.Transformer itself: its encoder's chain, then its decoder's (memory is between).
+    "transformer": (Seq2Seq, seq2seq_inputs, [4, 6]),
 }
 
 

@@ -4,8 +4,8 @@
 
 * keeps :class:`~fxmomentum.MomentumChain` modules whole, so a converted model can be captured
   (and converted) again;
-* traces into torch's transformer layers (``nn.TransformerEncoderLayer`` and friends,
-  which contain the residual connections), with torch's attention fast path
+* traces into torch's transformer layers (``nn.Transformer``, ``nn.TransformerEncoderLayer``
+  and friends, which contain the residual connections), with torch's attention fast path
   turned off while tracing, masks given as traced values, and the causal-mask hint that
   torch derives from a mask's values taken from the example and checked (see
   :func:`is_causal_mask`);
@@ -53,6 +53,7 @@ __all__ = [
 
 #: torch.nn modules that hold residual connections: traced into rather than kept whole.
 TRACE_INTO: tuple[type[nn.Module], ...] = (
+    nn.Transformer,
     nn.TransformerEncoder,
     nn.TransformerEncoderLayer,
     nn.TransformerDecoder,
