@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
 from ..paths import within
@@ -47,7 +48,9 @@ from .dataflow import (
     add_operands,
     common_path,
     format_meta,
+    is_cast,
     is_inplace,
+    is_layout,
     module_path,
     tensor_meta,
 )
@@ -86,6 +89,11 @@ class Block:
         Module path of the block (``""`` when it is written in the root's ``forward``).
     alpha : float or None
         ``torch.add(x, F, alpha=a)``: ``f = a * F``.
+    source : torch.fx.Node or None
+        Where the skip widens a value exactly (``residual = h.to(torch.float32)`` on a
+        bfloat16 ``h``): ``h``, which ``F`` reads. ``entry`` is then the widened value (the
+        chain's state starts wide) and the block reads ``h`` as ``entry`` cast back, which
+        gives ``h`` bit for bit.
     """
 
     entry: fx.Node
@@ -97,6 +105,7 @@ class Block:
     kind: str
     path: str
     alpha: float | None = None
+    source: fx.Node | None = None
 
     @property
     def name(self) -> str:
@@ -209,6 +218,13 @@ class _Candidate:
     alpha: float | None
     #: Nodes that read only x's shape, dtype or device (see _release_metadata).
     meta: set[fx.Node] = field(default_factory=set)
+    #: The value the skip widens (see Block.source), or None.
+    source: fx.Node | None = None
+
+    @property
+    def inputs(self) -> tuple[fx.Node, ...]:
+        """The block's input: the entry, and the value it widens."""
+        return (self.entry,) if self.source is None else (self.entry, self.source)
 
 
 def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
@@ -230,6 +246,14 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
             if alpha is not None and pos == 1:
                 return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
             return _Candidate(add, x, skip, branch, inner, alpha if pos == 0 else None)
+        source = _widened_from(x)
+        if source is not None:
+            inner = g.descendants_before(source, stop) - {x}
+            if branch in inner and not any(x in n.all_input_nodes for n in inner):
+                if alpha is not None and pos == 1:
+                    return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
+                scale = alpha if pos == 0 else None
+                return _Candidate(add, x, skip, branch, inner, scale, source=source)
     # Two branches from one value: a projection shortcut such as downsample(x) + F(x)?
     ta, tb = tensor_meta(a), tensor_meta(b)
     if ta is not None and tb is not None and ta.shape != tb.shape:
@@ -238,6 +262,9 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
     if found is None:
         return None
     fork, side_a, side_b = found
+    moved = _skip_through(g, fork, side_a, side_b)
+    if moved is not None:
+        return moved
     # Both paths must start at the fork and read nothing else but parameters.
     sides = {fork, *side_a, *side_b}
     for n in sides - {fork}:
@@ -250,6 +277,76 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
     where = common_path(module_path(n) for n in short if n.op == "call_module")
     via = f"`{where}`" if where else ", ".join(f"`{n.name}`" for n in short)
     return f"projection shortcut: {via} maps the input `{fork.name}` (the skip is not the identity)"
+
+
+#: Floating dtypes each of which holds every value of the dtypes listed with it exactly.
+_WIDER = {
+    torch.float32: (torch.float16, torch.bfloat16),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32),
+}
+
+
+def _widened_from(node: fx.Node) -> fx.Node | None:
+    """``h`` where ``node`` is an exact widening cast of ``h`` (``h.to(torch.float32)`` on
+    bfloat16) read only by the add, else None."""
+    if len(node.users) != 1 or not is_cast(node):
+        return None
+    source = node.args[0]
+    a, b = tensor_meta(source), tensor_meta(node)
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    return source if a.dtype in _WIDER.get(b.dtype, ()) else None
+
+
+def _skip_through(
+    g: DataFlow, fork: fx.Node, side_a: list[fx.Node], side_b: list[fx.Node]
+) -> str | None:
+    """Why an add of ``ops(x)`` and ``F(x)`` is no residual block, where ``ops`` are a few
+    casts or layout operations of ``x`` alone (a reshape, a permute) and ``F`` has
+    parameters; else None."""
+    for short, long_ in ((side_a, side_b), (side_b, side_a)):
+        if not short or len(short) > 4 or not g.has_parameters(long_, _read_by(long_, fork)):
+            continue
+        if not all(is_cast(n) or is_layout(n) for n in short):
+            continue
+        inside = {fork, *short}
+        if any(i not in inside and not g.is_parameter_like(i) for n in short
+               for i in n.all_input_nodes):  # fmt: skip
+            continue
+        ops = sorted(short, key=g.index.__getitem__)
+        names = ", ".join(f"`{_op_name(n)}`" for n in ops)
+        first, last = tensor_meta(fork), tensor_meta(ops[-1])
+        change = ""
+        if first is not None and last is not None and first.dtype != last.dtype:
+            rounds = "" if first.dtype in _WIDER.get(last.dtype, ()) else ", which rounds"
+            change = f" ({_dtype_name(first.dtype)} to {_dtype_name(last.dtype)}{rounds})"
+            fix = (
+                "cast the state once before the blocks, so that each skip casts to the dtype "
+                "it has, or keep the model in one dtype"
+            )
+        else:
+            fix = "write the block as x + F(x) on one layout of x"
+        return (
+            f"the skip is {names} of `{fork.name}`{change}, not `{fork.name}` itself: "
+            f"not x + F(x) ({fix})"
+        )
+    return None
+
+
+def _read_by(nodes: list[fx.Node], fork: fx.Node) -> list[fx.Node]:
+    """The values ``nodes`` read from outside themselves, other than ``fork``."""
+    inside = {fork, *nodes}
+    return [i for n in nodes for i in n.all_input_nodes if i not in inside]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    return str(getattr(node.target, "__name__", node.target))
 
 
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
@@ -278,7 +375,7 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
             continue
         # A read of x's shape or dtype, or a value built from them only (a mask expanded to
         # the batch size of x).
-        if _metadata_read(n) or (inputs and c.entry not in n.all_input_nodes):
+        if _metadata_read(n) or (inputs and not set(c.inputs) & set(n.all_input_nodes)):
             meta.add(n)
     c.meta = meta
     escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
@@ -298,7 +395,7 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
 def _reads_values(g: DataFlow, c: _Candidate) -> bool:
     """Whether F's output depends on the values of ``x``, not only on its shape, dtype or
     device (``x[:, :, -1]`` read only for its shape does not count)."""
-    valued = {c.entry}
+    valued = set(c.inputs)
     for n in sorted(c.inner, key=g.index.__getitem__):
         if not _metadata_read(n) and any(i in valued for i in n.all_input_nodes):
             valued.add(n)
@@ -325,7 +422,8 @@ def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | Non
         if not tx.dtype.is_floating_point:
             return f"the input `{x.name}` is not floating-point ({format_meta(tx)})"
         tb = tensor_meta(c.branch)
-        if tb is None or tb.shape != tx.shape or tb.dtype != tx.dtype:
+        promoted = tb is not None and tb.dtype in _WIDER.get(tx.dtype, ())
+        if tb is None or tb.shape != tx.shape or (tb.dtype != tx.dtype and not promoted):
             got = format_meta(tb) if tb is not None else "not a tensor"
             return f"F(x) is {got}, the input is {format_meta(tx)}: shape or dtype changes"
     nested = [n for n in inner if n in accepted_adds]
@@ -345,10 +443,11 @@ def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | Non
         for u in n.users:
             if u not in inner and u is not c.add:
                 return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
-    for u in x.users:
-        if u in inner and u.args and u.args[0] is x and is_inplace(u, g.modules):
-            return f"`{u.name}` modifies the block input in place"
-    context = {i for n in inner for i in n.all_input_nodes if i not in inner and i is not x}
+    for i in c.inputs:
+        for u in i.users:
+            if u in inner and u.args and u.args[0] is i and is_inplace(u, g.modules):
+                return f"`{u.name}` modifies the block input in place"
+    context = {i for n in inner for i in n.all_input_nodes if i not in inner and i not in c.inputs}
     if not g.has_parameters(inner, context):
         return "F has no parameters and reads nothing from outside: an elementwise expression"
     return None
@@ -360,7 +459,7 @@ def _make_block(g: DataFlow, c: _Candidate, tail: list[fx.Node]) -> Block:
     context: dict[fx.Node, None] = {}
     for n in nodes:
         for i in n.all_input_nodes:
-            if i not in region and i is not c.entry:
+            if i not in region and i not in c.inputs:
                 context.setdefault(i, None)
     ordered = sorted(context, key=g.index.__getitem__)
     # What reads only x's metadata may be code of the enclosing module (a mask built from
@@ -371,7 +470,7 @@ def _make_block(g: DataFlow, c: _Candidate, tail: list[fx.Node]) -> Block:
         path = common_path(module_path(n) for n in c.inner if n is not c.skip)
     kind = "generalized" if tail else "pure"
     exit_ = tail[-1] if tail else c.add
-    return Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha)
+    return Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha, c.source)
 
 
 def _tails(g: DataFlow, cands: list[_Candidate]) -> dict[_Candidate, list[fx.Node]]:

@@ -83,6 +83,9 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
     """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {block.entry: g.placeholder("x")}
+    if block.source is not None:
+        # The skip widened h; F reads h, which the (wider) state gives back bit for bit.
+        env[block.source] = g.call_method("to", (env[block.entry], _dtype(block.source)))
     if context:
         # Every block receives the chain's whole context and reads its own part of it.
         pack = g.placeholder("*context")
@@ -101,12 +104,20 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
         env[n].meta = dict(n.meta)
     if block.kind == "pure":
         out = env[block.branch]
+        if _dtype(block.branch) != _dtype(block.entry):
+            # A narrower F(x), which the add promotes to x's dtype (exactly) first.
+            out = g.call_method("to", (out, _dtype(block.entry)))
         if block.alpha is not None:
             out = g.call_function(operator.mul, (out, block.alpha))
     else:
         out = env[block.exit]
     g.output(out)
     return g
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", None)
 
 
 def _positions(context: Sequence[fx.Node]) -> dict[fx.Node, int]:
