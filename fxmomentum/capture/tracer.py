@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..engine import MomentumChain
+from ..engine import MomentumChain, PythonState
 from ..patches import attention_fastpath_off, replaced
 from .factories import traced_factories
 from .probe import no_side_effects
@@ -310,7 +310,9 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
                 stack.enter_context(_no_proxies_left(root))
                 if self.shaped:
                     # The example runs as it is traced: buffers and the random state stay.
-                    stack.enter_context(no_side_effects(root, grad=torch.is_grad_enabled()))
+                    stack.enter_context(
+                        no_side_effects(root, grad=torch.is_grad_enabled(), keep_added=True)
+                    )
                     stack.enter_context(self.symbolic_indexing())
                 stack.enter_context(self._training_read(root, ""))
             try:
@@ -476,21 +478,19 @@ def _holds_proxy(value: Any) -> bool:
 
 @contextlib.contextmanager
 def _no_proxies_left(root: nn.Module) -> Iterator[None]:
-    """Undo what the traced code stored into its modules' attributes during the trace, where
-    that is a traced value: a proxy left in an attribute (Hugging Face's Swin sets its window
-    size from a traced resolution) breaks the module's Python code, and every later call."""
-    before = {id(m): dict(m.__dict__) for m in root.modules()}
+    """Undo what the traced code stored into its modules' attributes during the trace: a
+    proxy left in an attribute (Hugging Face's Swin sets its window size from a traced
+    resolution) or in a dict (a cache filled in ``forward``) breaks the module's Python code,
+    and every later call. Attributes torch.fx adds (the graph's constants) stay."""
+    before = PythonState.of(root)
     try:
         yield
     finally:
+        before.restore(keep_added=True)
         for m in root.modules():
-            old = before.get(id(m), {})
             for key, value in list(m.__dict__.items()):
                 if _holds_proxy(value):
-                    if key in old:
-                        m.__dict__[key] = old[key]
-                    else:
-                        del m.__dict__[key]
+                    del m.__dict__[key]
 
 
 @contextlib.contextmanager

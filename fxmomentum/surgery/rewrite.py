@@ -271,6 +271,7 @@ def rewrite(
     use_backprop: bool = False,
     strategies: Sequence[str] | None = None,
     segments: Sequence[Sequence[str]] = (),
+    plain_modes: Sequence[Sequence[str]] = (),
 ) -> fx.GraphModule:
     """Build the converted GraphModule.
 
@@ -293,6 +294,9 @@ def rewrite(
     segments : sequence of sequences of str
         Runs of nodes of the rewritten graph (by name) to recompute in backward
         (:mod:`fxmomentum.surgery.segments`), from the memory planner.
+    plain_modes : sequence of sequences of str
+        Per chain, the modes in which it runs with plain autograd (``MomentumChain``'s
+        ``plain_modes``); by default none.
 
     Returns
     -------
@@ -321,10 +325,13 @@ def rewrite(
         raise ValueError(f"{len(gammas)} gammas for {len(chains)} chains")
     names = chain_names(root, len(chains))
     strategies = list(strategies or [None] * len(chains))
+    modes = list(plain_modes or [()] * len(chains))
     # The converted module's ``_modules``: the blocks look their modules up in it.
     namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
-    for chain, name, gamma, strategy in zip(chains, names, gammas, strategies, strict=True):
+    for chain, name, gamma, strategy, plain in zip(
+        chains, names, gammas, strategies, modes, strict=True
+    ):
         positions = _positions(chain.context)
         blocks = [named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
         block_graphs += [b.graph for b in blocks]
@@ -337,6 +344,7 @@ def rewrite(
             register_blocks=False,
             names=_block_names(chain.blocks),
             reads=[[positions[c] for c in b.context] for b in chain.blocks],
+            plain_modes=plain,
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)
