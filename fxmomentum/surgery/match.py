@@ -402,7 +402,7 @@ def _reads_values(g: DataFlow, c: _Candidate) -> bool:
     return c.branch in valued
 
 
-def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
+def _check(g: DataFlow, c: _Candidate) -> str | None:
     """Why a candidate cannot be a block, or None."""
     x, inner = c.entry, c.inner
     if c.add.op == "call_method" and c.add.target == "add_":
@@ -426,12 +426,6 @@ def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | Non
         if tb is None or tb.shape != tx.shape or (tb.dtype != tx.dtype and not promoted):
             got = format_meta(tb) if tb is not None else "not a tensor"
             return f"F(x) is {got}, the input is {format_meta(tx)}: shape or dtype changes"
-    nested = [n for n in inner if n in accepted_adds]
-    if nested:
-        return (
-            f"encloses {len(nested)} other residual block(s) (converted on their own): "
-            f"an outer skip connection, not a chain element"
-        )
     if not _reads_values(g, c):
         return (
             f"F reads only the shape of `{x.name}`, not its values (a position embedding?): "
@@ -531,27 +525,74 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
     ['pure']
     """
     g = DataFlow(graph, modules)
-    skipped: list[SkippedAdd] = []
+    skipped: dict[fx.Node, str] = {}
     cands: list[_Candidate] = []
-    accepted_adds: set[fx.Node] = set()
     for node in g.nodes:
         found = _candidate(g, node)
         if found is None:
             continue
-        if isinstance(found, str):
-            skipped.append(SkippedAdd(node.name, module_path(node), found))
-            continue
-        why = _check(g, found, accepted_adds)
+        why = found if isinstance(found, str) else _check(g, found)
         if why is not None:
-            skipped.append(SkippedAdd(node.name, module_path(node), why))
+            skipped[node] = why
             continue
         cands.append(found)
-        accepted_adds.add(node)
+    cands = _resolve_nesting(g, cands, skipped)
+    chains = _link(g, _blocks(g, cands))
+    left_out = [
+        SkippedAdd(n.name, module_path(n), why)
+        for n, why in sorted(skipped.items(), key=lambda item: g.index[item[0]])
+    ]
+    return MatchResult(chains, left_out)
 
+
+def _blocks(g: DataFlow, cands: list[_Candidate]) -> list[Block]:
     tails = _tails(g, cands)
-    blocks = [_make_block(g, c, tails[c]) for c in cands]
+    return [_make_block(g, c, tails[c]) for c in cands]
 
-    # One block follows another when it starts from its exit and is the exit's only reader.
+
+def _resolve_nesting(
+    g: DataFlow, cands: list[_Candidate], skipped: dict[fx.Node, str]
+) -> list[_Candidate]:
+    """One block of each nest of residual blocks (``x + F(x)`` with another ``y + G(y)``
+    inside ``F``): the outer ones (ConvNeXt-V2's blocks around the GRN residual in their MLP)
+    where they put more blocks in chains of two or more than the inner ones do, else the inner
+    ones (a U-Net's long skips around stages of blocks). The others are noted in
+    ``skipped``."""
+    adds = {c.add: c for c in cands}
+    inside = {c: [adds[n] for n in c.inner if n in adds] for c in cands}
+    enclosed = {i for inner in inside.values() for i in inner}
+    if not enclosed:
+        return cands
+    inner_first = [c for c in cands if not inside[c]]
+    outer_first = [c for c in cands if c not in enclosed]
+    inner_chains = _link(g, _blocks(g, inner_first))
+    outer_chains = _link(g, _blocks(g, outer_first))
+    if _chained(outer_chains) > _chained(inner_chains):
+        length = {c.add: len(chain.blocks) for chain in outer_chains for c in chain.blocks}
+        for c in outer_first:
+            for i in inside[c]:
+                skipped[i.add] = (
+                    f"inside the residual block that ends at `{c.add.name}`, whose chain "
+                    f"({length[c.add]} blocks) is longer: part of that block's F"
+                )
+        return outer_first
+    for c in cands:
+        if inside[c]:
+            skipped[c.add] = (
+                f"encloses {len(inside[c])} other residual block(s) (converted on their own, "
+                f"which chains more blocks): an outer skip connection, not a chain element"
+            )
+    return inner_first
+
+
+def _chained(chains: list[Chain]) -> int:
+    """Blocks in chains of two or more."""
+    return sum(len(c.blocks) for c in chains if len(c.blocks) > 1)
+
+
+def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
+    """The chains of ``blocks``: one follows another when it starts from its exit and is the
+    exit's only reader."""
     links = nx.DiGraph()
     links.add_nodes_from(blocks)
     by_entry: dict[fx.Node, list[Block]] = {}
@@ -569,4 +610,4 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
         for comp in nx.weakly_connected_components(links)
     ]
     chains.sort(key=lambda c: g.index[c.blocks[0].add])
-    return MatchResult(chains, skipped)
+    return chains
