@@ -371,6 +371,13 @@ class ShapedTracing:
         value = self._known(obj)
         if value is _MISSING:
             raise Untraceable(f"len() of {obj.node.name}, which has no example value")
+        if not hasattr(value, "__len__"):
+            # The model's code takes the traced value for a sequence where the example's is
+            # not one (a flag where a list of layers may be given): another path than the
+            # example's, which the graph cannot hold.
+            raise Untraceable(
+                f"len() of {obj.node.name}, whose example value is a {type(value).__name__}"
+            )
         result = len(value)
 
         def cond() -> Any:
