@@ -35,6 +35,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ from .dataflow import (
     module_path,
     tensor_meta,
 )
+from .layout import Link, follow, reaches
 
 __all__ = [
     "Block",
@@ -94,6 +96,12 @@ class Block:
         bfloat16 ``h``): ``h``, which ``F`` reads. ``entry`` is then the widened value (the
         chain's state starts wide) and the block reads ``h`` as ``entry`` cast back, which
         gives ``h`` bit for bit.
+    link : Link or None
+        In a chain, the layout change from the previous block's exit to ``entry`` (a
+        reshape, a permute: see :mod:`fxmomentum.surgery.layout`), or None.
+    layout : list of Link
+        In a chain, every layout change from the chain's first block to this one: the block
+        runs on the chain's state with them replayed, and maps its result back.
     """
 
     entry: fx.Node
@@ -106,6 +114,8 @@ class Block:
     path: str
     alpha: float | None = None
     source: fx.Node | None = None
+    link: Link | None = None
+    layout: list[Link] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -150,16 +160,20 @@ class Chain:
     @property
     def context(self) -> list[fx.Node]:
         """Every value read from outside the chain (``x_0`` only if a later block reads it)."""
+        inside = set(self.nodes)
         seen: dict[fx.Node, None] = {}
         for b in self.blocks:
-            for c in b.context:
-                seen.setdefault(c, None)
+            reads = [i for n in b.link.nodes for i in n.all_input_nodes] if b.link else []
+            for c in [*reads, *b.context]:
+                if c not in inside:
+                    seen.setdefault(c, None)
         return list(seen)
 
     @property
     def nodes(self) -> list[fx.Node]:
-        """All nodes of the chain's blocks, in graph order."""
-        return [n for b in self.blocks for n in b.nodes]
+        """All nodes of the chain's blocks, and of the layout changes between them, in
+        graph order."""
+        return [n for b in self.blocks for n in [*(b.link.nodes if b.link else ()), *b.nodes]]
 
 
 @dataclass(frozen=True)
@@ -482,7 +496,7 @@ def _tails(g: DataFlow, cands: list[_Candidate]) -> dict[_Candidate, list[fx.Nod
             ops.append(u)
             inside.add(u)
             cur = u
-        if ops and ops[-1] in entries:
+        if ops and reaches(ops[-1], entries, g.modules):
             tails[c] = ops  # leads into the next block: all of it belongs to this one
             continue
         scope = module_path(c.add)
@@ -591,23 +605,59 @@ def _chained(chains: list[Chain]) -> int:
 
 
 def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
-    """The chains of ``blocks``: one follows another when it starts from its exit and is the
-    exit's only reader."""
-    links = nx.DiGraph()
-    links.add_nodes_from(blocks)
+    """The chains of ``blocks``: one follows another when it starts from its exit, or from
+    a layout change of it (:func:`fxmomentum.surgery.layout.follow`), and is the only reader
+    of it (shape reads aside, which the chain computes)."""
     by_entry: dict[fx.Node, list[Block]] = {}
     for b in blocks:
         by_entry.setdefault(b.entry, []).append(b)
+    entries = {e: found[0] for e, found in by_entry.items() if len(found) == 1}
+    regions = {b: set(b.nodes) for b in blocks}
+    edges: dict[Block, tuple[Block, Link | None]] = {}
     for b in blocks:
-        nxt = by_entry.get(b.exit, [])
-        if len(nxt) == 1:
-            region = set(nxt[0].nodes)
-            if all(u in region for u in b.exit.users):
-                links.add_edge(b, nxt[0])
-
-    chains = [
-        Chain(sorted(comp, key=lambda b: g.index[b.add]))
-        for comp in nx.weakly_connected_components(links)
-    ]
+        found = follow(b.exit, entries, regions, g.modules)
+        if found is not None:
+            edges[b] = found
+    while True:
+        links = nx.DiGraph()
+        links.add_nodes_from(blocks)
+        links.add_edges_from((b, nxt) for b, (nxt, _) in edges.items())
+        groups = [
+            sorted(comp, key=lambda b: g.index[b.add])
+            for comp in nx.weakly_connected_components(links)
+        ]
+        # A layout change's shape reads serve the chain, or what comes after it (the graph
+        # computes them again there): the chain computes them.
+        bad = [b for group in groups for b in _outside_readers(g, group, edges)]
+        if not bad:
+            break
+        for b in bad:
+            del edges[b]
+    chains = []
+    for group in groups:
+        for prev, b in itertools.pairwise(group):
+            b.link = edges[prev][1]
+            b.layout = [*prev.layout, *([b.link] if b.link else [])]
+        chains.append(Chain(group))
     chains.sort(key=lambda c: g.index[c.blocks[0].add])
     return chains
+
+
+def _outside_readers(
+    g: DataFlow, group: list[Block], edges: dict[Block, tuple[Block, Link | None]]
+) -> list[Block]:
+    """The blocks of ``group`` whose layout change to the next block is read outside the
+    chain before its end."""
+    links = {b: edges[b][1] for b in group if b in edges and edges[b][1] is not None}
+    inside = {n for b in group for n in b.nodes}
+    inside |= {n for link in links.values() for n in link.nodes}  # type: ignore[union-attr]
+    end = g.index[group[-1].exit]
+    return [
+        b
+        for b, link in links.items()
+        if any(
+            u not in inside and g.index[u] < end
+            for n in link.nodes  # type: ignore[union-attr]
+            for u in n.users
+        )
+    ]
