@@ -13,10 +13,10 @@ Conventions of the expectations:
   shortcut (``proj(x) + f(x)``), a scaled skip (``s * x + f(x)``) or a skip that is a norm
   of ``x`` is not one.
 - A *chain* is a run of blocks where each block's output is the next block's input. A change
-  of the state's shape (downsampling, more channels, tokens added or dropped), a layout
-  change (permute, window partition) or a layer that is not a block ends it. A reshape that
-  only views the same elements in the same order (``(B, H, W, C)`` to ``(B, H*W, C)``) is
-  counted as no break: the converter reports such chains as ``split``, which the table shows.
+  of the state's shape (downsampling, more channels, tokens added or dropped) or a layer that
+  is not a block ends it. A layout change that only moves the same numbers (a reshape from
+  ``(B, H, W, C)`` to ``(B, H*W, C)``, a permute, a window partition and its inverse) is no
+  break: the chain's state follows it exactly.
 - Hugging Face models are built with ``use_cache=False`` where they have a cache; inputs carry
   an attention mask with padding in the second row.
 """
@@ -358,10 +358,11 @@ def torchvision_specs() -> list[ModelSpec]:
                   "Swin V2 blocks 2,2,6,2 (res-post-norm: x + norm(attn(x))), two residuals "
                   "each"),
         ModelSpec("torchvision/maxvit_t(small)", _tv("maxvit.MaxVit", **small_maxvit),
-                  img, (2, 2, 1, 2, 2) * 2 + (2, 2) + (1, 2, 2) * 4 + (2, 2, 1, 2, 2),
+                  img, (9, 9, 24, 9),
                   "maxvit_t's layers 2,2,5,2; each layer: MBConv (identity skip except the "
                   "stride-2 first of a stage), then window and grid attention, 2 residuals "
-                  "each, between partition and departition permutes",
+                  "each, between partition and departition permutes (no break): 4 + 5 per "
+                  "further layer",
                   note="MaxVit(input_size=64, partition_size=2, channels 16-64, head_dim 8)"),
         ModelSpec("torchvision/shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5"), img, (),
                   "channel split, branch, concatenate and shuffle: no addition"),
@@ -424,7 +425,6 @@ def timm_specs() -> list[ModelSpec]:
     img = images(64)
     s64 = dict(img_size=64)
     repvit = (1, 5, 2, 5, 2, 4, 4, 4, 4, 4, 4, 5, 2, 3)
-    maxvit_stage = {2: (4, 1, 4), 5: (4, 1, 4, 1, 4, 1, 4, 1, 4)}
     return [
         ModelSpec("timm/resnet18", _timm("resnet18"), img, (2, 1, 1, 1),
                   "BasicBlocks 2,2,2,2, act(x + F(x)); first block of layer2-4 projects"),
@@ -462,10 +462,10 @@ def timm_specs() -> list[ModelSpec]:
                   "Swin-V2-CR blocks 2,2,6,2, x + norm(attn(x)), x + norm(mlp(x)) (views "
                   "between), a main-branch norm after the last block of a stage"),
         ModelSpec("timm/maxvit_rmlp_pico_rw_256", _timm("maxvit_rmlp_pico_rw_256", **s64), img,
-                  maxvit_stage[2] * 2 + maxvit_stage[5] + maxvit_stage[2],
+                  (9, 9, 24, 9),
                   "MaxViT blocks 2,2,5,2: MBConv (identity skip except the strided first of a "
                   "stage, NCHW), permute, window and grid attention with 2 residuals each "
-                  "(NHWC, partitioning inside the branch)"),
+                  "(NHWC, partitioning inside the branch): 4 + 5 per further block"),
         ModelSpec("timm/coatnet_pico_rw_224", _timm("coatnet_pico_rw_224", **s64), img,
                   (1, 2, 9, 3),
                   "C,C,T,T stages of 2,3,5,2: MBConv stages lose their strided first block; "
@@ -481,9 +481,9 @@ def timm_specs() -> list[ModelSpec]:
                   "blocks 1,2,7,2 with 2 residuals each; the first block of stages 2-4 pools "
                   "and projects its skip, so only its MLP residual counts: 2, 1+2, 1+12, 1+2"),
         ModelSpec("timm/efficientformer_l1", _timm("efficientformer_l1"), images(224),
-                  (6, 4, 12, 6, 2),
+                  (6, 4, 12, 8),
                   "MetaBlock2d stages 3,2,6,4 (pool and MLP residuals); the last block of stage "
-                  "4 is a MetaBlock1d after a flatten: 6, 4, 12, 6, 2",
+                  "4 is a MetaBlock1d after a flatten and transpose (no break): 6, 4, 12, 8",
                   batch=2, other_batch=1, note="224x224: the attention bias is sized for 7x7"),
         ModelSpec("timm/poolformer_s12", _timm("poolformer_s12"), img, (4, 4, 12, 4),
                   "MetaFormer blocks 2,2,6,2 with layer scale and no res scale: 2 residuals "

@@ -15,8 +15,11 @@ While torch.fx traces a model (``fxmomentum.capture``):
 * ``range`` in the module globals of the traced ``forward`` functions (a name added to the
   user's module for the length of one trace, never one it had): ``range(n)`` over a traced
   size (shape-aware tracing only);
-* torch's attention inference fast path turned off, and ``torch.nn.modules.transformer.
-  _get_seq_len`` answering None for a traced input (:mod:`fxmomentum.capture.tracer`).
+* torch's attention inference fast path turned off; ``torch.nn.modules.transformer.
+  _get_seq_len`` answering None for a traced input, ``_detect_is_causal_mask`` answering
+  for a traced mask from its example (checked in the graph), and
+  ``torch.nn.functional._none_or_dtype`` taking a traced mask
+  (:mod:`fxmomentum.capture.tracer`).
 
 While a reversible chain runs (``fxmomentum.engine``):
 

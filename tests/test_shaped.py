@@ -406,3 +406,21 @@ def test_a_shape_aware_root_with_a_graph_per_mode_keeps_the_mode_that_joins_its_
     assert max_rel_err([out(y)], [model(y)]) <= 1e-6
     with pytest.raises(AssertionError, match="captured in eval mode"):
         out.train()(y)
+
+
+
+class LengthOfAFlag(nn.Module):
+    """Hugging Face's ``selected_hidden_states``: ``list(flag)`` where a list may be given."""
+
+    def forward(self, x: torch.Tensor, selected) -> torch.Tensor:
+        return x * len(list(selected))
+
+
+def test_a_value_taken_for_a_list_is_untraceable_not_a_crash():
+    class Tracer(ShapedTracing, fx.Tracer):
+        pass
+
+    tracer = Tracer()
+    tracer.set_examples({"x": torch.ones(2), "selected": True})
+    with pytest.raises(fx.proxy.TraceError, match="example value is a bool"):
+        tracer.trace(LengthOfAFlag())

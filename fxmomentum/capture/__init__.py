@@ -19,7 +19,7 @@ Every global patch made while tracing is listed in :mod:`fxmomentum.patches`.
 """
 
 from .descent import ChainFinder, Descent, Unit, descend
-from .probe import no_side_effects
+from .probe import kept_tensors, no_side_effects
 from .records import CallRecord, Specialised, record_calls, specialise
 from .results import Capture, CaptureError, GraphPerModeError, LeafInfo, Note
 from .shaped import ShapedTracing, Specialisation
@@ -50,6 +50,7 @@ __all__ = [
     "capture",
     "clear_shapes",
     "descend",
+    "kept_tensors",
     "no_side_effects",
     "propagate_shapes",
     "record_calls",

@@ -436,7 +436,7 @@ class _Descender:
             cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
         except CaptureError:
             return None
-        if not self._joins_chains(cap, m) or any(c.data for c in cap.checks):
+        if not self._joins_chains(cap, m) or any(c.branches_on_data for c in cap.checks):
             undo_tracing(m, before)
             return None
         return cap
@@ -458,7 +458,7 @@ class _Descender:
                 cap = capture(root, self.example_inputs, one_mode=True, **arguments)
                 one_mode = True
             found = self.find_chains(cap.graph, root)
-            data = sorted({c.where for c in cap.checks if c.data})
+            data = sorted({c.where for c in cap.checks if c.branches_on_data})
             return [len(c) for c in found], data, one_mode
         except CaptureError as e:
             return e

@@ -74,6 +74,13 @@ _STRUCTURE_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "is_co
 _NOT_MODEL_CODE = tuple(
     os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__)
 )
+# fxmomentum's own code, which calls the tracer: a decision made in torch's own modules
+# (``nn.TransformerDecoder`` traced as a submodule) is placed there, not in the caller.
+_FXMOMENTUM = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_MACHINERY = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), *part)
+    for part in (("fx", ""), ("nn", "modules", "module.py"))
+)
 
 
 class _Missing:
@@ -103,6 +110,16 @@ class Specialisation:
     what: str
     #: Whether it depends on tensor values (not only on shapes, dtypes and devices).
     data: bool
+    #: Whether it is torch's causal-mask hint (``is_causal``, which torch's transformer
+    #: layers derive from the mask's values to pick a kernel): a model is called with one
+    #: kind of mask, so the check holds where the model's own data-dependent branches may not.
+    hint: bool = False
+
+    @property
+    def branches_on_data(self) -> bool:
+        """Whether the model's own code branched on tensor values here (not a hint): a call
+        with other values may take a path the graph does not hold."""
+        return self.data and not self.hint
 
 
 class ShapedProxy(fx.Proxy):
@@ -133,11 +150,21 @@ def caller() -> tuple[str, str]:
     """``file:line`` of the innermost frame in the model's code (not torch's, not ours), and
     the text of that line."""
     frame = sys._getframe(1)
+    torch_frame = None
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if not path.startswith(_NOT_MODEL_CODE):
+            if torch_frame is not None and path.startswith(_FXMOMENTUM):
+                frame = torch_frame  # the module traced is torch's own
+                path = os.path.abspath(frame.f_code.co_filename)
             line = linecache.getline(path, frame.f_lineno).strip()
             return f"{os.path.basename(path)}:{frame.f_lineno}", line
+        if (
+            torch_frame is None
+            and path.startswith(_NOT_MODEL_CODE[1])
+            and not path.startswith(_TORCH_MACHINERY)
+        ):
+            torch_frame = frame
         frame = frame.f_back
     return "?", ""
 
@@ -295,7 +322,9 @@ class ShapedTracing:
     def _known(self, obj: fx.Proxy) -> Any:
         return self.example_of(obj.node) if self._examples is not None else _MISSING
 
-    def _check(self, key: tuple[fx.Node, str], make_cond: Any, what: str, data: bool) -> None:
+    def _check(
+        self, key: tuple[fx.Node, str], make_cond: Any, what: str, data: bool, hint: bool = False
+    ) -> None:
         if key in self._checked:
             return
         self._checked.add(key)
@@ -307,7 +336,7 @@ class ShapedTracing:
             f"Convert again with example_inputs like this call's"
         )
         self.create_proxy("call_function", torch._assert, (make_cond(), message), {})
-        self.checks.append(Specialisation(where, what, data))
+        self.checks.append(Specialisation(where, what, data, hint))
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self._known(obj)
@@ -342,6 +371,13 @@ class ShapedTracing:
         value = self._known(obj)
         if value is _MISSING:
             raise Untraceable(f"len() of {obj.node.name}, which has no example value")
+        if not hasattr(value, "__len__"):
+            # The model's code takes the traced value for a sequence where the example's is
+            # not one (a flag where a list of layers may be given): another path than the
+            # example's, which the graph cannot hold.
+            raise Untraceable(
+                f"len() of {obj.node.name}, whose example value is a {type(value).__name__}"
+            )
         result = len(value)
 
         def cond() -> Any:

@@ -477,7 +477,8 @@ def _named_arguments(model: nn.Module) -> list[str]:
 
 
 def _describe_checks(name: str, checks: Sequence[Specialisation]) -> str:
-    data = [c for c in checks if c.data]
+    data = [c for c in checks if c.branches_on_data]
+    hints = [c for c in checks if c.hint]
     places = sorted({c.where for c in checks})
     shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
     text = (
@@ -489,6 +490,11 @@ def _describe_checks(name: str, checks: Sequence[Specialisation]) -> str:
         text += (
             f"; {len(data)} depend on tensor contents, not only on shapes and dtypes "
             f"({', '.join(sorted({c.where for c in data})[:3])})"
+        )
+    if hints:
+        text += (
+            f"; {len(hints)} that a mask is causal, as in the example (torch's is_causal "
+            f"hint: attention takes the causal kernel and leaves the mask aside)"
         )
     return text
 

@@ -4,8 +4,11 @@
 
 * keeps :class:`~fxmomentum.MomentumChain` modules whole, so a converted model can be captured
   (and converted) again;
-* traces into torch's transformer layers (``nn.TransformerEncoderLayer`` and friends, which
-  contain the residual connections), with torch's attention fast path turned off while tracing;
+* traces into torch's transformer layers (``nn.Transformer``, ``nn.TransformerEncoderLayer``
+  and friends, which contain the residual connections), with torch's attention fast path
+  turned off while tracing, masks given as traced values, and the causal-mask hint that
+  torch derives from a mask's values taken from the example and checked (see
+  :func:`is_causal_mask`);
 * does not bake ``self.training`` into the graph: a traced module that passes ``self.training``
   to a function (``F.dropout(x, p, self.training)``, torchvision's stochastic depth) reads it
   at run time through a small :class:`TrainingFlag` submodule, so ``.train()`` and ``.eval()``
@@ -30,11 +33,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..engine import MomentumChain
+from ..engine import MomentumChain, PythonState
 from ..patches import attention_fastpath_off, replaced
 from .factories import traced_factories
 from .probe import no_side_effects
-from .shaped import ShapedTracing, caller
+from .shaped import ShapedTracing, Untraceable, caller
 
 __all__ = [
     "FLAG_NAME",
@@ -45,10 +48,12 @@ __all__ = [
     "TrainingFlag",
     "check_keywords",
     "check_none",
+    "is_causal_mask",
 ]
 
 #: torch.nn modules that hold residual connections: traced into rather than kept whole.
 TRACE_INTO: tuple[type[nn.Module], ...] = (
+    nn.Transformer,
     nn.TransformerEncoder,
     nn.TransformerEncoderLayer,
     nn.TransformerDecoder,
@@ -158,6 +163,27 @@ def check_none(value: Any, message: str) -> None:
         raise AssertionError(message)
 
 
+def is_causal_mask(mask: torch.Tensor, size: int | None = None) -> bool:
+    """Whether ``mask`` is the causal mask torch's transformer layers detect (a graph's check).
+
+    ``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` called without ``is_causal`` test
+    the mask's values (``torch.nn.modules.transformer._detect_is_causal_mask``): a causal one
+    makes attention take the causal kernel and leave the mask aside. A graph captured with
+    a causal example mask takes that path and checks with this at run time that the mask is
+    still causal.
+
+    Examples
+    --------
+    >>> is_causal_mask(nn.Transformer.generate_square_subsequent_mask(3))
+    True
+    >>> is_causal_mask(torch.zeros(3, 3))
+    False
+    """
+    from torch.nn.modules import transformer
+
+    return bool(transformer._detect_is_causal_mask(mask, None, size))
+
+
 class CaptureTracer(ShapedTracing, fx.Tracer):
     """A :class:`torch.fx.Tracer` for conversion.
 
@@ -168,9 +194,9 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
     leaf_types : tuple of type
         Module classes to keep as leaves.
     autowrap_modules, autowrap_functions
-        As for :class:`torch.fx.Tracer`. :func:`check_keywords` and :func:`check_none` stay
-        calls in the graph (also when torch.fx traces the graph's code again, as unpickling
-        does).
+        As for :class:`torch.fx.Tracer`. :func:`check_keywords`, :func:`check_none` and
+        :func:`is_causal_mask` stay calls in the graph (also when torch.fx traces the graph's
+        code again, as unpickling does).
     var_keyword : mapping, optional
         What the traced ``forward``'s ``**kwargs`` holds (torch.fx's ``concrete_args``
         cannot fix it): None, flags, numbers and strings are fixed and checked at run time,
@@ -207,7 +233,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         leaves: Iterable[str] = (),
         leaf_types: tuple[type, ...] = (),
         autowrap_modules: tuple[Any, ...] = (math,),
-        autowrap_functions: tuple[Any, ...] = (check_keywords, check_none),
+        autowrap_functions: tuple[Any, ...] = (check_keywords, check_none, is_causal_mask),
         var_keyword: Mapping[str, Any] | None = None,
         examples: Mapping[str, Any] | None = None,
     ) -> None:
@@ -284,7 +310,9 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
                 stack.enter_context(_no_proxies_left(root))
                 if self.shaped:
                     # The example runs as it is traced: buffers and the random state stay.
-                    stack.enter_context(no_side_effects(root, grad=torch.is_grad_enabled()))
+                    stack.enter_context(
+                        no_side_effects(root, grad=torch.is_grad_enabled(), keep_added=True)
+                    )
                     stack.enter_context(self.symbolic_indexing())
                 stack.enter_context(self._training_read(root, ""))
             try:
@@ -355,6 +383,34 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             return self.create_node("call_function", type(a), (), fields)
         return super().create_arg(a)
 
+    def causal_hint(self, mask: fx.Proxy, size: Any) -> bool:
+        """torch's causal-mask detection on a traced mask: the example's answer. Where it is
+        True the graph takes the causal kernel without the mask, and checks at run time that
+        the mask is causal (:func:`is_causal_mask`); where it is False the graph applies the
+        mask as given, which is right for every mask, and checks nothing.
+
+        Raises
+        ------
+        Untraceable
+            Without the mask's example value (a plain trace): the answer depends on it.
+        """
+        value = self._known(mask)
+        if not isinstance(value, torch.Tensor):
+            raise Untraceable(
+                f"torch detects whether the mask {mask.node.name} is causal from its values"
+            )
+        if isinstance(size, fx.Proxy):
+            size = self.concrete_value(size)
+        if not is_causal_mask(value, size):
+            return False
+
+        def cond() -> fx.Proxy:
+            return self.create_proxy("call_function", is_causal_mask, (mask,), {})
+
+        what = f"the mask `{mask.node.name}` is causal (torch's is_causal hint)"
+        self._check((mask.node, "causal"), cond, what, True, hint=True)
+        return True
+
     # -- self.training ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _training_read(self, m: nn.Module, path: str) -> Iterator[None]:
@@ -422,21 +478,19 @@ def _holds_proxy(value: Any) -> bool:
 
 @contextlib.contextmanager
 def _no_proxies_left(root: nn.Module) -> Iterator[None]:
-    """Undo what the traced code stored into its modules' attributes during the trace, where
-    that is a traced value: a proxy left in an attribute (Hugging Face's Swin sets its window
-    size from a traced resolution) breaks the module's Python code, and every later call."""
-    before = {id(m): dict(m.__dict__) for m in root.modules()}
+    """Undo what the traced code stored into its modules' attributes during the trace: a
+    proxy left in an attribute (Hugging Face's Swin sets its window size from a traced
+    resolution) or in a dict (a cache filled in ``forward``) breaks the module's Python code,
+    and every later call. Attributes torch.fx adds (the graph's constants) stay."""
+    before = PythonState.of(root)
     try:
         yield
     finally:
+        before.restore(keep_added=True)
         for m in root.modules():
-            old = before.get(id(m), {})
             for key, value in list(m.__dict__.items()):
                 if _holds_proxy(value):
-                    if key in old:
-                        m.__dict__[key] = old[key]
-                    else:
-                        del m.__dict__[key]
+                    del m.__dict__[key]
 
 
 @contextlib.contextmanager
@@ -445,17 +499,39 @@ def _transformers_traceable() -> Iterator[None]:
 
     Their inference fast path (taken in eval mode without grad) tests the input in Python; it
     is turned off, so the graph holds the regular path, which computes the same function.
-    ``nn.TransformerEncoder`` measures the sequence length only to test a mask for causality:
-    without a mask the length is not needed, and a proxy cannot be measured.
+    ``nn.TransformerEncoder`` measures the sequence length only to test a mask for causality,
+    which reads the mask's size itself where the length is None (a proxy cannot be
+    measured). That test reads the mask's values: :meth:`CaptureTracer.causal_hint` answers
+    it for a traced mask. ``F._none_or_dtype`` (the dtype of a mask, for a warning on masks
+    of two types) takes a traced mask as the tensor it stands for.
     """
+    from torch.nn import functional
     from torch.nn.modules import transformer
 
     seq_len = transformer._get_seq_len
+    detect = transformer._detect_is_causal_mask
+    none_or_dtype = functional._none_or_dtype
 
     def _seq_len(src: Any, batch_first: bool) -> int | None:
         if isinstance(src, fx.Proxy):
             return None
         return seq_len(src, batch_first)
 
-    with attention_fastpath_off(), replaced(transformer, {"_get_seq_len": _seq_len}):
+    def _detect(mask: Any, is_causal: bool | None = None, size: Any = None) -> bool:
+        if is_causal is None and isinstance(mask, fx.Proxy):
+            tracer = mask.tracer
+            if not isinstance(tracer, CaptureTracer):
+                raise Untraceable(f"torch tests the values of the mask {mask.node.name}")
+            return tracer.causal_hint(mask, size)
+        return detect(mask, is_causal, size)
+
+    def _dtype(mask: Any) -> Any:
+        return mask.dtype if isinstance(mask, fx.Proxy) else none_or_dtype(mask)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(attention_fastpath_off())
+        stack.enter_context(
+            replaced(transformer, {"_get_seq_len": _seq_len, "_detect_is_causal_mask": _detect})
+        )
+        stack.enter_context(replaced(functional, {"_none_or_dtype": _dtype}))
         yield

@@ -6,6 +6,7 @@ Layers, lowest first (each imports only those before it):
   per-element bit stack of lost bits;
 * :mod:`~fxmomentum.engine.kernels`: the fused integer passes of a step (``torch.compile``);
 * :mod:`~fxmomentum.engine.spec`: a chain's blocks, kinds and arguments (:class:`ChainSpec`);
+* :mod:`~fxmomentum.engine.state`: tensors modules keep in Python attributes between calls;
 * :mod:`~fxmomentum.engine.replay` and :mod:`~fxmomentum.engine.attention`: recomputing a
   block as its forward ran it;
 * :mod:`~fxmomentum.engine.run`: the exact state of one run (:class:`ChainRun`);
@@ -17,8 +18,10 @@ Layers, lowest first (each imports only those before it):
 from .chain import GammaSetting, MomentumChain
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack, quantize_gamma, validate_gamma
 from .function import reversible_chain, run_block, start_run
+from .replay import StatefulBlockError
 from .run import ChainRun, NumericalError
 from .spec import BlockArguments, ChainSpec
+from .state import PythonState
 
 __all__ = [
     "GAMMA_BITS",
@@ -30,6 +33,8 @@ __all__ = [
     "GammaSetting",
     "MomentumChain",
     "NumericalError",
+    "PythonState",
+    "StatefulBlockError",
     "quantize_gamma",
     "reversible_chain",
     "run_block",

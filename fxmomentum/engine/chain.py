@@ -84,6 +84,11 @@ class MomentumChain(GammaSetting, nn.Module):
         default every block may read every argument. Only the tensors a block reads get their
         gradients from its node, so a parameter passed in ``args`` has its gradient
         accumulated as soon as its block has gone backward.
+    plain_modes : sequence of {"train", "eval"}
+        Modes in which the chain runs with plain autograd whatever its strategy: its blocks'
+        modules keep tensors between calls in those modes (timm's LeViT caches its attention
+        biases in eval mode), which a recomputation in backward would read instead of
+        computing them again (:mod:`fxmomentum.engine.state`).
 
     Examples
     --------
@@ -104,6 +109,7 @@ class MomentumChain(GammaSetting, nn.Module):
         register_blocks: bool = True,
         names: Sequence[str] | None = None,
         reads: Sequence[Sequence[int]] | None = None,
+        plain_modes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -124,6 +130,10 @@ class MomentumChain(GammaSetting, nn.Module):
         if reads is not None and len(reads) != len(blocks):
             raise ValueError(f"{len(reads)} reads for {len(blocks)} blocks")
         self.reads = [tuple(r) for r in reads] if reads is not None else None
+        unknown = set(plain_modes) - {"train", "eval"}
+        if unknown:
+            raise ValueError(f"plain_modes are 'train' and 'eval', got {sorted(unknown)}")
+        self.plain_modes = tuple(sorted(plain_modes))
         if register_blocks:
             self.blocks = nn.ModuleList(blocks)
         else:
@@ -142,7 +152,10 @@ class MomentumChain(GammaSetting, nn.Module):
         return self.__dict__["_unregistered_blocks"]
 
     def extra_repr(self) -> str:
-        return f"num_blocks={len(self.residual)}, gamma={self._gamma}, strategy={self.strategy}"
+        text = f"num_blocks={len(self.residual)}, gamma={self._gamma}, strategy={self.strategy}"
+        if self.__dict__.get("plain_modes"):
+            text += f", plain_modes={self.plain_modes}"
+        return text
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
@@ -150,7 +163,8 @@ class MomentumChain(GammaSetting, nn.Module):
     ) -> torch.Tensor:
         reads = self.reads or ()
         spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names, reads)
-        if self.strategy == "keep" or not self._needs_backward(x, v0, args):
+        plain = ("train" if self.training else "eval") in self.__dict__.get("plain_modes", ())
+        if self.strategy == "keep" or plain or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0, args)
         if self.strategy == "recompute":
             return recomputed_chain(spec, x, v0, args)

@@ -10,7 +10,15 @@ backward; both runs must give the same bits. What can differ, and what is done a
   recomputation, so a step counts once;
 * torch's attention inference fast path (taken without grad in eval mode): kept off in the
   forward (:func:`fxmomentum.patches.attention_fastpath_off`), as the recomputation has grad;
-* ``scaled_dot_product_attention``'s kernel choice: see :mod:`fxmomentum.engine.attention`.
+* ``scaled_dot_product_attention``'s kernel choice: see :mod:`fxmomentum.engine.attention`;
+* tensors a module keeps in its Python attributes between calls (a cache): the recomputation
+  would read what the forward stored, without grad, instead of computing it again
+  (:mod:`fxmomentum.engine.state`). The attributes the forward stored a tensor in are noted;
+  a recomputation that does not store one there again (it found the forward's) is refused
+  with :class:`StatefulBlockError`, the module's attributes put back as before the forward.
+  A module that stores a tensor at every call (a record of what it saw) is not refused.
+  Conversion finds such caches on the example inputs and runs their chains with plain
+  autograd in the modes where modules keep them.
 
 Examples
 --------
@@ -35,8 +43,14 @@ import torch
 
 from ..patches import attention_fastpath_off
 from .spec import block_buffers
+from .state import PythonState
 
-__all__ = ["AutocastState", "ForwardRun", "autocast_state"]
+__all__ = ["AutocastState", "ForwardRun", "StatefulBlockError", "autocast_state"]
+
+
+class StatefulBlockError(RuntimeError):
+    """A block stored a tensor in a module's Python attributes during its reversible forward."""
+
 
 #: ``(device type, enabled, dtype)`` of autocast, or None on other devices.
 AutocastState = tuple[str, bool, torch.dtype] | None
@@ -68,8 +82,14 @@ class ForwardRun:
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
     mutated_buffers: list[torch.Tensor] = field(default_factory=list)
+    #: ``(module path, attribute)`` where the forward stored a tensor, and the modules'
+    #: attributes before it (kept only where it stored one).
+    stored: list[tuple[str, str]] = field(default_factory=list)
+    before_forward: PythonState | None = None
 
     def __enter__(self) -> ForwardRun:
+        block = self.block
+        self._state = PythonState.of(block) if isinstance(block, torch.nn.Module) else None
         self._buffers = block_buffers(self.block)
         # Kernels such as batch_norm update running statistics without bumping the version
         # counter, so values are compared.
@@ -84,6 +104,8 @@ class ForwardRun:
         self._fastpath.__exit__(*exc)
         if exc[0] is not None:
             return
+        self.stored = self._state.stored() if self._state is not None else []
+        self.before_forward = self._state if self.stored else None
         if torch.equal(self.cpu_rng, torch.get_rng_state()):
             self.cpu_rng = None
         if self.cuda_rng is not None and torch.equal(
@@ -93,7 +115,7 @@ class ForwardRun:
         self.mutated_buffers = [
             b for b, old in zip(self._buffers, self._before, strict=True) if not torch.equal(b, old)
         ]
-        del self._before, self._buffers, self._fastpath, self.x
+        del self._before, self._buffers, self._fastpath, self._state, self.x
 
     @contextlib.contextmanager
     def replay(self, device: torch.device) -> Iterator[None]:
@@ -103,6 +125,8 @@ class ForwardRun:
             torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state(self.cuda_rng, device)
+        before = self.before_forward
+        state = PythonState.of(before.modules) if before is not None else None
         saved = [b.clone() for b in self.mutated_buffers]
         autocast = (
             torch.autocast(self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
@@ -112,7 +136,29 @@ class ForwardRun:
         try:
             with autocast:
                 yield
+            if state is not None:
+                self._check_recomputed(state)
         finally:
             with torch.no_grad():
                 for b, old in zip(self.mutated_buffers, saved, strict=True):
                     b.copy_(old)
+
+    def _check_recomputed(self, state: PythonState) -> None:
+        """Raise where the recomputation stored no tensor where the forward stored one: it
+        read the forward's (a cache), computed without grad."""
+        again = set(state.stored())
+        reused = [where for where in self.stored if where not in again]
+        if not reused:
+            return
+        assert self.before_forward is not None
+        self.before_forward.restore()
+        path, attribute = reused[0]
+        kind = type(self.block.get_submodule(path)).__name__  # type: ignore[attr-defined]
+        raise StatefulBlockError(
+            f"`{path}` ({kind}) keeps a tensor between calls in `{attribute}`: the block's "
+            f"forward stored it, computed without grad, and its recomputation in backward read "
+            f"it instead of computing it, so the parameters it came from would get no "
+            f"gradient. Convert with example_inputs (conversion then runs such chains with "
+            f"plain autograd in the modes where their modules keep tensors), or with "
+            f"use_backprop=True"
+        )

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import Capture, Descent, Note, Unit, descend, no_side_effects, undo_tracing
+from ..capture import (
+    Capture,
+    Descent,
+    Note,
+    Unit,
+    descend,
+    kept_tensors,
+    no_side_effects,
+    undo_tracing,
+)
 from ..capture.records import FIXED_TYPES
 from ..engine import validate_gamma
 from ..errors import one_line
@@ -64,6 +73,9 @@ class UnitChoice:
     strategies: list[str] | None = None
     #: Runs of nodes of the rewritten graph to recompute in backward; from the planner.
     segments: list[list[str]] = field(default_factory=list)
+    #: Per chosen chain, the modes in which it runs with plain autograd (see
+    #: :func:`_plain_modes`).
+    plain_modes: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -212,6 +224,7 @@ def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
             Note(unit.path, "cost_model needs shapes (example_inputs): every chain is converted")
         )
     recorded = unit.capture.graph_inputs()
+    kept = _kept_tensors(unit) if selected and not options.use_backprop else {}
     for local, (chain, info) in enumerate(selected):
         name = join_path(unit.path, names[local])
         paths = [b.path for b in info.blocks]
@@ -245,7 +258,45 @@ def _choose(conversion: Conversion, unit: UnitChoice, index: int) -> int:
         unit.chosen.append(chain)
         unit.gammas.append(float(value))
         unit.names.append(names[local])
+        plain, why = _plain_modes(chain, kept)
+        unit.plain_modes.append(plain)
+        if plain:
+            conversion.notes.append(Note(name, why))
     return index
+
+
+def _kept_tensors(unit: UnitChoice) -> dict[str, tuple[frozenset[str], str]]:
+    """The unit's modules that keep tensors between calls, found on its recorded call."""
+    arguments = unit.capture.call_arguments()
+    if arguments is None:
+        return {}
+    args, kwargs = arguments
+    gm = unit.capture.graph_module
+    return kept_tensors(unit.module, lambda: gm(*args, **kwargs), args)
+
+
+def _plain_modes(
+    chain: Chain, kept: dict[str, tuple[frozenset[str], str]]
+) -> tuple[tuple[str, ...], str]:
+    """The modes in which ``chain`` must run with plain autograd, and why: a module its blocks
+    call stores a tensor between calls in those modes (a cache, as timm's LeViT keeps its
+    attention biases in eval mode). The reversible forward would fill it without grad and the
+    recomputation in backward would read it, so its parameters would get no gradient."""
+    called = {str(n.target) for n in chain.nodes if n.op == "call_module"}
+    modes: set[str] = set()
+    where = ""
+    for path, (found, attribute) in kept.items():
+        if any(path == c or path.startswith(c + ".") for c in called):
+            modes |= found
+            where = where or f"`{path}` keeps a tensor between calls (`{attribute}`)"
+    if not modes:
+        return (), ""
+    ordered = tuple(sorted(modes))
+    text = " and ".join(ordered)
+    return ordered, (
+        f"{where} in {text} mode: the chain runs with plain autograd in {text} mode (a "
+        f"recomputation in backward would read the tensor its forward stored without grad)"
+    )
 
 
 def _python_objects(cap: Capture) -> dict[fx.Node, str]:
@@ -288,6 +339,7 @@ def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
             use_backprop=use_backprop,
             strategies=unit.strategies,
             segments=unit.segments,
+            plain_modes=unit.plain_modes,
         )
         failure = unit.path and failure_on(gm, unit.capture.call_arguments())
         if failure:

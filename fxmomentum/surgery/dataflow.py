@@ -20,6 +20,8 @@ from torch import fx, nn
 from ..capture import TrainingFlag
 
 __all__ = [
+    "LAYOUT_FUNCTIONS",
+    "LAYOUT_METHODS",
     "SHAPE_PRESERVING_FUNCTIONS",
     "SHAPE_PRESERVING_METHODS",
     "SHAPE_PRESERVING_MODULES",
@@ -28,7 +30,10 @@ __all__ = [
     "common_path",
     "format_meta",
     "get_attr",
+    "is_cast",
+    "is_identity_cast",
     "is_inplace",
+    "is_layout",
     "module_path",
     "tensor_meta",
 ]
@@ -36,6 +41,11 @@ __all__ = [
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _IDENTITY_MODULES: tuple[type[nn.Module], ...] = (nn.Identity,)
+#: Tensor methods that return their input's values where the result has the input's dtype
+#: and shape: a cast to the same dtype (``residual.to(torch.float32)`` on float32), a copy.
+_CAST_METHODS = frozenset(
+    {"to", "type", "float", "double", "half", "bfloat16", "contiguous", "clone"}
+)  # fmt: skip
 
 #: Modules that keep shape and dtype and act per element or normalise: may end a block.
 SHAPE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
@@ -130,6 +140,55 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float | None] | None:
     return args[0], args[1], (None if alpha in (None, 1) else float(alpha))
 
 
+#: Tensor methods and torch functions that move a tensor's elements without changing them
+#: (the same numbers, another shape or order).
+LAYOUT_METHODS = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "t",
+     "movedim", "roll", "squeeze", "unsqueeze", "contiguous"}
+)  # fmt: skip
+LAYOUT_FUNCTIONS = frozenset(
+    {torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes, torch.t,
+     torch.movedim, torch.roll, torch.squeeze, torch.unsqueeze, torch.unflatten}
+)  # fmt: skip
+
+
+def is_layout(node: fx.Node) -> bool:
+    """Whether ``node`` only moves its first argument's elements (a reshape, a permute)."""
+    if node.op == "call_method":
+        return node.target in LAYOUT_METHODS
+    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+def is_cast(node: fx.Node) -> bool:
+    """Whether ``node`` is a dtype cast or copy of a tensor (``x.to(torch.float32)``,
+    ``x.float()``, ``x.clone()``), not a move to another device."""
+    if node.op != "call_method" or node.target not in _CAST_METHODS:
+        return False
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    rest = [*node.args[1:], *node.kwargs.values()]
+    return "device" not in node.kwargs and all(
+        isinstance(a, (torch.dtype, bool)) or a is None for a in rest
+    )
+
+
+def is_identity_cast(node: fx.Node) -> bool:
+    """Whether ``node`` is a cast (:func:`is_cast`) that returns its input's values: its
+    result has the input's dtype and shape (shapes known).
+
+    Examples
+    --------
+    >>> gm = fx.symbolic_trace(lambda x: x.to(torch.float32))
+    >>> cast = [n for n in gm.graph.nodes if n.op == "call_method"][0]
+    >>> is_identity_cast(cast)  # without shapes it is not known
+    False
+    """
+    if not is_cast(node):
+        return False
+    a, b = tensor_meta(node.args[0]), tensor_meta(node)
+    return a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
+
+
 def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_method":
         name = str(node.target)
@@ -169,14 +228,17 @@ class DataFlow:
         return found
 
     def resolve_identity(self, node: fx.Node) -> fx.Node:
-        """See through identity-like modules (``nn.Identity``, dropout with p = 0) that only
-        feed the skip."""
-        while node.op == "call_module" and len(node.args) == 1 and len(node.users) == 1:
-            m = self.modules.get(str(node.target))
-            identity = isinstance(m, _IDENTITY_MODULES) or (
-                isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0
-            )
-            if not identity or not isinstance(node.args[0], fx.Node):
+        """See through identity-like modules (``nn.Identity``, dropout with p = 0) and casts
+        to the same dtype (:func:`is_identity_cast`) that only feed the skip."""
+        while len(node.users) == 1 and node.args and isinstance(node.args[0], fx.Node):
+            if node.op == "call_module" and len(node.args) == 1:
+                m = self.modules.get(str(node.target))
+                identity = isinstance(m, _IDENTITY_MODULES) or (
+                    isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0
+                )
+            else:
+                identity = is_identity_cast(node)
+            if not identity:
                 break
             node = node.args[0]
         return node

@@ -35,10 +35,12 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
 from ..paths import within
@@ -47,10 +49,13 @@ from .dataflow import (
     add_operands,
     common_path,
     format_meta,
+    is_cast,
     is_inplace,
+    is_layout,
     module_path,
     tensor_meta,
 )
+from .layout import Link, follow, reaches
 
 __all__ = [
     "Block",
@@ -86,6 +91,17 @@ class Block:
         Module path of the block (``""`` when it is written in the root's ``forward``).
     alpha : float or None
         ``torch.add(x, F, alpha=a)``: ``f = a * F``.
+    source : torch.fx.Node or None
+        Where the skip widens a value exactly (``residual = h.to(torch.float32)`` on a
+        bfloat16 ``h``): ``h``, which ``F`` reads. ``entry`` is then the widened value (the
+        chain's state starts wide) and the block reads ``h`` as ``entry`` cast back, which
+        gives ``h`` bit for bit.
+    link : Link or None
+        In a chain, the layout change from the previous block's exit to ``entry`` (a
+        reshape, a permute: see :mod:`fxmomentum.surgery.layout`), or None.
+    layout : list of Link
+        In a chain, every layout change from the chain's first block to this one: the block
+        runs on the chain's state with them replayed, and maps its result back.
     """
 
     entry: fx.Node
@@ -97,6 +113,9 @@ class Block:
     kind: str
     path: str
     alpha: float | None = None
+    source: fx.Node | None = None
+    link: Link | None = None
+    layout: list[Link] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -141,16 +160,20 @@ class Chain:
     @property
     def context(self) -> list[fx.Node]:
         """Every value read from outside the chain (``x_0`` only if a later block reads it)."""
+        inside = set(self.nodes)
         seen: dict[fx.Node, None] = {}
         for b in self.blocks:
-            for c in b.context:
-                seen.setdefault(c, None)
+            reads = [i for n in b.link.nodes for i in n.all_input_nodes] if b.link else []
+            for c in [*reads, *b.context]:
+                if c not in inside:
+                    seen.setdefault(c, None)
         return list(seen)
 
     @property
     def nodes(self) -> list[fx.Node]:
-        """All nodes of the chain's blocks, in graph order."""
-        return [n for b in self.blocks for n in b.nodes]
+        """All nodes of the chain's blocks, and of the layout changes between them, in
+        graph order."""
+        return [n for b in self.blocks for n in [*(b.link.nodes if b.link else ()), *b.nodes]]
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,13 @@ class _Candidate:
     alpha: float | None
     #: Nodes that read only x's shape, dtype or device (see _release_metadata).
     meta: set[fx.Node] = field(default_factory=set)
+    #: The value the skip widens (see Block.source), or None.
+    source: fx.Node | None = None
+
+    @property
+    def inputs(self) -> tuple[fx.Node, ...]:
+        """The block's input: the entry, and the value it widens."""
+        return (self.entry,) if self.source is None else (self.entry, self.source)
 
 
 def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
@@ -230,6 +260,14 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
             if alpha is not None and pos == 1:
                 return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
             return _Candidate(add, x, skip, branch, inner, alpha if pos == 0 else None)
+        source = _widened_from(x)
+        if source is not None:
+            inner = g.descendants_before(source, stop) - {x}
+            if branch in inner and not any(x in n.all_input_nodes for n in inner):
+                if alpha is not None and pos == 1:
+                    return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
+                scale = alpha if pos == 0 else None
+                return _Candidate(add, x, skip, branch, inner, scale, source=source)
     # Two branches from one value: a projection shortcut such as downsample(x) + F(x)?
     ta, tb = tensor_meta(a), tensor_meta(b)
     if ta is not None and tb is not None and ta.shape != tb.shape:
@@ -238,6 +276,9 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
     if found is None:
         return None
     fork, side_a, side_b = found
+    moved = _skip_through(g, fork, side_a, side_b)
+    if moved is not None:
+        return moved
     # Both paths must start at the fork and read nothing else but parameters.
     sides = {fork, *side_a, *side_b}
     for n in sides - {fork}:
@@ -250,6 +291,76 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
     where = common_path(module_path(n) for n in short if n.op == "call_module")
     via = f"`{where}`" if where else ", ".join(f"`{n.name}`" for n in short)
     return f"projection shortcut: {via} maps the input `{fork.name}` (the skip is not the identity)"
+
+
+#: Floating dtypes each of which holds every value of the dtypes listed with it exactly.
+_WIDER = {
+    torch.float32: (torch.float16, torch.bfloat16),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32),
+}
+
+
+def _widened_from(node: fx.Node) -> fx.Node | None:
+    """``h`` where ``node`` is an exact widening cast of ``h`` (``h.to(torch.float32)`` on
+    bfloat16) read only by the add, else None."""
+    if len(node.users) != 1 or not is_cast(node):
+        return None
+    source = node.args[0]
+    a, b = tensor_meta(source), tensor_meta(node)
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    return source if a.dtype in _WIDER.get(b.dtype, ()) else None
+
+
+def _skip_through(
+    g: DataFlow, fork: fx.Node, side_a: list[fx.Node], side_b: list[fx.Node]
+) -> str | None:
+    """Why an add of ``ops(x)`` and ``F(x)`` is no residual block, where ``ops`` are a few
+    casts or layout operations of ``x`` alone (a reshape, a permute) and ``F`` has
+    parameters; else None."""
+    for short, long_ in ((side_a, side_b), (side_b, side_a)):
+        if not short or len(short) > 4 or not g.has_parameters(long_, _read_by(long_, fork)):
+            continue
+        if not all(is_cast(n) or is_layout(n) for n in short):
+            continue
+        inside = {fork, *short}
+        if any(i not in inside and not g.is_parameter_like(i) for n in short
+               for i in n.all_input_nodes):  # fmt: skip
+            continue
+        ops = sorted(short, key=g.index.__getitem__)
+        names = ", ".join(f"`{_op_name(n)}`" for n in ops)
+        first, last = tensor_meta(fork), tensor_meta(ops[-1])
+        change = ""
+        if first is not None and last is not None and first.dtype != last.dtype:
+            rounds = "" if first.dtype in _WIDER.get(last.dtype, ()) else ", which rounds"
+            change = f" ({_dtype_name(first.dtype)} to {_dtype_name(last.dtype)}{rounds})"
+            fix = (
+                "cast the state once before the blocks, so that each skip casts to the dtype "
+                "it has, or keep the model in one dtype"
+            )
+        else:
+            fix = "write the block as x + F(x) on one layout of x"
+        return (
+            f"the skip is {names} of `{fork.name}`{change}, not `{fork.name}` itself: "
+            f"not x + F(x) ({fix})"
+        )
+    return None
+
+
+def _read_by(nodes: list[fx.Node], fork: fx.Node) -> list[fx.Node]:
+    """The values ``nodes`` read from outside themselves, other than ``fork``."""
+    inside = {fork, *nodes}
+    return [i for n in nodes for i in n.all_input_nodes if i not in inside]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    return str(getattr(node.target, "__name__", node.target))
 
 
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
@@ -278,7 +389,7 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
             continue
         # A read of x's shape or dtype, or a value built from them only (a mask expanded to
         # the batch size of x).
-        if _metadata_read(n) or (inputs and c.entry not in n.all_input_nodes):
+        if _metadata_read(n) or (inputs and not set(c.inputs) & set(n.all_input_nodes)):
             meta.add(n)
     c.meta = meta
     escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
@@ -298,14 +409,14 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
 def _reads_values(g: DataFlow, c: _Candidate) -> bool:
     """Whether F's output depends on the values of ``x``, not only on its shape, dtype or
     device (``x[:, :, -1]`` read only for its shape does not count)."""
-    valued = {c.entry}
+    valued = set(c.inputs)
     for n in sorted(c.inner, key=g.index.__getitem__):
         if not _metadata_read(n) and any(i in valued for i in n.all_input_nodes):
             valued.add(n)
     return c.branch in valued
 
 
-def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | None:
+def _check(g: DataFlow, c: _Candidate) -> str | None:
     """Why a candidate cannot be a block, or None."""
     x, inner = c.entry, c.inner
     if c.add.op == "call_method" and c.add.target == "add_":
@@ -325,15 +436,10 @@ def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | Non
         if not tx.dtype.is_floating_point:
             return f"the input `{x.name}` is not floating-point ({format_meta(tx)})"
         tb = tensor_meta(c.branch)
-        if tb is None or tb.shape != tx.shape or tb.dtype != tx.dtype:
+        promoted = tb is not None and tb.dtype in _WIDER.get(tx.dtype, ())
+        if tb is None or tb.shape != tx.shape or (tb.dtype != tx.dtype and not promoted):
             got = format_meta(tb) if tb is not None else "not a tensor"
             return f"F(x) is {got}, the input is {format_meta(tx)}: shape or dtype changes"
-    nested = [n for n in inner if n in accepted_adds]
-    if nested:
-        return (
-            f"encloses {len(nested)} other residual block(s) (converted on their own): "
-            f"an outer skip connection, not a chain element"
-        )
     if not _reads_values(g, c):
         return (
             f"F reads only the shape of `{x.name}`, not its values (a position embedding?): "
@@ -345,10 +451,11 @@ def _check(g: DataFlow, c: _Candidate, accepted_adds: set[fx.Node]) -> str | Non
         for u in n.users:
             if u not in inner and u is not c.add:
                 return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
-    for u in x.users:
-        if u in inner and u.args and u.args[0] is x and is_inplace(u, g.modules):
-            return f"`{u.name}` modifies the block input in place"
-    context = {i for n in inner for i in n.all_input_nodes if i not in inner and i is not x}
+    for i in c.inputs:
+        for u in i.users:
+            if u in inner and u.args and u.args[0] is i and is_inplace(u, g.modules):
+                return f"`{u.name}` modifies the block input in place"
+    context = {i for n in inner for i in n.all_input_nodes if i not in inner and i not in c.inputs}
     if not g.has_parameters(inner, context):
         return "F has no parameters and reads nothing from outside: an elementwise expression"
     return None
@@ -360,7 +467,7 @@ def _make_block(g: DataFlow, c: _Candidate, tail: list[fx.Node]) -> Block:
     context: dict[fx.Node, None] = {}
     for n in nodes:
         for i in n.all_input_nodes:
-            if i not in region and i is not c.entry:
+            if i not in region and i not in c.inputs:
                 context.setdefault(i, None)
     ordered = sorted(context, key=g.index.__getitem__)
     # What reads only x's metadata may be code of the enclosing module (a mask built from
@@ -371,7 +478,7 @@ def _make_block(g: DataFlow, c: _Candidate, tail: list[fx.Node]) -> Block:
         path = common_path(module_path(n) for n in c.inner if n is not c.skip)
     kind = "generalized" if tail else "pure"
     exit_ = tail[-1] if tail else c.add
-    return Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha)
+    return Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha, c.source)
 
 
 def _tails(g: DataFlow, cands: list[_Candidate]) -> dict[_Candidate, list[fx.Node]]:
@@ -389,7 +496,7 @@ def _tails(g: DataFlow, cands: list[_Candidate]) -> dict[_Candidate, list[fx.Nod
             ops.append(u)
             inside.add(u)
             cur = u
-        if ops and ops[-1] in entries:
+        if ops and reaches(ops[-1], entries, g.modules):
             tails[c] = ops  # leads into the next block: all of it belongs to this one
             continue
         scope = module_path(c.add)
@@ -432,42 +539,125 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
     ['pure']
     """
     g = DataFlow(graph, modules)
-    skipped: list[SkippedAdd] = []
+    skipped: dict[fx.Node, str] = {}
     cands: list[_Candidate] = []
-    accepted_adds: set[fx.Node] = set()
     for node in g.nodes:
         found = _candidate(g, node)
         if found is None:
             continue
-        if isinstance(found, str):
-            skipped.append(SkippedAdd(node.name, module_path(node), found))
-            continue
-        why = _check(g, found, accepted_adds)
+        why = found if isinstance(found, str) else _check(g, found)
         if why is not None:
-            skipped.append(SkippedAdd(node.name, module_path(node), why))
+            skipped[node] = why
             continue
         cands.append(found)
-        accepted_adds.add(node)
+    cands = _resolve_nesting(g, cands, skipped)
+    chains = _link(g, _blocks(g, cands))
+    left_out = [
+        SkippedAdd(n.name, module_path(n), why)
+        for n, why in sorted(skipped.items(), key=lambda item: g.index[item[0]])
+    ]
+    return MatchResult(chains, left_out)
 
+
+def _blocks(g: DataFlow, cands: list[_Candidate]) -> list[Block]:
     tails = _tails(g, cands)
-    blocks = [_make_block(g, c, tails[c]) for c in cands]
+    return [_make_block(g, c, tails[c]) for c in cands]
 
-    # One block follows another when it starts from its exit and is the exit's only reader.
-    links = nx.DiGraph()
-    links.add_nodes_from(blocks)
+
+def _resolve_nesting(
+    g: DataFlow, cands: list[_Candidate], skipped: dict[fx.Node, str]
+) -> list[_Candidate]:
+    """One block of each nest of residual blocks (``x + F(x)`` with another ``y + G(y)``
+    inside ``F``): the outer ones (ConvNeXt-V2's blocks around the GRN residual in their MLP)
+    where they put more blocks in chains of two or more than the inner ones do, else the inner
+    ones (a U-Net's long skips around stages of blocks). The others are noted in
+    ``skipped``."""
+    adds = {c.add: c for c in cands}
+    inside = {c: [adds[n] for n in c.inner if n in adds] for c in cands}
+    enclosed = {i for inner in inside.values() for i in inner}
+    if not enclosed:
+        return cands
+    inner_first = [c for c in cands if not inside[c]]
+    outer_first = [c for c in cands if c not in enclosed]
+    inner_chains = _link(g, _blocks(g, inner_first))
+    outer_chains = _link(g, _blocks(g, outer_first))
+    if _chained(outer_chains) > _chained(inner_chains):
+        length = {c.add: len(chain.blocks) for chain in outer_chains for c in chain.blocks}
+        for c in outer_first:
+            for i in inside[c]:
+                skipped[i.add] = (
+                    f"inside the residual block that ends at `{c.add.name}`, whose chain "
+                    f"({length[c.add]} blocks) is longer: part of that block's F"
+                )
+        return outer_first
+    for c in cands:
+        if inside[c]:
+            skipped[c.add] = (
+                f"encloses {len(inside[c])} other residual block(s) (converted on their own, "
+                f"which chains more blocks): an outer skip connection, not a chain element"
+            )
+    return inner_first
+
+
+def _chained(chains: list[Chain]) -> int:
+    """Blocks in chains of two or more."""
+    return sum(len(c.blocks) for c in chains if len(c.blocks) > 1)
+
+
+def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
+    """The chains of ``blocks``: one follows another when it starts from its exit, or from
+    a layout change of it (:func:`fxmomentum.surgery.layout.follow`), and is the only reader
+    of it (shape reads aside, which the chain computes)."""
     by_entry: dict[fx.Node, list[Block]] = {}
     for b in blocks:
         by_entry.setdefault(b.entry, []).append(b)
+    entries = {e: found[0] for e, found in by_entry.items() if len(found) == 1}
+    regions = {b: set(b.nodes) for b in blocks}
+    edges: dict[Block, tuple[Block, Link | None]] = {}
     for b in blocks:
-        nxt = by_entry.get(b.exit, [])
-        if len(nxt) == 1:
-            region = set(nxt[0].nodes)
-            if all(u in region for u in b.exit.users):
-                links.add_edge(b, nxt[0])
-
-    chains = [
-        Chain(sorted(comp, key=lambda b: g.index[b.add]))
-        for comp in nx.weakly_connected_components(links)
-    ]
+        found = follow(b.exit, entries, regions, g.modules)
+        if found is not None:
+            edges[b] = found
+    while True:
+        links = nx.DiGraph()
+        links.add_nodes_from(blocks)
+        links.add_edges_from((b, nxt) for b, (nxt, _) in edges.items())
+        groups = [
+            sorted(comp, key=lambda b: g.index[b.add])
+            for comp in nx.weakly_connected_components(links)
+        ]
+        # A layout change's shape reads serve the chain, or what comes after it (the graph
+        # computes them again there): the chain computes them.
+        bad = [b for group in groups for b in _outside_readers(g, group, edges)]
+        if not bad:
+            break
+        for b in bad:
+            del edges[b]
+    chains = []
+    for group in groups:
+        for prev, b in itertools.pairwise(group):
+            b.link = edges[prev][1]
+            b.layout = [*prev.layout, *([b.link] if b.link else [])]
+        chains.append(Chain(group))
     chains.sort(key=lambda c: g.index[c.blocks[0].add])
-    return MatchResult(chains, skipped)
+    return chains
+
+
+def _outside_readers(
+    g: DataFlow, group: list[Block], edges: dict[Block, tuple[Block, Link | None]]
+) -> list[Block]:
+    """The blocks of ``group`` whose layout change to the next block is read outside the
+    chain before its end."""
+    links = {b: edges[b][1] for b in group if b in edges and edges[b][1] is not None}
+    inside = {n for b in group for n in b.nodes}
+    inside |= {n for link in links.values() for n in link.nodes}  # type: ignore[union-attr]
+    end = g.index[group[-1].exit]
+    return [
+        b
+        for b, link in links.items()
+        if any(
+            u not in inside and g.index[u] < end
+            for n in link.nodes  # type: ignore[union-attr]
+            for u in n.users
+        )
+    ]

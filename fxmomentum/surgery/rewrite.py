@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from ..engine import MomentumChain
 from .blocks import ChainBlock, ConvertedModule, named
+from .layout import map_back, replay
 from .match import Block, Chain
 from .segments import SEGMENT_PREFIX, cut_segment
 
@@ -34,6 +35,7 @@ __all__ = [
     "CHAIN_PREFIX",
     "block_graph",
     "block_module",
+    "block_reads",
     "chain_names",
     "rewrite",
     "top_graph",
@@ -82,15 +84,22 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
     torch.fx.Graph
     """
     g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {block.entry: g.placeholder("x")}
+    state = g.placeholder("x")
+    env: dict[fx.Node, fx.Node] = {}
     if context:
         # Every block receives the chain's whole context and reads its own part of it.
         pack = g.placeholder("*context")
         position = context if isinstance(context, Mapping) else _positions(context)
-        for c in block.context:
-            env[c] = g.create_node(
-                "call_function", operator.getitem, (pack, position[c]), {}, name=c.name
-            )
+        for c in block_reads(block):
+            if c in position:
+                env[c] = g.create_node(
+                    "call_function", operator.getitem, (pack, position[c]), {}, name=c.name
+                )
+    # The state is in the chain's first layout: this block's input is it, laid out again.
+    env[block.entry] = replay(g, state, block.layout, env)
+    if block.source is not None:
+        # The skip widened h; F reads h, which the (wider) state gives back bit for bit.
+        env[block.source] = g.call_method("to", (env[block.entry], _dtype(block.source)))
     for n in block.nodes:
         if n is block.add:
             if block.kind == "pure":
@@ -101,12 +110,33 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
         env[n].meta = dict(n.meta)
     if block.kind == "pure":
         out = env[block.branch]
+        if _dtype(block.branch) != _dtype(block.entry):
+            # A narrower F(x), which the add promotes to x's dtype (exactly) first.
+            out = g.call_method("to", (out, _dtype(block.entry)))
         if block.alpha is not None:
             out = g.call_function(operator.mul, (out, block.alpha))
     else:
         out = env[block.exit]
-    g.output(out)
+    g.output(map_back(g, out, block.layout, env))
     return g
+
+
+def block_reads(block: Block) -> list[fx.Node]:
+    """What ``block`` reads from outside itself: its context, and what the layout changes
+    before it read (sizes); those computed in the chain are among them."""
+    seen: dict[fx.Node, None] = {}
+    for link in block.layout:
+        for n in link.nodes:
+            for i in n.all_input_nodes:
+                seen.setdefault(i, None)
+    for c in block.context:
+        seen.setdefault(c, None)
+    return list(seen)
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", None)
 
 
 def _positions(context: Sequence[fx.Node]) -> dict[fx.Node, int]:
@@ -171,10 +201,13 @@ def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) ->
             chain, name = at_exit[n]
             args = (env[chain.entry], *(env[c] for c in chain.context))
             node = new.create_node("call_module", name, args, {}, name=name)
+            layout = chain.blocks[-1].layout
             for key in ("tensor_meta", "type"):
-                if key in n.meta:
-                    node.meta[key] = n.meta[key]
-            env[n] = node
+                meta = (chain.entry if layout else n).meta
+                if key in meta:
+                    node.meta[key] = meta[key]
+            # The state, in the chain's first layout, as the last block left it.
+            env[n] = replay(new, node, layout, env)
         elif n not in removed:
             env[n] = new.node_copy(n, env.__getitem__)
     return new
@@ -260,6 +293,7 @@ def rewrite(
     use_backprop: bool = False,
     strategies: Sequence[str] | None = None,
     segments: Sequence[Sequence[str]] = (),
+    plain_modes: Sequence[Sequence[str]] = (),
 ) -> fx.GraphModule:
     """Build the converted GraphModule.
 
@@ -282,6 +316,9 @@ def rewrite(
     segments : sequence of sequences of str
         Runs of nodes of the rewritten graph (by name) to recompute in backward
         (:mod:`fxmomentum.surgery.segments`), from the memory planner.
+    plain_modes : sequence of sequences of str
+        Per chain, the modes in which it runs with plain autograd (``MomentumChain``'s
+        ``plain_modes``); by default none.
 
     Returns
     -------
@@ -310,10 +347,13 @@ def rewrite(
         raise ValueError(f"{len(gammas)} gammas for {len(chains)} chains")
     names = chain_names(root, len(chains))
     strategies = list(strategies or [None] * len(chains))
+    modes = list(plain_modes or [()] * len(chains))
     # The converted module's ``_modules``: the blocks look their modules up in it.
     namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
-    for chain, name, gamma, strategy in zip(chains, names, gammas, strategies, strict=True):
+    for chain, name, gamma, strategy, plain in zip(
+        chains, names, gammas, strategies, modes, strict=True
+    ):
         positions = _positions(chain.context)
         blocks = [named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
         block_graphs += [b.graph for b in blocks]
@@ -325,7 +365,8 @@ def rewrite(
             strategy=strategy,
             register_blocks=False,
             names=_block_names(chain.blocks),
-            reads=[[positions[c] for c in b.context] for b in chain.blocks],
+            reads=[[positions[c] for c in block_reads(b) if c in positions] for b in chain.blocks],
+            plain_modes=plain,
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)
