@@ -34,10 +34,10 @@ from .kernels import (
     input_grad_,
     join,
     join_wide,
+    next_grad_f_,
     on_grid,
     split,
     split_wide,
-    state_stats,
     unadd_,
     unadd_unshift_,
     unshift_v_,
@@ -189,8 +189,7 @@ def _pack(a: torch.Tensor, bits: int | None = None) -> tuple[torch.Tensor, torch
     if bits <= 32:
         return a.to(torch.int32), None
     if bits <= 48:
-        high, low = split_wide(a)
-        return high, low.to(torch.int16)
+        return split_wide(a)
     return a.to(torch.int64), None
 
 
@@ -198,7 +197,7 @@ def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     high, low = packed
     if low is None:
         return high.to(torch.int64)
-    return join_wide(high, low.to(torch.int32))
+    return join_wide(high, low)
 
 
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
@@ -358,7 +357,7 @@ class ChainRun:
         x_work, low_x = self._regrid(x, shift)
         stack.note_push(GAMMA_DENOM)
         stack.note_pop(self.gamma_num)
-        x_work_next, v_sum = forward_step_(
+        x_work_next, v_sum, x_work_max, v_max = forward_step_(
             x_work,
             self.x_residual,
             self.velocity,
@@ -372,8 +371,8 @@ class ChainRun:
         )
         del x_work, out, x_f
         x_next = self._decoded(x_work_next)
-        x_work_max, self.v_max = state_stats(x_work_next, self.velocity).tolist()
-        self.x_max = x_work_max * 2.0**grid.exponent
+        self.v_max = float(v_max)
+        self.x_max = float(x_work_max) * 2.0**grid.exponent
         if shift > 0:
             stack.push(low_x, 1 << shift)
         self.records.append(
@@ -386,11 +385,7 @@ class ChainRun:
     def _choose_shift(self, t: int, out: torch.Tensor, x_f: torch.Tensor | None) -> int:
         """The grid change before block ``t``'s step: room for ``x``, ``v`` and
         ``(1 - gamma) * f(x)`` on the grid."""
-        if x_f is None:
-            lo, hi = torch.aminmax(out)
-            f_abs = max(-float(lo), float(hi))
-        else:
-            f_abs = float(abs_max_f(out, x_f))
+        f_abs = float(abs_max_f(out, x_f))
         if not math.isfinite(f_abs):
             raise _too_large(self.spec, t, "its output f(x)", f_abs)
         grid = self.grid
@@ -491,6 +486,7 @@ class ChainRun:
             X += _unpack(self.kept_residual)
             self.x = self._set_x(X)
             del X
+        self.rebuilt = len(self.spec.blocks)  # self.x is the input of this block
         self.kept_residual = self.kept_velocity = (None, None)
         acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         # The gradient of the current block's f, which is (1 - gamma) times the gradient
@@ -549,26 +545,44 @@ class ChainRun:
             raise _not_rebuilt(f"the input of {self.spec.name(t)}", "a block after it")
         return x
 
-    def _unstep_velocity(
+    def _unstep(
         self,
-        record: BlockRecord,
+        t: int,
         out: torch.Tensor,
         x_f: torch.Tensor | None,
+        grads: list[torch.Tensor | None],
         grad_out: torch.Tensor,
-    ) -> None:
-        """``V`` back to before the block's step and grid change; ``grad_f`` to the block's."""
-        grid, stack, shift = self.grid, self.bit_stack, record.shift
-        backward_step_(
+    ) -> torch.Tensor:
+        """After block ``t``'s backward: ``V`` back to before its step and grid change, the
+        gradient of its input, and, where no grid change lies between, the previous block's
+        input in the same pass (``self.x``, checked against the forward). Returns the input's
+        gradient."""
+        grid, stack, record = self.grid, self.bit_stack, self.records[t]
+        shift, grad_f = record.shift, self.grad_f
+        minus = None if x_f is None else grad_f
+        gx = grads[0]
+        in_place = (
+            gx is not None
+            and gx.dtype == grad_f.dtype
+            and gx.is_contiguous()
+            and not _aliased(gx, [*grads[1:], grad_out])
+        )
+        fuse = t > 0 and shift == 0 and self.records[t - 1].shift == 0
+        x_t = self.x
+        x_prev, v_sum = backward_step_(
             self.velocity,
             stack.head,
             out,
             x_f,
             grid.scalar(self.f_weight * 2.0 ** (record.exponent + GAMMA_BITS)),
             self.gamma_num,
+            gx if in_place else None,
             grad_out,
-            self.grad_f,
-            self.f_weight,
-            self.gamma,
+            minus,
+            self._x_work(x_t) if fuse else None,
+            self.x_residual if fuse else None,
+            grid.scale(),
+            grid.inverse_scale(),
         )
         stack.undo_note()
         stack.undo_note()
@@ -577,6 +591,15 @@ class ChainRun:
         elif shift:
             low_v = stack.undo_push(1 << shift) if shift > 0 else None
             _unshift_(self.velocity, low_v, shift)
+        grad_x = gx if in_place else _input_grad(grads, grad_out, minus, grad_f)
+        if fuse:
+            self.x, self.rebuilt = self._decoded(x_prev), t - 1
+            del x_prev
+            if int(v_sum) != self.records[t - 1].checksum:
+                raise _not_rebuilt(f"the input of {self.spec.name(t - 1)}", "a block after it")
+        elif t == 0:
+            self._check_returned_to_start(x_t)
+        return grad_x
 
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
@@ -585,8 +608,9 @@ class ChainRun:
         tensors the block's node takes (``reads`` of :meth:`forward_block`).
         """
         spec, record = self.spec, self.records[t]
-        x = self.x = self._unadd(t, record)
-        x = x.detach().requires_grad_(True)
+        if self.rebuilt != t:  # the next block's backward did not rebuild this input
+            self.x, self.rebuilt = self._unadd(t, record), t
+        x = self.x.detach().requires_grad_(True)
         taken = set(record.reads)
         context = [
             c.detach().requires_grad_(c.requires_grad and i in taken)
@@ -601,16 +625,14 @@ class ChainRun:
         with record.forward.replay(x.device):
             with torch.enable_grad(), forward_attention_kernels():
                 out = spec.output(t, x, args, kwargs)
-            x_f = None if spec.residual[t] else x.detach()
-            self._unstep_velocity(record, out.detach(), x_f, grad_out)
-            if t == 0:
-                self._check_returned_to_start(x)
+            next_grad_f_(grad_out, grad_f, self.f_weight, self.gamma)
             grads = self._block_gradients(out, [x, *wanted], params)
-        del out
         # Autograd may pass grad_outputs straight through (the gradient of a bias added at
         # the end is grad_f itself); grad_f changes in place at the next block.
         grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
-        grad_x = _input_grad(grads, grad_out, None if x_f is None else grad_f, grad_f)
+        x_f = None if spec.residual[t] else x.detach()
+        grad_x = self._unstep(t, out.detach(), x_f, grads, grad_out)
+        del out, x_f, x
         it = iter(grads[1 : 1 + len(wanted)])
         grad_all = [next(it) if ci.requires_grad else None for ci in context]
         grad_context = [grad_all[i] for i in record.reads]
