@@ -126,22 +126,9 @@ class MomentumChain(GammaSetting, nn.Module):
     ) -> torch.Tensor:
         reads = self.reads or ()
         spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names, reads)
-        if self.use_backprop or not self._needs_backward(x, v0, args):
+        if self.use_backprop or not _needs_backward(spec, x, v0, args):
             return self._forward_plain(spec, x, v0, args)
         return reversible_chain(spec, x, v0, args)
-
-    def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
-        if any(t is not None and t.requires_grad for t in tensors):
-            return True
-        return any(
-            p.requires_grad
-            for block in self.block_list()
-            if isinstance(block, nn.Module)
-            for p in block.parameters()
-        )
 
     def _forward_plain(
         self, spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
@@ -149,3 +136,12 @@ class MomentumChain(GammaSetting, nn.Module):
         for t in range(len(spec.blocks)):
             x, v = spec.plain_step(t, x, v, args, {})
         return x
+
+
+def _needs_backward(spec: ChainSpec, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x, v0, *(a for a in args if isinstance(a, torch.Tensor))]
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return any(p.requires_grad for t in range(len(spec.blocks)) for p in spec.parameters(t))
