@@ -34,6 +34,7 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
     f[::7] = (f[::7] * 2**10).round() / 2**10 + 2.0**-11  # ties of (1 - gamma) f on the grid
     x = torch.randn(n_el, generator=g).to(device) * 100
     go = torch.randn(n_el, generator=g).to(device)
+    gf = torch.randn(n_el, generator=g).to(device)
     c = torch.tensor(2.0**10, device=device)
     scale = torch.tensor(2.0**30, device=device)
     inv = torch.tensor(2.0**-30, device=device)
@@ -43,25 +44,36 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
     nan_f = torch.where(f > 30, math.nan, f)
     inf_f = torch.where(f > 30, math.inf, f)
     shift31 = torch.tensor(31, device=device)
+    huge_f = f * 1e12
+    huge_f[1::5] = math.nan
+    huge_f[2::5] = -math.inf
+
+    def unstep_huge() -> tuple:
+        return (V.clone(), head.clone(), huge_f, x, c, 58982, *[None] * 4, 0.1, 0.9)
 
     def step(out: torch.Tensor, x_f: torch.Tensor | None, n: int) -> Callable[[], tuple]:
         return lambda: (xw, r.clone(), V.clone(), head.clone(), out, x_f, c, n, scale, inv)
 
-    def unstep(x_f, n, grad_x, minus, rebuild: bool) -> Callable[[], tuple]:
+    def unstep(x_f, n, grads: bool, ahead: bool, rebuild: bool) -> Callable[[], tuple]:
         def make() -> tuple:
-            gx = None if grad_x is None else grad_x.clone()
+            gx = x.clone() if grads else None
+            gf_next = torch.empty_like(x) if ahead else None
             state = (xw, r.clone()) if rebuild else (None, None)
-            return (V.clone(), head.clone(), f, x_f, c, n, gx, go, minus, *state, scale, inv)
+            return (V.clone(), head.clone(), f, x_f, c, n, gx, go, gf, gf_next, 0.1, 0.9, *state)
 
-        return make
+        return lambda: (*make(), scale, inv)
 
     return [
         (kernels.forward_step_, step(f, x, 58982)),
         (kernels.forward_step_, step(f, None, 3)),
         (kernels.forward_step_, step(f.bfloat16(), x, 32768)),  # autocast's output
-        (kernels.backward_step_, unstep(x, 58982, x, f * 0.5, rebuild=True)),
-        (kernels.backward_step_, unstep(None, 32768, x, None, rebuild=False)),
-        (kernels.backward_step_, unstep(None, 40000, None, None, rebuild=True)),
+        (kernels.backward_step_, unstep(x, 58982, grads=True, ahead=True, rebuild=True)),
+        (kernels.backward_step_, unstep(x, 58982, grads=True, ahead=False, rebuild=False)),
+        (kernels.backward_step_, unstep(None, 32768, grads=True, ahead=True, rebuild=False)),
+        (kernels.backward_step_, unstep(None, 40000, grads=False, ahead=False, rebuild=True)),
+        # f beyond any grid, NaN and infinite: clamped alike, and exactly reversible.
+        (kernels.forward_step_, step(huge_f, x, 58982)),
+        (kernels.backward_step_, lambda: (*unstep_huge(), None, None, scale, inv)),
         (kernels.on_grid, lambda: (x, scale, inv)),
         (kernels.coarsen_, lambda: (xw, r.clone(), V48.clone(), shift, scale, inv * 8)),
         (kernels.coarsen_, lambda: (xw, r.clone(), V48.clone(), shift31, scale, inv * 2**31)),

@@ -120,6 +120,78 @@ def test_grid_changes_both_ways_rebuild_exactly():
     assert max_rel_err(g_rev, g_bp) < 1e-4
 
 
+def test_a_step_on_too_fine_a_grid_is_reversed_and_taken_again(monkeypatch):
+    # A step is taken before f is measured, on the grid x and v chose. A block whose f is
+    # far larger than x needs a coarser grid: that step is reversed exactly (the kernels
+    # clamp f to a bound within which they are exact) and taken again.
+    from fxmomentum.engine.run import ChainRun
+
+    reversed_at = []
+    unstep = ChainRun._unstep_forward
+
+    def spy(self, *args):
+        reversed_at.append(len(self.records))
+        return unstep(self, *args)
+
+    monkeypatch.setattr(ChainRun, "_unstep_forward", spy)
+    scales = [0.5, 1e9, 0.5, -1e-9, 0.5]  # block 1: f on the first grid beyond the clamp
+    blocks = [Recorder(_Scale(c)) for c in scales]
+    rev = MomentumNet(blocks, 0.9, use_backprop=False)
+    bp = MomentumNet([b.inner for b in blocks], 0.9, use_backprop=True)
+    x, w = inputs(64, 1024)
+    g_rev = grads_of(rev, x, w)
+    assert reversed_at == [1], reversed_at
+    for b in blocks:
+        forward_input, rebuilt_input = b.seen[-2:]
+        assert torch.equal(forward_input, rebuilt_input)
+    assert max_rel_err(g_rev, grads_of(bp, x, w)) < 1e-4
+
+
+def test_gradient_reaching_a_block_output_used_twice(monkeypatch):
+    # Each block's backward computes the previous block's grad_f for the input gradient it
+    # returns; where the output of a block is used outside the chain too, the gradient
+    # autograd hands on is another tensor, and grad_f is computed from that one.
+    from fxmomentum.engine import ChainSpec, run_block, start_run
+
+    blocks = mlp_blocks(4)
+    spec = ChainSpec(blocks, [True] * 4, gamma_num=58982)
+    x, w = inputs(8, 32)
+
+    def loss(reversible: bool) -> list[torch.Tensor]:
+        xx = x.clone().requires_grad_(True)
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+        if reversible:
+            run = start_run(spec, xx)
+            h, taps = xx, []
+            for t in range(4):
+                h = run_block(run, t, h, None, spec_arguments)
+                taps.append(h)
+        else:
+            h, v, taps = xx, None, []
+            for t in range(4):
+                h, v = spec.plain_step(t, h, v, (), {})
+                taps.append(h)
+        ((h * w).sum() + (taps[1] ** 2).sum()).backward()
+        return [xx.grad] + [p.grad for b in blocks for p in b.parameters()]
+
+    from fxmomentum.engine import BlockArguments
+    from fxmomentum.engine import run as run_module
+
+    computed_here = []
+    next_grad_f = run_module.next_grad_f_
+
+    def spy(*args):
+        computed_here.append(1)
+        return next_grad_f(*args)
+
+    monkeypatch.setattr(run_module, "next_grad_f_", spy)
+    spec_arguments = BlockArguments((), {})
+    assert max_rel_err(loss(True), loss(False)) < 1e-4
+    # The last block (the gradient from outside) and block 1 (its output used twice).
+    assert len(computed_here) == 2
+
+
 def test_state_kept_until_backward_is_compact():
     net = MomentumNet(mlp_blocks(16, width=64), 0.9, use_backprop=False)
     x, _ = inputs(256, 64)

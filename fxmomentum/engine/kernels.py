@@ -55,6 +55,9 @@ R_DTYPE = torch.int16
 
 _LOW = GAMMA_DENOM - 1
 _HALF = GAMMA_DENOM // 2
+#: Bounds of the quantized f, by work dtype: within them every step stays exact (the native
+#: kernels hold float32 chains' integers in doubles, exact below 2**51).
+_G_LIMIT = {torch.float32: 2.0**50, torch.float64: 2.0**62}
 
 
 # The exact state X (int64, x = X * 2**-s) is kept as the float xw = fl(X) * 2**-s, which the
@@ -100,8 +103,15 @@ def _f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
 
 
 def _quantized_f(out: torch.Tensor, x: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
-    # (1 - gamma) * f on V's grid: forward and backward must round it to the same integers.
-    return torch.round(_f(out, x).to(c.dtype) * c).to(torch.int64)
+    """(1 - gamma) * f on V's grid: forward and backward must round it to the same integers.
+
+    Clamped (NaN to 0) to a bound no valid step reaches (the grid keeps ``|G| < 2**48``, or
+    ``2**60`` for float64 chains), so that a step taken before the grid is known to suit
+    ``f`` is exactly reversible even where it does not (see ``ChainRun.forward_block``).
+    """
+    limit = _G_LIMIT[c.dtype]
+    G = torch.round(_f(out, x).to(c.dtype) * c).clamp_(-limit, limit).nan_to_num_(0.0)
+    return G.to(torch.int64)
 
 
 def _abs_max_f(out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
@@ -126,8 +136,9 @@ def _forward_step_(
 ):
     """One step, ``r``, ``V`` and ``head`` in place.
 
-    Returns the next ``xw``, the sum of the new ``V`` (see :func:`_unadd_`), and ``max |xw|``
-    and ``max |V|`` after the step, from which the next step's grid is chosen.
+    Returns the next ``xw``, the sum of the new ``V`` (see :func:`_unadd_`), ``max |xw|`` and
+    ``max |V|`` after the step, from which the next step's grid is chosen, and ``max |f|``
+    (NaN if any is NaN), which tells whether this step's grid suited ``f``.
     """
     G = _quantized_f(out, x, c)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
@@ -138,7 +149,7 @@ def _forward_step_(
     V.copy_(V_new)
     xw_new, r_new = _split(X_new, inv_scale)
     r.copy_(r_new)
-    return xw_new, V_new.sum(), xw_new.abs().amax(), V_new.abs().amax()
+    return xw_new, V_new.sum(), xw_new.abs().amax(), V_new.abs().amax(), _abs_max_f(out, x)
 
 
 def _unadd_(
@@ -221,18 +232,25 @@ def _backward_step_(
     c: torch.Tensor,
     n: int,
     grad_x: torch.Tensor | None,
-    grad_out: torch.Tensor,
-    minus: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    grad_f: torch.Tensor | None,
+    grad_f_next: torch.Tensor | None,
+    g: float,
+    gamma: float,
     xw: torch.Tensor | None,
     r: torch.Tensor | None,
     scale: torch.Tensor,
     inv_scale: torch.Tensor,
 ):
     """Reverse a step, after the block's backward: ``V`` and ``head`` in place, back to before
-    the step; the input's gradient (:func:`_input_grad_`, unless ``grad_x`` is None); and,
-    given ``xw`` (the block's input), the previous block's input (:func:`_unadd_` with the
-    rebuilt ``V``; ``r`` in place) and the sum of that ``V``. Returns ``(None, None)`` without
-    ``xw``.
+    the step.
+
+    Besides, in the same pass, unless ``grad_x`` is None: the input's gradient, in place
+    (:func:`_input_grad_`; ``grad_f`` is subtracted where ``f = out - x``), and, given
+    ``grad_f_next``, the previous block's ``grad_f`` for an incoming gradient ``grad_x``
+    (:func:`_next_grad_f_`, into ``grad_f_next``); and, given ``xw`` (the block's input), the
+    previous block's input (:func:`_unadd_` with the rebuilt ``V``; ``r`` in place) and the
+    sum of that ``V``, else ``(None, None)``.
 
     One pass does what the end of one block's backward and the start of the next need: ``V``
     is read once, and the sum that checks the previous block comes with it.
@@ -243,7 +261,10 @@ def _backward_step_(
     V.copy_((V_hi << GAMMA_BITS) | (T & _LOW))
     head.copy_(T >> GAMMA_BITS)
     if grad_x is not None:
-        _input_grad_(grad_x, grad_out, minus)
+        _input_grad_(grad_x, grad_out, None if x is None else grad_f)
+        if grad_f_next is not None:
+            grad_f_next.copy_(grad_f)
+            _next_grad_f_(grad_x, grad_f_next, g, gamma)
     if xw is None:
         return None, None
     return _unadd_(xw, r, V, scale, inv_scale)

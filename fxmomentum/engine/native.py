@@ -68,7 +68,7 @@ _SIGNATURES: dict[str, list] = {
     "fxm_next_grad_f": [_I64, _P, _P, _F32, _F32, _INT],
     "fxm_input_grad": [_I64, _P, _P, _P, _INT],
     "fxm_backward_step": [
-        *[_I64, _P, _P, _P, _P, _F32, _I64, _P, _P, _P],
+        *[_I64, _P, _P, _P, _P, _F32, _I64, _P, _P, _P, _P, _F32, _F32],
         *[_P, _P, _F32, _F32, _P, _P, _INT],
     ],
     "fxm_split_wide": [_I64, _P, _P, _P, _INT],
@@ -261,13 +261,13 @@ def forward_step_(xw, r, V, head, out, x, c, n, scale, inv_scale):
     if out32 is None or head.dtype != torch.int32 or not _state_ok(xw, r, V, head, out32, x):
         return NotImplemented
     xw_new = torch.empty_like(xw)
-    ires, dres = (ctypes.c_int64 * 1)(), (ctypes.c_double * 2)()
+    ires, dres = (ctypes.c_int64 * 1)(), (ctypes.c_double * 3)()
     _lib.fxm_forward_step(
         xw.numel(), xw.data_ptr(), r.data_ptr(), V.data_ptr(), head.data_ptr(),
         out32.data_ptr(), _ptr(x), float(c), n, float(scale), float(inv_scale),
         xw_new.data_ptr(), ires, dres, _threads(),
     )  # fmt: skip
-    return xw_new, ires[0], dres[0], dres[1]
+    return xw_new, ires[0], dres[0], dres[1], dres[2]
 
 
 def unadd_(xw, r, V, scale, inv_scale):
@@ -342,7 +342,9 @@ def input_grad_(grad_x, grad_out, grad_f):
     return None
 
 
-def backward_step_(V, head, out, x, c, n, grad_x, grad_out, minus, xw, r, scale, inv_scale):
+def backward_step_(
+    V, head, out, x, c, n, grad_x, grad_out, grad_f, grad_f_next, g, gamma, xw, r, scale, inv_scale
+):
     """Native :func:`fxmomentum.engine.kernels._backward_step_`."""
     out32 = _f32(out, x)
     if (
@@ -353,20 +355,21 @@ def backward_step_(V, head, out, x, c, n, grad_x, grad_out, minus, xw, r, scale,
     ):
         return NotImplemented
     if grad_x is not None and (
-        grad_x.dtype != _F
-        or grad_out.dtype != _F
-        or (minus is not None and minus.dtype != _F)
-        or not _alike(V, grad_x, grad_out, minus)
+        any(t.dtype != _F for t in (grad_x, grad_out, grad_f))
+        or (grad_f_next is not None and grad_f_next.dtype != _F)
+        or not _alike(V, grad_x, grad_out, grad_f, grad_f_next)
     ):
         return NotImplemented
     if xw is not None and (xw.dtype != _F or r.dtype != _R):
         return NotImplemented
     xw_prev = None if xw is None else torch.empty_like(xw)
+    grads = grad_x is not None
     ires = (ctypes.c_int64 * 1)()
     _lib.fxm_backward_step(
         V.numel(), V.data_ptr(), head.data_ptr(), out32.data_ptr(), _ptr(x), float(c), n,
-        _ptr(grad_x), _ptr(grad_out if grad_x is not None else None), _ptr(minus), _ptr(xw),
-        _ptr(r), float(scale), float(inv_scale), _ptr(xw_prev), ires, _threads(),
+        _ptr(grad_x), _ptr(grad_out if grads else None), _ptr(grad_f if grads else None),
+        _ptr(grad_f_next if grads else None), g, gamma, _ptr(xw), _ptr(r), float(scale),
+        float(inv_scale), _ptr(xw_prev), ires, _threads(),
     )  # fmt: skip
     return (None, None) if xw is None else (xw_prev, ires[0])
 

@@ -60,6 +60,8 @@ static inline float bitsf(i32 u) {
   memcpy(&f, &u, 4);
   return f;
 }
+/* Loop bodies with flags that are constants at each call: one vectorised loop per variant. */
+#define BODY static inline __attribute__((always_inline))
 #define TWO16 65536.0
 #define INV16 0x1p-16
 #define HALF16 32768.0
@@ -95,10 +97,18 @@ static inline float bitsf(i32 u) {
   q = m >= n_d ? q + 1 : q;          \
   m = m >= n_d ? m - n_d : m;
 
-/* (1 - gamma) f on V's grid, rounded as the eager kernel rounds it. */
-static inline double quantized_f(const float* RS out, const float* RS xf, i64 i, float c) {
-  float f = xf ? out[i] - xf[i] : out[i];
-  return (double)rintf(f * c);
+/* f as the eager kernel computes it, and (1 - gamma) f on V's grid, rounded as it rounds it and
+   clamped to 2**50 (NaN to 0), a bound no valid step reaches: a step taken on too fine a grid
+   stays exactly reversible, and is reversed (see kernels._quantized_f). */
+#define G_LIMIT 0x1p50
+BODY float f_of(const float* RS out, const float* RS xf, i64 i, int has_xf) {
+  return has_xf ? out[i] - xf[i] : out[i];
+}
+BODY double quantize(float f, float c) {
+  double g = (double)rintf(f * c);
+  g = g > G_LIMIT ? G_LIMIT : g;
+  g = g < -G_LIMIT ? -G_LIMIT : g;
+  return g != g ? 0.0 : g;
 }
 
 static inline double join(const float* RS xw, const i16* RS r, i64 i, float scale) {
@@ -153,15 +163,16 @@ API void fxm_on_grid(i64 n, const float* x, float scale, float inv_scale, float*
 }
 
 /* ---- forward step ------------------------------------------------------------------------- */
-static void forward_range(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
-                          i32* RS head, const float* RS out, const float* RS xf, float c,
-                          double n_d, float scale, float inv_scale, float* RS xw_new,
-                          i64* vsum, i32* xmax, i64* vmax) {
+BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V, i32* RS head,
+                       const float* RS out, const float* RS xf, float c, double n_d,
+                       float scale, float inv_scale, float* RS xw_new, i64* vsum, i32* xmax,
+                       i64* vmax, i32* fmax, int has_xf) {
   const double inv_n = 1.0 / n_d;
   i64 s = 0, mv = 0;
-  i32 mx = 0;
+  i32 mx = 0, mf = 0;
   for (i64 i = lo; i < hi; i++) {
-    double G = quantized_f(out, xf, i, c);
+    float f = f_of(out, xf, i, has_xf);
+    double G = quantize(f, c);
     double v = i2d(V[i]);
     double vhi = floor(v * INV16);
     /* v <- gamma v: V's low 16 bits onto the stack, a digit in [0, n) off it */
@@ -179,32 +190,49 @@ static void forward_range(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS
     mx = u > mx ? u : mx;
     i64 a = vi < 0 ? -vi : vi;
     mv = a > mv ? a : mv;
+    i32 uf = fbits(fabsf(f));
+    mf = uf > mf ? uf : mf;
   }
   *vsum = s;
   *xmax = mx;
   *vmax = mv;
+  *fmax = mf;
 }
 
-/* ires = [sum of the new V]; dres = [max |xw_new|, max |V|]. */
+static void forward_range(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
+                          i32* RS head, const float* RS out, const float* RS xf, float c,
+                          double n_d, float scale, float inv_scale, float* RS xw_new,
+                          i64* vsum, i32* xmax, i64* vmax, i32* fmax) {
+  if (xf)
+    forward_body(lo, hi, xw, r, V, head, out, xf, c, n_d, scale, inv_scale, xw_new, vsum, xmax,
+                 vmax, fmax, 1);
+  else
+    forward_body(lo, hi, xw, r, V, head, out, xf, c, n_d, scale, inv_scale, xw_new, vsum, xmax,
+                 vmax, fmax, 0);
+}
+
+/* ires = [sum of the new V]; dres = [max |xw_new|, max |V|, max |f|]. */
 API void fxm_forward_step(i64 n, const float* xw, i16* r, i64* V, i32* head, const float* out,
                           const float* xf, float c, i64 gamma_num, float scale,
                           float inv_scale, float* xw_new, i64* ires, double* dres, int nt) {
   i64 sums[MAX_THREADS] = {0}, vm[MAX_THREADS] = {0};
-  i32 xm[MAX_THREADS] = {0};
+  i32 xm[MAX_THREADS] = {0}, fm[MAX_THREADS] = {0};
   PAR_BEGIN(n, nt)
   forward_range(lo, hi, xw, r, V, head, out, xf, c, (double)gamma_num, scale, inv_scale, xw_new,
-                &sums[tid_], &xm[tid_], &vm[tid_]);
+                &sums[tid_], &xm[tid_], &vm[tid_], &fm[tid_]);
   PAR_END
   i64 s = 0, mv = 0;
-  i32 mx = 0;
+  i32 mx = 0, mf = 0;
   for (int t = 0; t < MAX_THREADS; t++) {
     s += sums[t];
     mx = xm[t] > mx ? xm[t] : mx;
     mv = vm[t] > mv ? vm[t] : mv;
+    mf = fm[t] > mf ? fm[t] : mf;
   }
   ires[0] = s;
   dres[0] = (double)bitsf(mx);
   dres[1] = (double)mv;
+  dres[2] = (double)bitsf(mf);
 }
 
 /* ---- x <- x - v ----------------------------------------------------------------------------- */
@@ -333,14 +361,14 @@ API void fxm_input_grad(i64 n, float* gx, const float* grad_out, const float* mi
 
 /* Reverse a step (V, head in place); then, given xw, x <- x - v on the same grid, the previous
    block's input (r in place, xw_prev out, the sum of V in ires). */
-static void backward_range(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS out,
-                           const float* RS xf, float c, double n_d, const float* RS xw,
-                           i16* RS r, float scale, float inv_scale, float* RS xw_prev,
-                           i64* vsum) {
+BODY void backward_body(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS out,
+                        const float* RS xf, float c, double n_d, const float* RS xw, i16* RS r,
+                        float scale, float inv_scale, float* RS xw_prev, i64* vsum, int has_xf,
+                        int rebuild) {
   const double inv_n = 1.0 / n_d;
   i64 s = 0;
   for (i64 i = lo; i < hi; i++) {
-    double a = i2d(V[i]) - quantized_f(out, xf, i, c);
+    double a = i2d(V[i]) - quantize(f_of(out, xf, i, has_xf), c);
     DIVMOD(a, vhi, vlo)
     double T = (double)head[i] * n_d + vlo;
     double th = floor(T * INV16);
@@ -348,7 +376,7 @@ static void backward_range(i64 lo, i64 hi, i64* RS V, i32* RS head, const float*
     i64 vi = d2i(vn);
     head[i] = (i32)th;
     V[i] = vi;
-    if (xw_prev) {
+    if (rebuild) {
       double X = join(xw, r, i, scale) - floor((vn + HALF16) * INV16);
       xw_prev[i] = split(X, inv_scale, r, i);
       s += vi;
@@ -357,15 +385,61 @@ static void backward_range(i64 lo, i64 hi, i64* RS V, i32* RS head, const float*
   *vsum = s;
 }
 
+static void backward_range(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS out,
+                           const float* RS xf, float c, double n_d, const float* RS xw,
+                           i16* RS r, float scale, float inv_scale, float* RS xw_prev,
+                           i64* vsum) {
+#define BACKWARD(has_xf, rebuild)                                                           \
+  backward_body(lo, hi, V, head, out, xf, c, n_d, xw, r, scale, inv_scale, xw_prev, vsum,   \
+                has_xf, rebuild)
+  if (xf && xw_prev)
+    BACKWARD(1, 1);
+  else if (xf)
+    BACKWARD(1, 0);
+  else if (xw_prev)
+    BACKWARD(0, 1);
+  else
+    BACKWARD(0, 0);
+#undef BACKWARD
+}
+
+/* gx += go (- gf where f = out - x); then, given gf_next, the next block's gf for an incoming
+   gradient gx (kernels._next_grad_f_, into another buffer). */
+BODY void grads_body(i64 lo, i64 hi, float* RS gx, const float* RS go, const float* RS gf,
+                     float* RS gf_next, float g, float gamma, int minus, int speculate) {
+  for (i64 i = lo; i < hi; i++) {
+    float t = gx[i] + go[i];
+    if (minus) t = t - gf[i];
+    gx[i] = t;
+    if (speculate) {
+      float a = t * g;
+      float b = gf[i] * gamma;
+      gf_next[i] = a + b;
+    }
+  }
+}
+
+static void grads_range(i64 lo, i64 hi, float* RS gx, const float* RS go, const float* RS gf,
+                        float* RS gf_next, float g, float gamma, int minus) {
+  if (minus && gf_next)
+    grads_body(lo, hi, gx, go, gf, gf_next, g, gamma, 1, 1);
+  else if (minus)
+    grads_body(lo, hi, gx, go, gf, gf_next, g, gamma, 1, 0);
+  else if (gf_next)
+    grads_body(lo, hi, gx, go, gf, gf_next, g, gamma, 0, 1);
+  else
+    grads_body(lo, hi, gx, go, gf, gf_next, g, gamma, 0, 0);
+}
+
 API void fxm_backward_step(i64 n, i64* V, i32* head, const float* out, const float* xf,
-                           float c, i64 gamma_num, float* gx, const float* grad_out,
-                           const float* minus, const float* xw, i16* r, float scale,
-                           float inv_scale, float* xw_prev, i64* ires, int nt) {
+                           float c, i64 gamma_num, float* gx, const float* go, const float* gf,
+                           float* gf_next, float g, float gamma, const float* xw, i16* r,
+                           float scale, float inv_scale, float* xw_prev, i64* ires, int nt) {
   i64 sums[MAX_THREADS] = {0};
   PAR_BEGIN(n, nt)
   backward_range(lo, hi, V, head, out, xf, c, (double)gamma_num, xw, r, scale, inv_scale, xw_prev,
                  &sums[tid_]);
-  if (gx) input_grad_range(lo, hi, gx, grad_out, minus);
+  if (gx) grads_range(lo, hi, gx, go, gf, gf_next, g, gamma, xf != 0);
   PAR_END
   i64 s = 0;
   for (int t = 0; t < MAX_THREADS; t++) s += sums[t];

@@ -43,7 +43,7 @@ from .kernels import (
     unshift_v_,
 )
 from .replay import ForwardRun, autocast_state
-from .spec import BlockArguments, ChainSpec, block_parameters
+from .spec import BlockArguments, ChainSpec
 
 __all__ = ["BlockRecord", "ChainRun", "Grid", "NumericalError"]
 
@@ -343,7 +343,7 @@ class ChainRun:
         spec, stack, grid = self.spec, self.bit_stack, self.grid
         args, kwargs = arguments.build(arguments.tensors)
         version = x._version
-        with ForwardRun(spec.blocks[t], x, self.autocast) as ran:
+        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran:
             out = spec.output(t, x, args, kwargs)
         if x._version != version:
             raise RuntimeError(
@@ -353,23 +353,27 @@ class ChainRun:
             )
         x_f = None if spec.residual[t] else x.detach()  # f = out - x_f for a non-residual block
         out = out.detach()
-        shift = self._choose_shift(t, out, x_f)
-        x_work, low_x = self._regrid(x, shift)
-        stack.note_push(GAMMA_DENOM)
-        stack.note_pop(self.gamma_num)
-        x_work_next, v_sum, x_work_max, v_max = forward_step_(
-            x_work,
-            self.x_residual,
-            self.velocity,
-            stack.head,
-            out,
-            x_f,
-            grid.scalar(self.f_weight * 2.0 ** (grid.exponent + GAMMA_BITS)),
-            self.gamma_num,
-            grid.scale(),
-            grid.inverse_scale(),
-        )
-        del x_work, out, x_f
+        # The grid must hold x, v and (1 - gamma) f. When x and v fit it, the step is taken
+        # at once and measures f as it goes (a pass less); in the rare case f did not fit, the
+        # step is reversed exactly (the kernels clamp f to a bound within which they are
+        # exact) and taken again on a coarser grid.
+        shift = grid.shift_for(self.x_max, self.v_max, 0.0)
+        stepped = None
+        if shift == 0:
+            stepped = self._step(self._x_work(x), out, x_f)
+            shift = self._shift_for(t, stepped[-1])
+            if shift:
+                self._unstep_forward(stepped[0], out, x_f)
+                stepped = None
+        else:
+            shift = self._shift_for(t, float(abs_max_f(out, x_f)))
+        low_x = None
+        if stepped is None:
+            x_work, low_x = self._regrid(x, shift)
+            stepped = self._step(x_work, out, x_f)
+            del x_work
+        x_work_next, v_sum, x_work_max, v_max, _ = stepped
+        del out, x_f, stepped
         x_next = self._decoded(x_work_next)
         self.v_max = float(v_max)
         self.x_max = float(x_work_max) * 2.0**grid.exponent
@@ -382,10 +386,56 @@ class ChainRun:
             self._finish(x_next)
         return x_next
 
-    def _choose_shift(self, t: int, out: torch.Tensor, x_f: torch.Tensor | None) -> int:
+    def _step(self, x_work: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None) -> tuple:
+        """One step on the current grid: ``forward_step_``'s results, ``max |f|`` last."""
+        stack, grid = self.bit_stack, self.grid
+        stack.note_push(GAMMA_DENOM)
+        stack.note_pop(self.gamma_num)
+        x_work_next, v_sum, x_work_max, v_max, f_abs = forward_step_(
+            x_work,
+            self.x_residual,
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        return x_work_next, v_sum, x_work_max, v_max, float(f_abs)
+
+    def _unstep_forward(
+        self, x_work_next: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None
+    ) -> None:
+        """Reverse :meth:`_step` exactly: ``x_residual``, ``V`` and the stack as they were."""
+        stack, grid = self.bit_stack, self.grid
+        unadd_(x_work_next, self.x_residual, self.velocity, grid.scale(), grid.inverse_scale())
+        backward_step_(
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            *[None] * 4,
+            self.f_weight,
+            self.gamma,
+            None,
+            None,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        stack.undo_note()
+        stack.undo_note()
+
+    def _f_scale(self, exponent: int) -> torch.Tensor:
+        """``(1 - gamma) * 2**(exponent + 16)``: ``f`` onto ``V``'s grid."""
+        return self.grid.scalar(self.f_weight * 2.0 ** (exponent + GAMMA_BITS))
+
+    def _shift_for(self, t: int, f_abs: float) -> int:
         """The grid change before block ``t``'s step: room for ``x``, ``v`` and
-        ``(1 - gamma) * f(x)`` on the grid."""
-        f_abs = float(abs_max_f(out, x_f))
+        ``(1 - gamma) * f(x)`` (``max |f| = f_abs``) on the grid."""
         if not math.isfinite(f_abs):
             raise _too_large(self.spec, t, "its output f(x)", f_abs)
         grid = self.grid
@@ -492,6 +542,9 @@ class ChainRun:
         # The gradient of the current block's f, which is (1 - gamma) times the gradient
         # reaching the velocity (see kernels._next_grad_f_): one buffer for both.
         self.grad_f = torch.zeros_like(y, dtype=acc)
+        # The previous block's grad_f, computed ahead (see _take_grad_f), and what it assumed.
+        self.grad_f_next: torch.Tensor | None = None
+        self.ahead: tuple[torch.Tensor, int] | None = None
 
     def _check_returned_to_start(self, x: torch.Tensor) -> None:
         # The per-block checks sample the state; the full state (x, v, an empty stack) must
@@ -553,10 +606,10 @@ class ChainRun:
         grads: list[torch.Tensor | None],
         grad_out: torch.Tensor,
     ) -> torch.Tensor:
-        """After block ``t``'s backward: ``V`` back to before its step and grid change, the
-        gradient of its input, and, where no grid change lies between, the previous block's
-        input in the same pass (``self.x``, checked against the forward). Returns the input's
-        gradient."""
+        """After block ``t``'s backward, in one pass where it can: ``V`` back to before its
+        step and grid change; the gradient of its input (returned); the previous block's
+        ``grad_f`` for that gradient (see :meth:`_take_grad_f`); and, where no grid change
+        lies between, the previous block's input (``self.x``, checked against the forward)."""
         grid, stack, record = self.grid, self.bit_stack, self.records[t]
         shift, grad_f = record.shift, self.grad_f
         minus = None if x_f is None else grad_f
@@ -567,6 +620,9 @@ class ChainRun:
             and gx.is_contiguous()
             and not _aliased(gx, [*grads[1:], grad_out])
         )
+        ahead = in_place and t > 0
+        if ahead and self.grad_f_next is None:
+            self.grad_f_next = torch.empty_like(grad_f)
         fuse = t > 0 and shift == 0 and self.records[t - 1].shift == 0
         x_t = self.x
         x_prev, v_sum = backward_step_(
@@ -574,16 +630,21 @@ class ChainRun:
             stack.head,
             out,
             x_f,
-            grid.scalar(self.f_weight * 2.0 ** (record.exponent + GAMMA_BITS)),
+            self._f_scale(record.exponent),
             self.gamma_num,
             gx if in_place else None,
             grad_out,
-            minus,
+            grad_f,
+            self.grad_f_next if ahead else None,
+            self.f_weight,
+            self.gamma,
             self._x_work(x_t) if fuse else None,
             self.x_residual if fuse else None,
             grid.scale(),
             grid.inverse_scale(),
         )
+        # grad_f_next is block t-1's grad_f if autograd hands that block gx, unchanged.
+        self.ahead = (gx, gx._version) if ahead else None
         stack.undo_note()
         stack.undo_note()
         if 0 < shift < _FUSED_SHIFT:
@@ -600,6 +661,20 @@ class ChainRun:
         elif t == 0:
             self._check_returned_to_start(x_t)
         return grad_x
+
+    def _take_grad_f(self, grad_out: torch.Tensor) -> None:
+        """Make ``grad_f`` this block's from the gradient reaching its output.
+
+        Within a chain that gradient is the next block's input gradient, handed on by
+        autograd as it was returned, and the next block's pass has computed this block's
+        ``grad_f`` from it already; otherwise (hooks, another use of the block's output),
+        it is computed here.
+        """
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and grad_out is ahead[0] and grad_out._version == ahead[1]:
+            self.grad_f, self.grad_f_next = self.grad_f_next, self.grad_f
+        else:
+            next_grad_f_(grad_out, self.grad_f, self.f_weight, self.gamma)
 
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
@@ -620,15 +695,15 @@ class ChainRun:
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
             grad_out = torch.zeros_like(self.grad_f)
-        grad_f = self.grad_f
         # Buffers are restored after the block's backward, which may read them.
         with record.forward.replay(x.device):
             with torch.enable_grad(), forward_attention_kernels():
                 out = spec.output(t, x, args, kwargs)
-            next_grad_f_(grad_out, grad_f, self.f_weight, self.gamma)
+            self._take_grad_f(grad_out)
             grads = self._block_gradients(out, [x, *wanted], params)
         # Autograd may pass grad_outputs straight through (the gradient of a bias added at
-        # the end is grad_f itself); grad_f changes in place at the next block.
+        # the end is grad_f itself); grad_f's buffer is written again at the next block.
+        grad_f = self.grad_f
         grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
         x_f = None if spec.residual[t] else x.detach()
         grad_x = self._unstep(t, out.detach(), x_f, grads, grad_out)
@@ -670,15 +745,18 @@ class ChainRun:
         """
         if not params or not torch.autograd._is_checkpoint_valid():
             return False
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return False
-        if self.shared is None:
+        if self.shared is None:  # once per run
+            dist = sys.modules.get("torch.distributed")
+            self.distributed = bool(
+                dist is not None and dist.is_available() and dist.is_initialized()
+            )
             seen: set[int] = set()
             self.shared = set()
-            for block in self.spec.blocks:
-                for p in block_parameters(block):
+            for t in range(len(self.spec.blocks)):
+                for p in self.spec.parameters(t):
                     (self.shared if id(p) in seen else seen).add(id(p))
+        if self.distributed:
+            return False
         return not any(
             id(p) in self.shared or p._backward_hooks or p._post_accumulate_grad_hooks
             for p in params
@@ -691,6 +769,7 @@ class ChainRun:
         the chains before this one recompute their blocks meanwhile.
         """
         self.velocity = self.x_residual = self.x = self.x_work = self.grad_f = None
+        self.grad_f_next = self.ahead = None
         self.bit_stack = None
         self.records.clear()
         self.grid.clear()
