@@ -287,6 +287,24 @@ def _input_grad_(grad_x: torch.Tensor, grad_out: torch.Tensor, grad_f: torch.Ten
     grad_x.copy_(total if grad_f is None else total - grad_f)
 
 
+def _eager_numerics() -> dict[str, bool]:
+    """Inductor options under which its GPU kernels round as eager PyTorch does.
+
+    Triton contracts ``a * b + c`` into one fused multiply-add and flushes subnormals by
+    default, which changes the last bit of the gradients (``_next_grad_f_``); the integer
+    state is exact either way. Only the options this torch knows are set.
+    """
+    from torch._inductor import config
+
+    wanted = {
+        "emulate_precision_casts": True,  # also turns off the multiply-add contraction
+        "eager_numerics.disable_ftz": True,
+        "eager_numerics.division_rounding": True,
+    }
+    known = config.get_config_copy()
+    return {k: v for k, v in wanted.items() if k in known}
+
+
 class _Kernel:
     """An eager function, its native twin (CPU) and, when worthwhile, its torch.compile'd twin
     (CUDA)."""
@@ -321,7 +339,7 @@ class _Kernel:
             return self.fn(*args)
         if self._use_compiled(t):
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, fullgraph=True)
+                self._compiled = torch.compile(self.fn, fullgraph=True, options=_eager_numerics())
             try:
                 return self._compiled(*args)
             except Exception as err:  # any compiler failure falls back
