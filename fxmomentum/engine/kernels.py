@@ -80,11 +80,11 @@ def _split(X: torch.Tensor, inv_scale: torch.Tensor) -> tuple[torch.Tensor, torc
     return Xf * inv_scale, (X - Xf.to(torch.int64)).to(R_DTYPE)
 
 
-def _on_grid(
-    x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(xw, r)`` of ``X = round(x * 2**s)``, a chain's input put on its grid, in one pass."""
-    return _split((x.to(scale.dtype) * scale).round().to(torch.int64), inv_scale)
+def _on_grid(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor):
+    """``(xw, r)`` of ``X = round(x * 2**s)``, a chain's input put on its grid, in one pass,
+    and their :func:`_checksum`."""
+    xw, r = _split((x.to(scale.dtype) * scale).round().to(torch.int64), inv_scale)
+    return xw, r, _checksum(xw, r)
 
 
 def _split_wide(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,8 +249,8 @@ def _backward_step_(
     (:func:`_input_grad_`; ``grad_f`` is subtracted where ``f = out - x``), and, given
     ``grad_f_next``, the previous block's ``grad_f`` for an incoming gradient ``grad_x``
     (:func:`_next_grad_f_`, into ``grad_f_next``); and, given ``xw`` (the block's input), the
-    previous block's input (:func:`_unadd_` with the rebuilt ``V``; ``r`` in place) and the
-    sum of that ``V``, else ``(None, None)``.
+    previous block's input (:func:`_unadd_` with the rebuilt ``V``; ``r`` in place), else
+    None; and the sum of the rebuilt ``V``.
 
     One pass does what the end of one block's backward and the start of the next need: ``V``
     is read once, and the sum that checks the previous block comes with it.
@@ -266,7 +266,7 @@ def _backward_step_(
             grad_f_next.copy_(grad_f)
             _next_grad_f_(grad_x, grad_f_next, g, gamma)
     if xw is None:
-        return None, None
+        return None, V.sum()
     return _unadd_(xw, r, V, scale, inv_scale)
 
 

@@ -59,7 +59,7 @@ _INT = ctypes.c_int
 #: ctypes argument types of the exported functions (ending with the thread count).
 _SIGNATURES: dict[str, list] = {
     "fxm_abs_max_f": [_I64, _P, _P, _P, _INT],
-    "fxm_on_grid": [_I64, _P, _F32, _F32, _P, _P, _INT],
+    "fxm_on_grid": [_I64, _P, _F32, _F32, _P, _P, _P, _INT],
     "fxm_forward_step": [_I64, _P, _P, _P, _P, _P, _P, _F32, _I64, _F32, _F32, _P, _P, _P, _INT],
     "fxm_unadd": [_I64, _P, _P, _P, _F32, _F32, _P, _P, _INT],
     "fxm_coarsen": [_I64, _P, _P, _P, _I64, _F32, _F32, _P, _P, _P, _INT],
@@ -244,11 +244,12 @@ def on_grid(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor):
     if x.dtype != _F or scale.dtype != _F or not _alike(x):
         return NotImplemented
     xw, r = torch.empty_like(x), torch.empty_like(x, dtype=_R)
+    ires = (ctypes.c_int64 * 1)()
     _lib.fxm_on_grid(
         x.numel(), x.data_ptr(), float(scale), float(inv_scale), xw.data_ptr(), r.data_ptr(),
-        _threads(),
+        ires, _threads(),
     )  # fmt: skip
-    return xw, r
+    return xw, r, ires[0]
 
 
 def _state_ok(xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, *more: torch.Tensor) -> bool:
@@ -371,7 +372,7 @@ def backward_step_(
         _ptr(grad_f_next if grads else None), g, gamma, _ptr(xw), _ptr(r), float(scale),
         float(inv_scale), _ptr(xw_prev), ires, _threads(),
     )  # fmt: skip
-    return (None, None) if xw is None else (xw_prev, ires[0])
+    return xw_prev, ires[0]
 
 
 def split_wide(a):

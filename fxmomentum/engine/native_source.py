@@ -151,15 +151,26 @@ API void fxm_abs_max_f(i64 n, const float* out, const float* xf, double* dres, i
 
 /* ---- a chain's input on the grid ---------------------------------------------------------- */
 static void on_grid_range(i64 lo, i64 hi, const float* RS x, float scale, float inv_scale,
-                          float* RS xw, i16* RS r) {
-  for (i64 i = lo; i < hi; i++) xw[i] = split((double)rintf(x[i] * scale), inv_scale, r, i);
+                          float* RS xw, i16* RS r, i64* sum) {
+  i64 s = 0;
+  for (i64 i = lo; i < hi; i++) {
+    float w = split((double)rintf(x[i] * scale), inv_scale, r, i);
+    xw[i] = w;
+    s += (i64)fbits(w) + (i64)r[i];
+  }
+  *sum = s;
 }
 
+/* ires = [checksum of (xw, r)] */
 API void fxm_on_grid(i64 n, const float* x, float scale, float inv_scale, float* xw, i16* r,
-                     int nt) {
+                     i64* ires, int nt) {
+  i64 sums[MAX_THREADS] = {0};
   PAR_BEGIN(n, nt)
-  on_grid_range(lo, hi, x, scale, inv_scale, xw, r);
+  on_grid_range(lo, hi, x, scale, inv_scale, xw, r, &sums[tid_]);
   PAR_END
+  i64 s = 0;
+  for (int t = 0; t < MAX_THREADS; t++) s += sums[t];
+  ires[0] = s;
 }
 
 /* ---- forward step ------------------------------------------------------------------------- */
@@ -359,8 +370,8 @@ API void fxm_input_grad(i64 n, float* gx, const float* grad_out, const float* mi
   PAR_END
 }
 
-/* Reverse a step (V, head in place); then, given xw, x <- x - v on the same grid, the previous
-   block's input (r in place, xw_prev out, the sum of V in ires). */
+/* Reverse a step (V, head in place; the sum of V in ires); then, given xw, x <- x - v on the
+   same grid, the previous block's input (r in place, xw_prev out). */
 BODY void backward_body(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS out,
                         const float* RS xf, float c, double n_d, const float* RS xw, i16* RS r,
                         float scale, float inv_scale, float* RS xw_prev, i64* vsum, int has_xf,
@@ -376,10 +387,10 @@ BODY void backward_body(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS
     i64 vi = d2i(vn);
     head[i] = (i32)th;
     V[i] = vi;
+    s += vi;
     if (rebuild) {
       double X = join(xw, r, i, scale) - floor((vn + HALF16) * INV16);
       xw_prev[i] = split(X, inv_scale, r, i);
-      s += vi;
     }
   }
   *vsum = s;

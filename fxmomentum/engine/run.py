@@ -284,25 +284,25 @@ class ChainRun:
         self.autocast = autocast_state(self.device.type)
         self.has_v0 = v0 is not None
         self.bit_stack = BitStack(x0)
-        x_max = torch.linalg.vector_norm(x0.detach(), math.inf).item()
-        v_max = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
+        x_max = float(abs_max_f(x0.detach(), None))
+        v_max = 0.0 if v0 is None else float(abs_max_f(v0.detach(), None))
         if not math.isfinite(x_max + v_max):
             raise _too_large(self.spec, 0, "the chain input", x_max + v_max)
         grid.fit(max(x_max, v_max))
         e = grid.exponent
         self.velocity = (
-            torch.zeros(x0.shape, dtype=torch.int64, device=x0.device)
+            torch.zeros_like(x0, dtype=torch.int64)
             if v0 is None
             else torch.round(v0.to(grid.work) * 2.0 ** (e + GAMMA_BITS)).to(torch.int64)
         )
         # The largest |X| and |V| on the grid, which the next step's grid change is chosen from.
         self.x_max, self.v_max = x_max * 2.0**e, v_max * 2.0 ** (e + GAMMA_BITS)
-        x_work, self.x_residual = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
+        x_work, self.x_residual, x_sum = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
         x = self._decoded(x_work)
         del x_work
         # The whole initial state, for the check that backward returns to it exactly.
         v_sum = self.velocity.sum() if self.has_v0 else 0
-        self.start_sums = (checksum(self._x_work(x), self.x_residual), v_sum)
+        self.start_sums = (x_sum, v_sum)
         return x
 
     # For float32 and float64 chains x_work is the decoded x itself, which forward hands to the
@@ -538,19 +538,22 @@ class ChainRun:
             del X
         self.rebuilt = len(self.spec.blocks)  # self.x is the input of this block
         self.kept_residual = self.kept_velocity = (None, None)
-        acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.grad_dtype = (
+            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        )
         # The gradient of the current block's f, which is (1 - gamma) times the gradient
-        # reaching the velocity (see kernels._next_grad_f_): one buffer for both.
-        self.grad_f = torch.zeros_like(y, dtype=acc)
+        # reaching the velocity (see kernels._next_grad_f_): one buffer for both. Made by the
+        # last block's backward, from the gradient reaching the chain's output.
+        self.grad_f: torch.Tensor | None = None
         # The previous block's grad_f, computed ahead (see _take_grad_f), and what it assumed.
         self.grad_f_next: torch.Tensor | None = None
         self.ahead: tuple[torch.Tensor, int] | None = None
 
-    def _check_returned_to_start(self, x: torch.Tensor) -> None:
+    def _check_returned_to_start(self, x: torch.Tensor, v_sum: object) -> None:
         # The per-block checks sample the state; the full state (x, v, an empty stack) must
         # come back to the start's bit for bit, or some block was not deterministic.
         stack = self.bit_stack
-        sums = (checksum(self._x_work(x.detach()), self.x_residual), self.velocity.sum())
+        sums = (checksum(self._x_work(x.detach()), self.x_residual), v_sum)
         same = all(bool(a == b) for a, b in zip(sums, self.start_sums, strict=True))
         if not same or stack.words or stack.bound != 1 or bool(stack.head.any()):
             raise _not_rebuilt("the chain's input", "a block of the chain")
@@ -659,7 +662,8 @@ class ChainRun:
             if int(v_sum) != self.records[t - 1].checksum:
                 raise _not_rebuilt(f"the input of {self.spec.name(t - 1)}", "a block after it")
         elif t == 0:
-            self._check_returned_to_start(x_t)
+            v_sum = v_sum if shift == 0 else self.velocity.sum()  # V was unshifted since
+            self._check_returned_to_start(x_t, v_sum)
         return grad_x
 
     def _take_grad_f(self, grad_out: torch.Tensor) -> None:
@@ -671,7 +675,9 @@ class ChainRun:
         it is computed here.
         """
         ahead, self.ahead = self.ahead, None
-        if ahead is not None and grad_out is ahead[0] and grad_out._version == ahead[1]:
+        if self.grad_f is None:  # the last block: grad_f = (1 - gamma) grad_out
+            self.grad_f = grad_out.to(self.grad_dtype) * self.f_weight
+        elif ahead is not None and grad_out is ahead[0] and grad_out._version == ahead[1]:
             self.grad_f, self.grad_f_next = self.grad_f_next, self.grad_f
         else:
             next_grad_f_(grad_out, self.grad_f, self.f_weight, self.gamma)
@@ -694,7 +700,7 @@ class ChainRun:
         args, kwargs = record.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
-            grad_out = torch.zeros_like(self.grad_f)
+            grad_out = torch.zeros_like(x, dtype=self.grad_dtype)
         # Buffers are restored after the block's backward, which may read them.
         with record.forward.replay(x.device):
             with torch.enable_grad(), forward_attention_kernels():
