@@ -10,6 +10,11 @@ Notation (ARCHITECTURE.md, "The engine"): ``X`` and ``V`` are the exact integers
 ``v`` on the grid, ``x = X * 2**-exponent`` and ``v = V * 2**-(exponent + 16)``. ``X`` is held
 as ``x_work``, the float the next block receives anyway, plus ``x_residual = X - fl(X)``.
 
+Passes over the state per block: forward, one (the step, which also measures ``f`` and the
+maxima the next grid is chosen from); backward, one after the block's own backward (the step
+reversed, the input's gradient, the previous block's ``grad_f`` and input, and the sum that
+checks that input). Grid changes and a chain's two ends add a few.
+
 This module knows nothing about torch.fx or autograd Functions;
 :mod:`fxmomentum.engine.function` drives it.
 """
