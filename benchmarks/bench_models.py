@@ -64,6 +64,7 @@ LABELS = {
     "backprop": "fxmomentum.convert (use_backprop=True)",
     "checkpoint": "torch.utils.checkpoint per block",
     "checkpoint_reentrant": "torch.utils.checkpoint per block (use_reentrant=True)",
+    "checkpoint_chained": "torch.utils.checkpoint on the blocks the chains hold",
     "official": "momentumnet.transform_to_momentumnet",
     "recompute": "recomputation floor: each chain block run once more (time only)",
 }
@@ -73,6 +74,7 @@ SHORT = {
     "backprop": "convert backprop",
     "checkpoint": "checkpoint",
     "checkpoint_reentrant": "reentrant ckpt",
+    "checkpoint_chained": "ckpt chained blocks",
     "official": "momentumnet",
     "recompute": "recompute floor",
 }
@@ -386,11 +388,11 @@ def _build_resnet(
             for i in range(len(stage)):
                 stage[i] = Checkpointed(stage[i], reentrant=kind == "checkpoint_reentrant")
         return model, x
-    if kind == "recompute":
+    if kind in ("recompute", "checkpoint_chained"):
         # The blocks fxmomentum chains: all but each stage's first (its projection shortcut).
         for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
             for i in range(1, len(stage)):
-                stage[i] = RunTwice(stage[i])
+                stage[i] = RunTwice(stage[i]) if kind == "recompute" else Checkpointed(stage[i])
         return model, x
     if kind == "official":
         from momentumnet import transform_to_momentumnet
@@ -572,9 +574,8 @@ def _ratios_text(ratios: list[float]) -> str:
 
 def run_resnet(s: Sizes, official: bool, threads: int, log: Log) -> dict[str, Any]:
     """ResNet: memory at ``resnet_memory_size``, time at each of ``resnet_time_sizes``."""
-    kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"] + (
-        ["official"] if official else []
-    )
+    kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"]
+    kinds += ["checkpoint_chained"] + (["official"] if official else [])
     kinds.append("recompute")
     base = {"bench": "resnet", "layers": s.resnet_layers, "batch": s.resnet_batch}
     log(f"ResNet {s.resnet_layers}: memory at {s.resnet_memory_size}x{s.resnet_memory_size}")
@@ -784,7 +785,8 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
         "checkpoint per block 0.42x / 1.18x; floor (nothing inside the chains kept) 0.40x.",
         "- checkpoint wraps each Bottleneck of layer1..4 (non-reentrant, and reentrant: "
         "forward without grad, recomputation in backward, what a reversible chain does besides "
-        "its exact arithmetic); momentumnet is "
+        "its exact arithmetic); on the blocks the chains hold: each stage's Bottlenecks but the "
+        "first (non-reentrant), what the chains recompute; momentumnet is "
         "`transform_to_momentumnet(model, gamma=0.9, use_backprop=False)`.",
         *_floor_note(ratios, t0, RESNET_TARGETS["time"], "the blocks the chains hold"),
         "",
@@ -1061,6 +1063,7 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         "backprop": "#aec7e8",
         "checkpoint": "#ff7f0e",
         "checkpoint_reentrant": "#ffbb78",
+        "checkpoint_chained": "#c49c94",
         "official": "#2ca02c",
         "recompute": "#d62728",
     }

@@ -4,7 +4,8 @@ Layers, lowest first (each imports only those before it):
 
 * :mod:`~fxmomentum.engine.exact`: gamma as an integer fraction, :func:`validate_gamma`, the
   per-element bit stack of lost bits;
-* :mod:`~fxmomentum.engine.kernels`: the fused integer passes of a step (``torch.compile``);
+* :mod:`~fxmomentum.engine.kernels`: the fused integer passes of a step (eager reference;
+  native C kernels on CPU, :mod:`~fxmomentum.engine.native`; ``torch.compile`` on CUDA);
 * :mod:`~fxmomentum.engine.spec`: a chain's blocks, kinds and arguments (:class:`ChainSpec`);
 * :mod:`~fxmomentum.engine.replay` and :mod:`~fxmomentum.engine.attention`: recomputing a
   block as its forward ran it;

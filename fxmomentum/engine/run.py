@@ -10,6 +10,11 @@ Notation (ARCHITECTURE.md, "The engine"): ``X`` and ``V`` are the exact integers
 ``v`` on the grid, ``x = X * 2**-exponent`` and ``v = V * 2**-(exponent + 16)``. ``X`` is held
 as ``x_work``, the float the next block receives anyway, plus ``x_residual = X - fl(X)``.
 
+Passes over the state per block: forward, one (the step, which also measures ``f`` and the
+maxima the next grid is chosen from); backward, one after the block's own backward (the step
+reversed, the input's gradient, the previous block's ``grad_f`` and input, and the sum that
+checks that input). Grid changes and a chain's two ends add a few.
+
 This module knows nothing about torch.fx or autograd Functions;
 :mod:`fxmomentum.engine.function` drives it.
 """
@@ -34,16 +39,16 @@ from .kernels import (
     input_grad_,
     join,
     join_wide,
+    next_grad_f_,
     on_grid,
     split,
     split_wide,
-    state_stats,
     unadd_,
     unadd_unshift_,
     unshift_v_,
 )
 from .replay import ForwardRun, autocast_state
-from .spec import BlockArguments, ChainSpec, block_parameters
+from .spec import BlockArguments, ChainSpec
 
 __all__ = ["BlockRecord", "ChainRun", "Grid", "NumericalError"]
 
@@ -189,8 +194,7 @@ def _pack(a: torch.Tensor, bits: int | None = None) -> tuple[torch.Tensor, torch
     if bits <= 32:
         return a.to(torch.int32), None
     if bits <= 48:
-        high, low = split_wide(a)
-        return high, low.to(torch.int16)
+        return split_wide(a)
     return a.to(torch.int64), None
 
 
@@ -198,7 +202,7 @@ def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     high, low = packed
     if low is None:
         return high.to(torch.int64)
-    return join_wide(high, low.to(torch.int32))
+    return join_wide(high, low)
 
 
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
@@ -285,25 +289,25 @@ class ChainRun:
         self.autocast = autocast_state(self.device.type)
         self.has_v0 = v0 is not None
         self.bit_stack = BitStack(x0)
-        x_max = torch.linalg.vector_norm(x0.detach(), math.inf).item()
-        v_max = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
+        x_max = float(abs_max_f(x0.detach(), None))
+        v_max = 0.0 if v0 is None else float(abs_max_f(v0.detach(), None))
         if not math.isfinite(x_max + v_max):
             raise _too_large(self.spec, 0, "the chain input", x_max + v_max)
         grid.fit(max(x_max, v_max))
         e = grid.exponent
         self.velocity = (
-            torch.zeros(x0.shape, dtype=torch.int64, device=x0.device)
+            torch.zeros_like(x0, dtype=torch.int64)
             if v0 is None
             else torch.round(v0.to(grid.work) * 2.0 ** (e + GAMMA_BITS)).to(torch.int64)
         )
         # The largest |X| and |V| on the grid, which the next step's grid change is chosen from.
         self.x_max, self.v_max = x_max * 2.0**e, v_max * 2.0 ** (e + GAMMA_BITS)
-        x_work, self.x_residual = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
+        x_work, self.x_residual, x_sum = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
         x = self._decoded(x_work)
         del x_work
         # The whole initial state, for the check that backward returns to it exactly.
         v_sum = self.velocity.sum() if self.has_v0 else 0
-        self.start_sums = (checksum(self._x_work(x), self.x_residual), v_sum)
+        self.start_sums = (x_sum, v_sum)
         return x
 
     # For float32 and float64 chains x_work is the decoded x itself, which forward hands to the
@@ -344,7 +348,7 @@ class ChainRun:
         spec, stack, grid = self.spec, self.bit_stack, self.grid
         args, kwargs = arguments.build(arguments.tensors)
         version = x._version
-        with ForwardRun(spec.blocks[t], x, self.autocast) as ran:
+        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran:
             out = spec.output(t, x, args, kwargs)
         if x._version != version:
             raise RuntimeError(
@@ -354,26 +358,30 @@ class ChainRun:
             )
         x_f = None if spec.residual[t] else x.detach()  # f = out - x_f for a non-residual block
         out = out.detach()
-        shift = self._choose_shift(t, out, x_f)
-        x_work, low_x = self._regrid(x, shift)
-        stack.note_push(GAMMA_DENOM)
-        stack.note_pop(self.gamma_num)
-        x_work_next, v_sum = forward_step_(
-            x_work,
-            self.x_residual,
-            self.velocity,
-            stack.head,
-            out,
-            x_f,
-            grid.scalar(self.f_weight * 2.0 ** (grid.exponent + GAMMA_BITS)),
-            self.gamma_num,
-            grid.scale(),
-            grid.inverse_scale(),
-        )
-        del x_work, out, x_f
+        # The grid must hold x, v and (1 - gamma) f. When x and v fit it, the step is taken
+        # at once and measures f as it goes (a pass less); in the rare case f did not fit, the
+        # step is reversed exactly (the kernels clamp f to a bound within which they are
+        # exact) and taken again on a coarser grid.
+        shift = grid.shift_for(self.x_max, self.v_max, 0.0)
+        stepped = None
+        if shift == 0:
+            stepped = self._step(self._x_work(x), out, x_f)
+            shift = self._shift_for(t, stepped[-1])
+            if shift:
+                self._unstep_forward(stepped[0], out, x_f)
+                stepped = None
+        else:
+            shift = self._shift_for(t, float(abs_max_f(out, x_f)))
+        low_x = None
+        if stepped is None:
+            x_work, low_x = self._regrid(x, shift)
+            stepped = self._step(x_work, out, x_f)
+            del x_work
+        x_work_next, v_sum, x_work_max, v_max, _ = stepped
+        del out, x_f, stepped
         x_next = self._decoded(x_work_next)
-        x_work_max, self.v_max = state_stats(x_work_next, self.velocity).tolist()
-        self.x_max = x_work_max * 2.0**grid.exponent
+        self.v_max = float(v_max)
+        self.x_max = float(x_work_max) * 2.0**grid.exponent
         if shift > 0:
             stack.push(low_x, 1 << shift)
         self.records.append(
@@ -383,14 +391,56 @@ class ChainRun:
             self._finish(x_next)
         return x_next
 
-    def _choose_shift(self, t: int, out: torch.Tensor, x_f: torch.Tensor | None) -> int:
+    def _step(self, x_work: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None) -> tuple:
+        """One step on the current grid: ``forward_step_``'s results, ``max |f|`` last."""
+        stack, grid = self.bit_stack, self.grid
+        stack.note_push(GAMMA_DENOM)
+        stack.note_pop(self.gamma_num)
+        x_work_next, v_sum, x_work_max, v_max, f_abs = forward_step_(
+            x_work,
+            self.x_residual,
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        return x_work_next, v_sum, x_work_max, v_max, float(f_abs)
+
+    def _unstep_forward(
+        self, x_work_next: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None
+    ) -> None:
+        """Reverse :meth:`_step` exactly: ``x_residual``, ``V`` and the stack as they were."""
+        stack, grid = self.bit_stack, self.grid
+        unadd_(x_work_next, self.x_residual, self.velocity, grid.scale(), grid.inverse_scale())
+        backward_step_(
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            *[None] * 4,
+            self.f_weight,
+            self.gamma,
+            None,
+            None,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        stack.undo_note()
+        stack.undo_note()
+
+    def _f_scale(self, exponent: int) -> torch.Tensor:
+        """``(1 - gamma) * 2**(exponent + 16)``: ``f`` onto ``V``'s grid."""
+        return self.grid.scalar(self.f_weight * 2.0 ** (exponent + GAMMA_BITS))
+
+    def _shift_for(self, t: int, f_abs: float) -> int:
         """The grid change before block ``t``'s step: room for ``x``, ``v`` and
-        ``(1 - gamma) * f(x)`` on the grid."""
-        if x_f is None:
-            lo, hi = torch.aminmax(out)
-            f_abs = max(-float(lo), float(hi))
-        else:
-            f_abs = float(abs_max_f(out, x_f))
+        ``(1 - gamma) * f(x)`` (``max |f| = f_abs``) on the grid."""
         if not math.isfinite(f_abs):
             raise _too_large(self.spec, t, "its output f(x)", f_abs)
         grid = self.grid
@@ -491,17 +541,24 @@ class ChainRun:
             X += _unpack(self.kept_residual)
             self.x = self._set_x(X)
             del X
+        self.rebuilt = len(self.spec.blocks)  # self.x is the input of this block
         self.kept_residual = self.kept_velocity = (None, None)
-        acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.grad_dtype = (
+            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        )
         # The gradient of the current block's f, which is (1 - gamma) times the gradient
-        # reaching the velocity (see kernels._next_grad_f_): one buffer for both.
-        self.grad_f = torch.zeros_like(y, dtype=acc)
+        # reaching the velocity (see kernels._next_grad_f_): one buffer for both. Made by the
+        # last block's backward, from the gradient reaching the chain's output.
+        self.grad_f: torch.Tensor | None = None
+        # The previous block's grad_f, computed ahead (see _take_grad_f), and what it assumed.
+        self.grad_f_next: torch.Tensor | None = None
+        self.ahead: tuple[torch.Tensor, int] | None = None
 
-    def _check_returned_to_start(self, x: torch.Tensor) -> None:
+    def _check_returned_to_start(self, x: torch.Tensor, v_sum: object) -> None:
         # The per-block checks sample the state; the full state (x, v, an empty stack) must
         # come back to the start's bit for bit, or some block was not deterministic.
         stack = self.bit_stack
-        sums = (checksum(self._x_work(x.detach()), self.x_residual), self.velocity.sum())
+        sums = (checksum(self._x_work(x.detach()), self.x_residual), v_sum)
         same = all(bool(a == b) for a, b in zip(sums, self.start_sums, strict=True))
         if not same or stack.words or stack.bound != 1 or bool(stack.head.any()):
             raise _not_rebuilt("the chain's input", "a block of the chain")
@@ -549,27 +606,53 @@ class ChainRun:
             raise _not_rebuilt(f"the input of {self.spec.name(t)}", "a block after it")
         return x
 
-    def _unstep_velocity(
+    def _unstep(
         self,
-        record: BlockRecord,
+        t: int,
         out: torch.Tensor,
         x_f: torch.Tensor | None,
+        grads: list[torch.Tensor | None],
         grad_out: torch.Tensor,
-    ) -> None:
-        """``V`` back to before the block's step and grid change; ``grad_f`` to the block's."""
-        grid, stack, shift = self.grid, self.bit_stack, record.shift
-        backward_step_(
+    ) -> torch.Tensor:
+        """After block ``t``'s backward, in one pass where it can: ``V`` back to before its
+        step and grid change; the gradient of its input (returned); the previous block's
+        ``grad_f`` for that gradient (see :meth:`_take_grad_f`); and, where no grid change
+        lies between, the previous block's input (``self.x``, checked against the forward)."""
+        grid, stack, record = self.grid, self.bit_stack, self.records[t]
+        shift, grad_f = record.shift, self.grad_f
+        minus = None if x_f is None else grad_f
+        gx = grads[0]
+        in_place = (
+            gx is not None
+            and gx.dtype == grad_f.dtype
+            and gx.is_contiguous()
+            and not _aliased(gx, [*grads[1:], grad_out])
+        )
+        ahead = in_place and t > 0
+        if ahead and self.grad_f_next is None:
+            self.grad_f_next = torch.empty_like(grad_f)
+        fuse = t > 0 and shift == 0 and self.records[t - 1].shift == 0
+        x_t = self.x
+        x_prev, v_sum = backward_step_(
             self.velocity,
             stack.head,
             out,
             x_f,
-            grid.scalar(self.f_weight * 2.0 ** (record.exponent + GAMMA_BITS)),
+            self._f_scale(record.exponent),
             self.gamma_num,
+            gx if in_place else None,
             grad_out,
-            self.grad_f,
+            grad_f,
+            self.grad_f_next if ahead else None,
             self.f_weight,
             self.gamma,
+            self._x_work(x_t) if fuse else None,
+            self.x_residual if fuse else None,
+            grid.scale(),
+            grid.inverse_scale(),
         )
+        # grad_f_next is block t-1's grad_f if autograd hands that block gx, unchanged.
+        self.ahead = (gx, gx._version) if ahead else None
         stack.undo_note()
         stack.undo_note()
         if 0 < shift < _FUSED_SHIFT:
@@ -577,6 +660,32 @@ class ChainRun:
         elif shift:
             low_v = stack.undo_push(1 << shift) if shift > 0 else None
             _unshift_(self.velocity, low_v, shift)
+        grad_x = gx if in_place else _input_grad(grads, grad_out, minus, grad_f)
+        if fuse:
+            self.x, self.rebuilt = self._decoded(x_prev), t - 1
+            del x_prev
+            if int(v_sum) != self.records[t - 1].checksum:
+                raise _not_rebuilt(f"the input of {self.spec.name(t - 1)}", "a block after it")
+        elif t == 0:
+            v_sum = v_sum if shift == 0 else self.velocity.sum()  # V was unshifted since
+            self._check_returned_to_start(x_t, v_sum)
+        return grad_x
+
+    def _take_grad_f(self, grad_out: torch.Tensor) -> None:
+        """Make ``grad_f`` this block's from the gradient reaching its output.
+
+        Within a chain that gradient is the next block's input gradient, handed on by
+        autograd as it was returned, and the next block's pass has computed this block's
+        ``grad_f`` from it already; otherwise (hooks, another use of the block's output),
+        it is computed here.
+        """
+        ahead, self.ahead = self.ahead, None
+        if self.grad_f is None:  # the last block: grad_f = (1 - gamma) grad_out
+            self.grad_f = grad_out.to(self.grad_dtype) * self.f_weight
+        elif ahead is not None and grad_out is ahead[0] and grad_out._version == ahead[1]:
+            self.grad_f, self.grad_f_next = self.grad_f_next, self.grad_f
+        else:
+            next_grad_f_(grad_out, self.grad_f, self.f_weight, self.gamma)
 
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
@@ -585,8 +694,9 @@ class ChainRun:
         tensors the block's node takes (``reads`` of :meth:`forward_block`).
         """
         spec, record = self.spec, self.records[t]
-        x = self.x = self._unadd(t, record)
-        x = x.detach().requires_grad_(True)
+        if self.rebuilt != t:  # the next block's backward did not rebuild this input
+            self.x, self.rebuilt = self._unadd(t, record), t
+        x = self.x.detach().requires_grad_(True)
         taken = set(record.reads)
         context = [
             c.detach().requires_grad_(c.requires_grad and i in taken)
@@ -595,22 +705,20 @@ class ChainRun:
         args, kwargs = record.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
-            grad_out = torch.zeros_like(self.grad_f)
-        grad_f = self.grad_f
+            grad_out = torch.zeros_like(x, dtype=self.grad_dtype)
         # Buffers are restored after the block's backward, which may read them.
         with record.forward.replay(x.device):
             with torch.enable_grad(), forward_attention_kernels():
                 out = spec.output(t, x, args, kwargs)
-            x_f = None if spec.residual[t] else x.detach()
-            self._unstep_velocity(record, out.detach(), x_f, grad_out)
-            if t == 0:
-                self._check_returned_to_start(x)
+            self._take_grad_f(grad_out)
             grads = self._block_gradients(out, [x, *wanted], params)
-        del out
         # Autograd may pass grad_outputs straight through (the gradient of a bias added at
-        # the end is grad_f itself); grad_f changes in place at the next block.
+        # the end is grad_f itself); grad_f's buffer is written again at the next block.
+        grad_f = self.grad_f
         grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
-        grad_x = _input_grad(grads, grad_out, None if x_f is None else grad_f, grad_f)
+        x_f = None if spec.residual[t] else x.detach()
+        grad_x = self._unstep(t, out.detach(), x_f, grads, grad_out)
+        del out, x_f, x
         it = iter(grads[1 : 1 + len(wanted)])
         grad_all = [next(it) if ci.requires_grad else None for ci in context]
         grad_context = [grad_all[i] for i in record.reads]
@@ -648,15 +756,18 @@ class ChainRun:
         """
         if not params or not torch.autograd._is_checkpoint_valid():
             return False
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return False
-        if self.shared is None:
+        if self.shared is None:  # once per run
+            dist = sys.modules.get("torch.distributed")
+            self.distributed = bool(
+                dist is not None and dist.is_available() and dist.is_initialized()
+            )
             seen: set[int] = set()
             self.shared = set()
-            for block in self.spec.blocks:
-                for p in block_parameters(block):
+            for t in range(len(self.spec.blocks)):
+                for p in self.spec.parameters(t):
                     (self.shared if id(p) in seen else seen).add(id(p))
+        if self.distributed:
+            return False
         return not any(
             id(p) in self.shared or p._backward_hooks or p._post_accumulate_grad_hooks
             for p in params
@@ -669,6 +780,7 @@ class ChainRun:
         the chains before this one recompute their blocks meanwhile.
         """
         self.velocity = self.x_residual = self.x = self.x_work = self.grad_f = None
+        self.grad_f_next = self.ahead = None
         self.bit_stack = None
         self.records.clear()
         self.grid.clear()
