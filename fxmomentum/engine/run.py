@@ -30,6 +30,16 @@ import torch
 
 from .attention import forward_attention_kernels
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
+from .grid import (
+    FUSED_SHIFT,
+    Grid,
+    from_float,
+    narrow,
+    pack,
+    shift_,
+    unpack,
+    unshift_,
+)
 from .kernels import (
     abs_max_f,
     backward_step_,
@@ -38,11 +48,9 @@ from .kernels import (
     forward_step_,
     input_grad_,
     join,
-    join_wide,
     next_grad_f_,
     on_grid,
     split,
-    split_wide,
     unadd_,
     unadd_unshift_,
     unshift_v_,
@@ -50,22 +58,9 @@ from .kernels import (
 from .replay import ForwardRun, autocast_state
 from .spec import BlockArguments, ChainSpec
 
-__all__ = ["BlockRecord", "ChainRun", "Grid", "NumericalError"]
+__all__ = ["BlockRecord", "ChainRun", "NumericalError"]
 
 _HALF = GAMMA_DENOM // 2
-
-# At the start of a block |X| < 2**range_bits and |V| < 2**(range_bits + GAMMA_BITS); after a
-# coarsening both are below half of that. 32 gives float32 chains 8 bits more than float32
-# holds; float64 chains get 44. Everything stays far from int64 overflow (V < 2**(range_bits +
-# 18) within a step).
-_RANGE_BITS = {torch.float32: 32, torch.float64: 44}
-# Keep 2**-exponent, 2**(exponent + 16) and the decoded values inside the float32 / float64
-# exponent range.
-_EXPONENT_LIMITS = {torch.float32: (-88, 100), torch.float64: (-900, 900)}
-# Only refine the grid when at least this many bits are gained (each change costs a pass).
-_REFINE_HYSTERESIS = 4
-# Grid changes below this many bits are fused into one pass (their digits fit int32).
-_FUSED_SHIFT = 32
 
 
 class NumericalError(FloatingPointError):
@@ -93,118 +88,6 @@ class BlockRecord:
     forward: ForwardRun
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The float dtype the exact state is decoded in (float32 for narrower dtypes)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _binary_exponent(m: float) -> int:
-    """The e with m < 2**e (0 for m = 0)."""
-    return math.frexp(m)[1]
-
-
-class Grid:
-    """The power-of-two grid of a chain's exact state, and the scalars its kernels take.
-
-    ``x = X * 2**-exponent`` and ``v = V * 2**-(exponent + GAMMA_BITS)``; the exponent changes
-    (by a *shift*, > 0 coarser) as values grow or shrink.
-    """
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.work = work_dtype(dtype)
-        self.device = device
-        self.range_bits = _RANGE_BITS[self.work]
-        self.min_exponent, self.max_exponent = _EXPONENT_LIMITS[self.work]
-        self.exponent = self.max_exponent
-        self._scalars: dict[float | tuple[str, int], torch.Tensor] = {}
-
-    def fit(self, magnitude: float) -> None:
-        """The finest exponent that holds values up to ``magnitude``."""
-        if magnitude == 0:
-            self.exponent = self.max_exponent
-            return
-        fitted = self.range_bits - 1 - _binary_exponent(magnitude)
-        self.exponent = max(self.min_exponent, min(self.max_exponent, fitted))
-
-    def shift_for(self, x_max: float, v_max: float, f_max: float) -> int:
-        """Grid change (bits, > 0 coarser) that brings the largest magnitudes on the grid
-        (``|X|``, ``|V|`` and ``|(1 - gamma) f|`` on ``V``'s grid) to about half range,
-        within the exponent limits."""
-        bits = self.range_bits
-        over = max(
-            _binary_exponent(x_max) - (bits - 1),
-            _binary_exponent(v_max) - (bits + GAMMA_BITS - 1),
-            _binary_exponent(f_max) - (bits + GAMMA_BITS - 1),
-        )
-        if over > 0 or x_max >= 2.0**bits or v_max >= 2.0 ** (bits + GAMMA_BITS):
-            shift = max(over, 1)
-        else:
-            shift = over if over <= -_REFINE_HYSTERESIS else 0
-        e = self.exponent
-        return max(e - self.max_exponent, min(shift, e - self.min_exponent))
-
-    def scale(self, exponent: int | None = None) -> torch.Tensor:
-        """``2**exponent`` (the current one by default) as a work-dtype scalar."""
-        return self.scalar(2.0 ** (self.exponent if exponent is None else exponent))
-
-    def inverse_scale(self, exponent: int | None = None) -> torch.Tensor:
-        """``2**-exponent`` as a work-dtype scalar."""
-        return self.scalar(2.0 ** -(self.exponent if exponent is None else exponent))
-
-    def shift_tensor(self, bits: int) -> torch.Tensor:
-        """``bits`` as an int64 scalar tensor."""
-        return self.scalar(("shift", bits))
-
-    def scalar(self, value: float | tuple[str, int]) -> torch.Tensor:
-        """A cached 0-dim tensor: compiled kernels are then not specialised (and recompiled)
-        for every grid exponent, and the grid changes seldom, so a few serve block after
-        block."""
-        cached = self._scalars.get(value)
-        if cached is None:
-            if isinstance(value, tuple):
-                cached = torch.tensor(value[1], dtype=torch.int64, device=self.device)
-            else:
-                cached = torch.tensor(value, dtype=self.work, device=self.device)
-            self._scalars[value] = cached
-        return cached
-
-    def clear(self) -> None:
-        self._scalars.clear()
-
-
-def _from_float(x: torch.Tensor, exponent: int) -> torch.Tensor:
-    return (x.to(work_dtype(x.dtype)) * (2.0**exponent)).round_().to(torch.int64)
-
-
-def _signed_bits(a: torch.Tensor) -> int:
-    """Bits of a two's complement integer holding every element of ``a``."""
-    if not a.numel():
-        return 1
-    lo, hi = torch.aminmax(a)
-    return max(-int(lo.item()), int(hi.item())).bit_length() + 1
-
-
-def _pack(a: torch.Tensor, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An integer tensor in the fewest bytes its values need: one narrow tensor, or the high
-    int32 part and the low 16 bits (48-bit values, the velocity's usual size). ``bits``, when
-    the caller knows it, saves a pass."""
-    bits = _signed_bits(a) if bits is None else bits
-    if bits <= 16:
-        return a.to(torch.int16), None
-    if bits <= 32:
-        return a.to(torch.int32), None
-    if bits <= 48:
-        return split_wide(a)
-    return a.to(torch.int64), None
-
-
-def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    high, low = packed
-    if low is None:
-        return high.to(torch.int64)
-    return join_wide(high, low)
-
-
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
     return NumericalError(
         f"{spec.name(t)} of a reversible momentum chain: {what} is not finite or too large for "
@@ -221,37 +104,6 @@ def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
     )
 
 
-def _shift_(X: torch.Tensor, shift: int) -> torch.Tensor | None:
-    """Move X, in place, to a grid ``shift`` bits coarser (>0, rounding) or finer (<0, exact).
-
-    Returns the digits that coarsening drops (each in ``[0, 2**shift)``, as int32 when they
-    fit), which the caller keeps on the bit stack.
-    """
-    if shift <= 0:
-        X <<= -shift
-        return None
-    X += 1 << (shift - 1)
-    low = X & ((1 << shift) - 1)
-    X >>= shift
-    return _narrow(low, shift)
-
-
-def _narrow(low: torch.Tensor, shift: int) -> torch.Tensor:
-    # Dropped digits wait through a whole block: keep them in int32 when they fit.
-    return low.to(torch.int32) if shift < _FUSED_SHIFT else low
-
-
-def _unshift_(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """Reverse :func:`_shift_` in place."""
-    if shift <= 0:
-        X >>= -shift
-        return X
-    X <<= shift
-    X += low
-    X -= 1 << (shift - 1)
-    return X
-
-
 class ChainRun:
     """The exact state of one run of a chain, shared by its blocks' autograd nodes.
 
@@ -263,7 +115,7 @@ class ChainRun:
     velocity : torch.Tensor
         ``V``, int64, while the chain runs forward or backward.
     x_residual : torch.Tensor
-        ``X - fl(X)``, float16 (exact integers below ``2**11``; zero for float64 chains).
+        ``X - fl(X)``, int16 (``|X - fl(X)| <= 2**10``; zero for float64 chains).
     x_work : torch.Tensor or None
         The float part of ``X`` where the chain's dtype is narrower than the work dtype
         (float16, bfloat16); None for float32 / float64 chains, whose decoded ``x`` is it.
@@ -462,7 +314,7 @@ class ChainRun:
         if not shift:
             return x_work, None
         e = grid.exponent
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             x_work, low_x, low_v = coarsen_(
                 x_work,
                 self.x_residual,
@@ -476,11 +328,11 @@ class ChainRun:
             grid.exponent = e - shift
             return self._x_work(self._decoded(x_work)), low_x
         X = self._exact_x(x)
-        low_x = _shift_(X, shift)
+        low_x = shift_(X, shift)
         if shift > 0:
-            stack.push(_shift_(self.velocity, shift).to(torch.int64), 1 << shift)
+            stack.push(shift_(self.velocity, shift).to(torch.int64), 1 << shift)
         else:
-            _shift_(self.velocity, shift)
+            shift_(self.velocity, shift)
         grid.exponent = e - shift
         x_work = self._x_work(self._set_x(X))
         return x_work, low_x
@@ -494,11 +346,11 @@ class ChainRun:
         if self.x_work is None:
             self.kept_residual, self.x_residual = (self.x_residual, None), None
         else:
-            residual = _from_float(y, self.grid.exponent).neg_().add_(self._exact_x(y))
-            self.kept_residual = _pack(residual)
+            residual = from_float(y, self.grid.exponent).neg_().add_(self._exact_x(y))
+            self.kept_residual = pack(residual)
             del residual
         # v_max is V's largest magnitude, which the last step measured.
-        self.kept_velocity = _pack(self.velocity, int(self.v_max).bit_length() + 1)
+        self.kept_velocity = pack(self.velocity, int(self.v_max).bit_length() + 1)
         self.velocity = None
         self.bit_stack.freeze()
         # The output is held here rather than saved on the autograd node, so that backward can
@@ -531,14 +383,14 @@ class ChainRun:
                 f"the operation after the chain out of place (e.g. ReLU(inplace=False))."
             )
         self.bit_stack.thaw(y)
-        self.velocity = _unpack(self.kept_velocity)
+        self.velocity = unpack(self.kept_velocity)
         if self.dtype == self.grid.work:
             # The decoded state is y itself: keep y, not a copy.
             self.x_residual = self.kept_residual[0]
             self.x_work, self.x = None, y.detach()
         else:
-            X = _from_float(y, self.grid.exponent)
-            X += _unpack(self.kept_residual)
+            X = from_float(y, self.grid.exponent)
+            X += unpack(self.kept_residual)
             self.x = self._set_x(X)
             del X
         self.rebuilt = len(self.spec.blocks)  # self.x is the input of this block
@@ -567,12 +419,12 @@ class ChainRun:
         """``x_t`` from ``x_{t+1}``: ``x <- x - v``, then the grid block ``t`` changed to,
         undone for ``X``; checks the velocity's sum against the forward's."""
         grid, stack, shift = self.grid, self.bit_stack, record.shift
-        low_x = _narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
+        low_x = narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
         x_next, self.x = self.x, None
         before = record.exponent + shift
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             x_work, v_sum = unadd_unshift_(
                 self._x_work(x_next),
                 self.x_residual,
@@ -588,7 +440,7 @@ class ChainRun:
             v_sum = self.velocity.sum()
             X = self._exact_x(x_next)
             X -= (self.velocity + _HALF) >> GAMMA_BITS
-            _unshift_(X, low_x, shift)
+            unshift_(X, low_x, shift)
             grid.exponent = before
             x = self._set_x(X)
             del X
@@ -655,11 +507,11 @@ class ChainRun:
         self.ahead = (gx, gx._version) if ahead else None
         stack.undo_note()
         stack.undo_note()
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             unshift_v_(self.velocity, stack.undo_push(1 << shift), grid.shift_tensor(shift))
         elif shift:
             low_v = stack.undo_push(1 << shift) if shift > 0 else None
-            _unshift_(self.velocity, low_v, shift)
+            unshift_(self.velocity, low_v, shift)
         grad_x = gx if in_place else _input_grad(grads, grad_out, minus, grad_f)
         if fuse:
             self.x, self.rebuilt = self._decoded(x_prev), t - 1
