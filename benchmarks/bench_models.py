@@ -132,6 +132,8 @@ class Sizes:
     threads: int | None = None
     #: Memory jobs run, by name, per benchmark (None: all); the quick mode keeps two.
     memory_only: dict[str, list[str]] | None = None
+    #: Time steps by this process's CPU time (``time.process_time``) rather than wall time.
+    cpu_time: bool = False
 
 
 FULL = Sizes(
@@ -555,7 +557,8 @@ def _time(
             # on the first steps, once per process and shape, and would spoil the first pairs.
             for _ in range(s.solo_warmup if kind == "reversible" else 0):
                 step_of(w)()
-            res = paired_time(base, step_of(w), s.time_repeats, s.time_warmup)
+            clock = time.process_time if s.cpu_time else time.perf_counter
+            res = paired_time(base, step_of(w), s.time_repeats, s.time_warmup, clock=clock)
         except Exception as exc:
             out[kind] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             log(f"  time {label} {kind}: FAILED ({out[kind]['error']})")
@@ -1026,7 +1029,13 @@ def write_markdown(path: Path, results: dict[str, Any], s: Sizes, argv: list[str
         f"{s.solo_warmup} solo warm-up step(s) of the reversible configuration, whose kernels "
         f"compile on first use), the median "
         f"of {s.time_repeats} per-pair ratios (every ratio is in `models.json`); no absolute "
-        "times, the machine is shared. Random weights; gamma = 0.9.",
+        "times, the machine is shared. Random weights; gamma = 0.9."
+        + (
+            " Clock: the process's CPU time (`time.process_time`, `--cpu-time`), which other "
+            "processes on a loaded machine do not add to."
+            if s.cpu_time
+            else ""
+        ),
         "",
     ]
     if env["quick"]:
@@ -1172,11 +1181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-official", action="store_true", help="leave momentumnet out")
     parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --quick)")
     parser.add_argument("--time-repeats", type=int, help="timed pairs per configuration")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (a loaded machine; best with --threads 1)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="time only")
     args = parser.parse_args(argv)
 
     s = QUICK if args.quick else FULL
     if args.time_repeats:
         s = Sizes(**{**asdict(s), "time_repeats": args.time_repeats})
+    if args.cpu_time:
+        s = Sizes(**{**asdict(s), "cpu_time": True})
+    if args.no_memory:
+        s = Sizes(**{**asdict(s), "memory_only": {}})
     threads = args.threads or s.threads or 2
     out = args.out
     if out is None:

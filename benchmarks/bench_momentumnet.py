@@ -179,6 +179,8 @@ class Settings:
     grad_batch: int
     memory_repeats: int = 1
     memory_jobs: int = 1
+    #: Time steps by this process's CPU time (``time.process_time``) rather than wall time.
+    cpu_time: bool = False
     #: Kinds measured for memory (default: all of ``kinds``).
     mem_kinds: list[str] | None = None
     kinds: list[str] = field(default_factory=list)
@@ -303,7 +305,10 @@ def run_time(s: Settings, device: str, log: Callable[[str], None]) -> list[dict[
             continue
         start = time.perf_counter()
         repeats = s.time_repeats_official if kind.startswith("official") else s.time_repeats
-        res = paired_time(base, step_of(workloads[kind]), repeats, s.time_warmup, sync=sync)
+        clock = time.process_time if s.cpu_time else time.perf_counter
+        res = paired_time(
+            base, step_of(workloads[kind]), repeats, s.time_warmup, sync=sync, clock=clock
+        )
         q25, _, q75 = (
             statistics.quantiles(res.ratios, n=4) if len(res.ratios) > 1 else [res.ratio] * 3
         )
@@ -461,7 +466,9 @@ def write_markdown(
         " VmHWM - VmRSS of one step after a warm-up step; times are medians of paired ratios).",
         "",
         f"- fxmomentum commit {_git_commit()}, torch {torch.__version__}, python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs, device {device}, 2 threads",
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, device {device}, "
+        f"{torch.get_num_threads()} thread(s)"
+        + (", times by the process's CPU time (`--cpu-time`)" if s.cpu_time else ""),
         "- momentumnet (official library): "
         + (f"version {official[1]}" if official[0] else f"not available ({official[1]}); skipped"),
         "",
@@ -661,6 +668,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--memory-repeats", type=int, default=None, help="fresh processes per memory point (median)"
     )
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (a loaded machine; best with --threads 1)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
         "--memory-depths",
         default=None,
         help="comma-separated depths of the memory section (default 8,16,...,512)",
@@ -675,8 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     s = copy.deepcopy(QUICK if args.quick else FULL)
+    s.cpu_time = args.cpu_time
     if args.time_repeats:
         s.time_repeats = args.time_repeats
     if args.memory_repeats:
