@@ -57,19 +57,26 @@ def _child(kind: str, layers: list[int], batch: int, size: int, warm_steps: int)
         model = fxmomentum.convert(model, 0.9, example_inputs=x).train()
     converted = time.perf_counter()
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        model(x).sum().backward()
-        return time.perf_counter() - t0
+    def cpu() -> float:
+        # This process's CPU time and its children's (the C compiler building the kernels).
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
 
-    first = step()
-    warm = [step() for _ in range(warm_steps)]
+    def step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), cpu()
+        model(x).sum().backward()
+        return time.perf_counter() - t0, cpu() - c0
+
+    first, first_cpu = step()
+    warm, warm_cpu = zip(*(step() for _ in range(warm_steps)), strict=True)
     return {
         "import_s": imported - start,
         "convert_s": converted - imported,
         "first_s": first,
         "warm_s": statistics.median(warm),
-        "warm_all_s": warm,
+        "warm_all_s": list(warm),
+        "first_cpu_s": first_cpu,
+        "warm_cpu_s": statistics.median(warm_cpu),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -112,6 +119,7 @@ def measure(kind: str, cache: Path, args: argparse.Namespace, package_root: Path
     result["cache_files_added"] = len(added)
     result["cache_files_sample"] = added[:5]
     result["overhead_s"] = result["first_s"] - result["warm_s"]
+    result["overhead_cpu_s"] = result["first_cpu_s"] - result["warm_cpu_s"]
     return result
 
 
@@ -126,16 +134,29 @@ def write_markdown(path: Path, results: dict[str, Any], args: argparse.Namespace
             runs = results["runs"][state][kind]
             if not runs:
                 continue
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.endswith("_s")}
+            med = {
+                k: statistics.median(r[k] for r in runs)
+                for k, v in runs[0].items()
+                if k.endswith("_s") and isinstance(v, float)
+            }
             added = ", ".join(str(r["cache_files_added"]) for r in runs)
             rows.append(
                 f"| {state} | {kind} | {_fmt(med['first_s'])} | {_fmt(med['warm_s'])} | "
-                f"{_fmt(med['overhead_s'])} | {_fmt(med['import_s'])} | "
-                f"{_fmt(med['convert_s'])} | {added} |"
+                f"{_fmt(med['overhead_s'])} | {_fmt(med['overhead_cpu_s'])} | "
+                f"{_fmt(med['import_s'])} | {_fmt(med['convert_s'])} | {added} |"
             )
     conv = {s: results["summary"][s]["converted_overhead_s"] for s in ("cold", "warm")}
     orig = {s: results["summary"][s]["original_overhead_s"] for s in ("cold", "warm")}
-    met = all(v <= TARGET_S for v in conv.values())
+    cpu = {s: results["summary"][s]["converted_overhead_cpu_s"] for s in ("cold", "warm")}
+    cpu_orig = {s: results["summary"][s]["original_overhead_cpu_s"] for s in ("cold", "warm")}
+    # Since conversion runs each converted graph on its example inputs, the native library is
+    # built there, in the cold process's convert, not in its first step: counted here too.
+    convert = {
+        s: statistics.median(r["convert_s"] for r in results["runs"][s]["converted"])
+        for s in ("cold", "warm")
+    }
+    build = convert["cold"] - convert["warm"]
+    met = conv["cold"] + max(build, 0.0) <= TARGET_S and conv["warm"] <= TARGET_S
     lines = [
         "# First training step of a converted model",
         "",
@@ -147,17 +168,24 @@ def write_markdown(path: Path, results: dict[str, Any], args: argparse.Namespace
         "Each row is a fresh process: import, build, `fxmomentum.convert(model, 0.9, "
         "example_inputs=x)` (converted rows), one training step, then "
         f"{args.warm_steps} more. *Cold*: `TORCHINDUCTOR_CACHE_DIR` is a new empty directory "
-        "(a fresh machine); *warm*: the directory the cold process filled. Seconds.",
+        "(a fresh machine); *warm*: the directory the cold process filled. Seconds; *first - "
+        "warm (CPU)* is the same difference in the process's CPU time and its children's (the "
+        "C compiler), which other processes on a loaded machine do not add to (both threads "
+        "count, so a parallel part counts up to twice).",
         "",
-        "| cache | model | first step | warm step | first - warm | import | convert | "
-        "files added to the cache |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cache | model | first step | warm step | first - warm | first - warm (CPU) | import "
+        "| convert | files added to the cache |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"- Target: the converted model's first step at most {TARGET_S:.0f} s more than a warm "
-        f"step, cold cache: {conv['cold']:.2f} s, warm cache: {conv['warm']:.2f} s "
-        f"({'met' if met else 'NOT met'}); the original's own first step costs "
-        f"{orig['cold']:.2f} s / {orig['warm']:.2f} s more than its warm step.",
+        f"step, cold cache: {conv['cold']:.2f} s, plus {build:.2f} s more in `convert` than "
+        f"with a warm cache (the library is built there: conversion runs the converted graph "
+        f"on its example inputs), {conv['cold'] + max(build, 0.0):.2f} s in all; warm cache: "
+        f"{conv['warm']:.2f} s ({'met' if met else 'NOT met'}); the original's own first step "
+        f"costs {orig['cold']:.2f} s / {orig['warm']:.2f} s more than its warm step. In CPU time: "
+        f"converted {cpu['cold']:.2f} s / {cpu['warm']:.2f} s, original "
+        f"{cpu_orig['cold']:.2f} s / {cpu_orig['warm']:.2f} s.",
         "- What a cold process builds: the native kernels' library (C, one compiler call, "
         "cached under `$TORCHINDUCTOR_CACHE_DIR/fxmomentum`); nothing goes through "
         "`torch.compile` on CPU. A warm process loads the library and adds no file.",
@@ -208,10 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     results["torch"] = results["runs"]["cold"]["converted"][0]["torch"]
     results["summary"] = {
         state: {
-            f"{kind}_overhead_s": statistics.median(
-                r["overhead_s"] for r in results["runs"][state][kind]
-            )
+            f"{kind}_{figure}": statistics.median(r[figure] for r in results["runs"][state][kind])
             for kind in ("original", "converted")
+            for figure in ("overhead_s", "overhead_cpu_s")
         }
         for state in ("cold", "warm")
     }
