@@ -64,6 +64,7 @@ LABELS = {
     "backprop": "fxmomentum.convert (use_backprop=True)",
     "checkpoint": "torch.utils.checkpoint per block",
     "checkpoint_reentrant": "torch.utils.checkpoint per block (use_reentrant=True)",
+    "checkpoint_chained": "torch.utils.checkpoint on the blocks the chains hold",
     "official": "momentumnet.transform_to_momentumnet",
     "recompute": "recomputation floor: each chain block run once more (time only)",
 }
@@ -73,6 +74,7 @@ SHORT = {
     "backprop": "convert backprop",
     "checkpoint": "checkpoint",
     "checkpoint_reentrant": "reentrant ckpt",
+    "checkpoint_chained": "ckpt chained blocks",
     "official": "momentumnet",
     "recompute": "recompute floor",
 }
@@ -130,6 +132,8 @@ class Sizes:
     threads: int | None = None
     #: Memory jobs run, by name, per benchmark (None: all); the quick mode keeps two.
     memory_only: dict[str, list[str]] | None = None
+    #: Time steps by this process's CPU time (``time.process_time``) rather than wall time.
+    cpu_time: bool = False
 
 
 FULL = Sizes(
@@ -386,11 +390,11 @@ def _build_resnet(
             for i in range(len(stage)):
                 stage[i] = Checkpointed(stage[i], reentrant=kind == "checkpoint_reentrant")
         return model, x
-    if kind == "recompute":
+    if kind in ("recompute", "checkpoint_chained"):
         # The blocks fxmomentum chains: all but each stage's first (its projection shortcut).
         for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
             for i in range(1, len(stage)):
-                stage[i] = RunTwice(stage[i])
+                stage[i] = RunTwice(stage[i]) if kind == "recompute" else Checkpointed(stage[i])
         return model, x
     if kind == "official":
         from momentumnet import transform_to_momentumnet
@@ -553,7 +557,8 @@ def _time(
             # on the first steps, once per process and shape, and would spoil the first pairs.
             for _ in range(s.solo_warmup if kind == "reversible" else 0):
                 step_of(w)()
-            res = paired_time(base, step_of(w), s.time_repeats, s.time_warmup)
+            clock = time.process_time if s.cpu_time else time.perf_counter
+            res = paired_time(base, step_of(w), s.time_repeats, s.time_warmup, clock=clock)
         except Exception as exc:
             out[kind] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             log(f"  time {label} {kind}: FAILED ({out[kind]['error']})")
@@ -572,9 +577,8 @@ def _ratios_text(ratios: list[float]) -> str:
 
 def run_resnet(s: Sizes, official: bool, threads: int, log: Log) -> dict[str, Any]:
     """ResNet: memory at ``resnet_memory_size``, time at each of ``resnet_time_sizes``."""
-    kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"] + (
-        ["official"] if official else []
-    )
+    kinds = ["original", "reversible", "backprop", "checkpoint", "checkpoint_reentrant"]
+    kinds += ["checkpoint_chained"] + (["official"] if official else [])
     kinds.append("recompute")
     base = {"bench": "resnet", "layers": s.resnet_layers, "batch": s.resnet_batch}
     log(f"ResNet {s.resnet_layers}: memory at {s.resnet_memory_size}x{s.resnet_memory_size}")
@@ -784,7 +788,8 @@ def resnet_section(r: dict[str, Any], s: Sizes) -> tuple[list[str], dict[str, An
         "checkpoint per block 0.42x / 1.18x; floor (nothing inside the chains kept) 0.40x.",
         "- checkpoint wraps each Bottleneck of layer1..4 (non-reentrant, and reentrant: "
         "forward without grad, recomputation in backward, what a reversible chain does besides "
-        "its exact arithmetic); momentumnet is "
+        "its exact arithmetic); on the blocks the chains hold: each stage's Bottlenecks but the "
+        "first (non-reentrant), what the chains recompute; momentumnet is "
         "`transform_to_momentumnet(model, gamma=0.9, use_backprop=False)`.",
         *_floor_note(ratios, t0, RESNET_TARGETS["time"], "the blocks the chains hold"),
         "",
@@ -1024,7 +1029,13 @@ def write_markdown(path: Path, results: dict[str, Any], s: Sizes, argv: list[str
         f"{s.solo_warmup} solo warm-up step(s) of the reversible configuration, whose kernels "
         f"compile on first use), the median "
         f"of {s.time_repeats} per-pair ratios (every ratio is in `models.json`); no absolute "
-        "times, the machine is shared. Random weights; gamma = 0.9.",
+        "times, the machine is shared. Random weights; gamma = 0.9."
+        + (
+            " Clock: the process's CPU time (`time.process_time`, `--cpu-time`), which other "
+            "processes on a loaded machine do not add to."
+            if s.cpu_time
+            else ""
+        ),
         "",
     ]
     if env["quick"]:
@@ -1061,6 +1072,7 @@ def write_plots(out: Path, results: dict[str, Any], ratios: dict[str, Any], s: S
         "backprop": "#aec7e8",
         "checkpoint": "#ff7f0e",
         "checkpoint_reentrant": "#ffbb78",
+        "checkpoint_chained": "#c49c94",
         "official": "#2ca02c",
         "recompute": "#d62728",
     }
@@ -1169,11 +1181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-official", action="store_true", help="leave momentumnet out")
     parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --quick)")
     parser.add_argument("--time-repeats", type=int, help="timed pairs per configuration")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (a loaded machine; best with --threads 1)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="time only")
     args = parser.parse_args(argv)
 
     s = QUICK if args.quick else FULL
     if args.time_repeats:
         s = Sizes(**{**asdict(s), "time_repeats": args.time_repeats})
+    if args.cpu_time:
+        s = Sizes(**{**asdict(s), "cpu_time": True})
+    if args.no_memory:
+        s = Sizes(**{**asdict(s), "memory_only": {}})
     threads = args.threads or s.threads or 2
     out = args.out
     if out is None:

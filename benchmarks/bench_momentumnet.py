@@ -4,7 +4,9 @@ Compares, on chains of ``Linear - Tanh - Linear`` blocks:
 
 - ``fxmomentum.MomentumNet(..., use_backprop=False)``: the reversible chain;
 - ``fxmomentum.MomentumNet(..., use_backprop=True)``: plain autograd;
-- the same with every block under ``torch.utils.checkpoint`` (what users pick instead);
+- the same with every block under ``torch.utils.checkpoint`` (what users pick instead),
+  non-reentrant (PyTorch's recommended form) and, timed only, reentrant (no graph in forward,
+  the recomputation floor of any method that recomputes each block);
 - the official library ``momentumnet`` (reversible mode), when it is installed.
 
 Run ``python benchmarks/bench_momentumnet.py`` to regenerate ``benchmarks/results/`` (markdown
@@ -46,6 +48,7 @@ MIB = 1024 * 1024
 LABELS = {
     "backprop": "backprop",
     "checkpoint": "checkpoint per block",
+    "checkpoint_reentrant": "checkpoint per block (reentrant)",
     "reversible": "reversible",
     "official_reversible": "momentumnet reversible",
     "official_backprop": "momentumnet backprop",
@@ -87,14 +90,16 @@ def make_blocks(
 
 
 class Checkpointed(nn.Module):
-    """Runs ``block`` under ``torch.utils.checkpoint`` (non-reentrant): only its input is kept."""
+    """Runs ``block`` under ``torch.utils.checkpoint`` (non-reentrant unless ``reentrant``):
+    only its input is kept."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, reentrant: bool = False) -> None:
         super().__init__()
         self.block = block
+        self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
+        return checkpoint(self.block, x, use_reentrant=self.reentrant)
 
 
 def make_model(kind: str, blocks: Sequence[nn.Module], gamma: float) -> nn.Module:
@@ -103,8 +108,8 @@ def make_model(kind: str, blocks: Sequence[nn.Module], gamma: float) -> nn.Modul
         return fxmomentum.MomentumNet(list(blocks), gamma, use_backprop=True)
     if kind == "reversible":
         return fxmomentum.MomentumNet(list(blocks), gamma, use_backprop=False)
-    if kind == "checkpoint":
-        wrapped = [Checkpointed(b) for b in blocks]
+    if kind in ("checkpoint", "checkpoint_reentrant"):
+        wrapped = [Checkpointed(b, reentrant=kind == "checkpoint_reentrant") for b in blocks]
         return fxmomentum.MomentumNet(wrapped, gamma, use_backprop=True)
     if kind in ("official_reversible", "official_backprop"):
         from momentumnet import MomentumNet as OfficialMomentumNet
@@ -174,6 +179,8 @@ class Settings:
     grad_batch: int
     memory_repeats: int = 1
     memory_jobs: int = 1
+    #: Time steps by this process's CPU time (``time.process_time``) rather than wall time.
+    cpu_time: bool = False
     #: Kinds measured for memory (default: all of ``kinds``).
     mem_kinds: list[str] | None = None
     kinds: list[str] = field(default_factory=list)
@@ -298,7 +305,10 @@ def run_time(s: Settings, device: str, log: Callable[[str], None]) -> list[dict[
             continue
         start = time.perf_counter()
         repeats = s.time_repeats_official if kind.startswith("official") else s.time_repeats
-        res = paired_time(base, step_of(workloads[kind]), repeats, s.time_warmup, sync=sync)
+        clock = time.process_time if s.cpu_time else time.perf_counter
+        res = paired_time(
+            base, step_of(workloads[kind]), repeats, s.time_warmup, sync=sync, clock=clock
+        )
         q25, _, q75 = (
             statistics.quantiles(res.ratios, n=4) if len(res.ratios) > 1 else [res.ratio] * 3
         )
@@ -456,7 +466,9 @@ def write_markdown(
         " VmHWM - VmRSS of one step after a warm-up step; times are medians of paired ratios).",
         "",
         f"- fxmomentum commit {_git_commit()}, torch {torch.__version__}, python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs, device {device}, 2 threads",
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, device {device}, "
+        f"{torch.get_num_threads()} thread(s)"
+        + (", times by the process's CPU time (`--cpu-time`)" if s.cpu_time else ""),
         "- momentumnet (official library): "
         + (f"version {official[1]}" if official[0] else f"not available ({official[1]}); skipped"),
         "",
@@ -487,6 +499,8 @@ def write_markdown(
         lines.append(
             f"- target (reversible depth 128 within 15% of depth 16): {'met' if ok else 'NOT met'}"
         )
+        ok = summary["reversible 128/16"] <= 1.10
+        lines.append(f"- target (issue 17: at most 1.10x): {'met' if ok else 'NOT met'}")
     failed = [r for r in mem if "error" in r]
     for r in failed:
         lines.append(
@@ -518,11 +532,25 @@ def write_markdown(
             f"| {LABELS[r['kind']]} | {r['ratio']:.2f}x | {r['q25']:.2f} - {r['q75']:.2f} "
             f"| {r['repeats']} |"
         )
-    rev = [r for r in tim if r["kind"] == "reversible"]
-    if rev and not quick:
-        ok = rev[0]["ratio"] <= 1.6
+    by_kind = {r["kind"]: r["ratio"] for r in tim}
+    rev = by_kind.get("reversible")
+    if rev is not None:
         lines.append("")
+        for ref in ("checkpoint", "checkpoint_reentrant"):
+            if ref in by_kind:
+                lines.append(
+                    f"- reversible / {LABELS[ref]}: {rev / by_kind[ref]:.2f}x (ratio of the "
+                    "medians above; each measured against backprop)"
+                )
+    if rev is not None and not quick:
+        ok = rev <= 1.6
         lines.append(f"- target (reversible <= 1.6x): {'met' if ok else 'NOT met'}")
+        if "checkpoint" in by_kind:
+            ok = rev <= by_kind["checkpoint"]
+            lines.append(
+                f"- target (issue 17: reversible no slower than checkpoint per block): "
+                f"{'met' if ok else 'NOT met'}"
+            )
 
     grad_cols = [
         c
@@ -640,6 +668,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--memory-repeats", type=int, default=None, help="fresh processes per memory point (median)"
     )
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (a loaded machine; best with --threads 1)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--memory-depths",
+        default=None,
+        help="comma-separated depths of the memory section (default 8,16,...,512)",
+    )
+    p.add_argument(
         "--only",
         default="memory,time,grad",
         help="comma-separated sections to run (memory, time, grad)",
@@ -649,16 +688,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     s = copy.deepcopy(QUICK if args.quick else FULL)
+    s.cpu_time = args.cpu_time
     if args.time_repeats:
         s.time_repeats = args.time_repeats
     if args.memory_repeats:
         s.memory_repeats = args.memory_repeats
+    if args.memory_depths:
+        s.mem_depths = [int(d) for d in args.memory_depths.split(",") if d.strip()]
     official = (False, "left out with --no-official") if args.no_official else official_status()
-    s.kinds = ["backprop", "checkpoint", "reversible"]
+    s.kinds = ["backprop", "checkpoint", "checkpoint_reentrant", "reversible"]
     if official[0]:
         s.kinds.append("official_reversible")
+    if s.mem_kinds is None:  # reentrant checkpointing is timed only
+        s.mem_kinds = [k for k in s.kinds if k != "checkpoint_reentrant"]
     if args.out is None:
         if args.quick:
             import tempfile

@@ -167,7 +167,7 @@ def test_first_compile_is_announced_once_and_cuda_home_record_dropped(monkeypatc
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record.getMessage())
 
-    def fake_compile(fn, fullgraph):
+    def fake_compile(fn, fullgraph, options=None):
         def compiled(*args):
             # What torch logs when its compiler imports cpp_extension on a CUDA-less machine.
             cpp_log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
@@ -180,6 +180,8 @@ def test_first_compile_is_announced_once_and_cuda_home_record_dropped(monkeypatc
     monkeypatch.setattr(kernels, "_announced", False)
     monkeypatch.setattr(kernels, "on_first_compile", lambda: calls.append(1))
     monkeypatch.setattr(kernels.torch, "compile", fake_compile)
+    # torch.compile serves CUDA tensors (CPU has the native kernels): pretend these are.
+    monkeypatch.setattr(kernels._Kernel, "_use_compiled", lambda self, t: True)
     monkeypatch.setenv("FXMOMENTUM_COMPILE", "1")
     handler = Keep()
     cpp_log.addHandler(handler)

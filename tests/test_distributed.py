@@ -139,14 +139,23 @@ class EncoderStack(nn.Module):
 
 
 def build_encoder(
-    use_backprop: bool = False, p: float = 0.0, gamma: float = 0.9, budget: float | None = None
+    use_backprop: bool = False,
+    p: float = 0.0,
+    gamma: float = 0.9,
+    budget: float | None = None,
+    frozen_input: bool = False,
 ) -> nn.Module:
+    """The encoder stack, converted; ``frozen_input``: its input projection frozen, so that the
+    chain's input does not require grad (only the blocks' parameters do)."""
     torch.manual_seed(0)
     model = EncoderStack(p=p).double()
     example = torch.randn(2, 6, 5, dtype=torch.float64)
-    return fxmomentum.convert(
+    converted = fxmomentum.convert(
         model, gamma, example_inputs=example, use_backprop=use_backprop, memory_budget=budget
     )
+    if frozen_input:
+        converted.inp.requires_grad_(False)
+    return converted
 
 
 def build_llama(use_backprop: bool = False, p: float = 0.0) -> nn.Module:
@@ -403,6 +412,10 @@ def scenario_fsdp_recipe_encoder_dropout_backprop(rank: int) -> dict:
     return _sharded_run("encoder", rank, p=0.1, seed=100 + rank, use_backprop=True)
 
 
+def scenario_fsdp_recipe_encoder_frozen_input(rank: int) -> dict:
+    return _sharded_run("encoder", rank, frozen_input=True)
+
+
 def scenario_fsdp_recipe_llama(rank: int) -> dict:
     return _sharded_run("llama", rank)
 
@@ -492,6 +505,7 @@ SCENARIOS: dict[str, Callable[[int], dict]] = {
     "fsdp_recipe_encoder_backprop": scenario_fsdp_recipe_encoder_backprop,
     "fsdp_recipe_encoder_dropout": scenario_fsdp_recipe_encoder_dropout,
     "fsdp_recipe_encoder_dropout_backprop": scenario_fsdp_recipe_encoder_dropout_backprop,
+    "fsdp_recipe_encoder_frozen_input": scenario_fsdp_recipe_encoder_frozen_input,
     "fsdp_recipe_llama": scenario_fsdp_recipe_llama,
     "fsdp_recipe_planned": scenario_fsdp_recipe_planned,
     "distributed_checkpoint": scenario_distributed_checkpoint,
@@ -698,13 +712,16 @@ def _one_process(kind: str, seed: int | None = None, **options) -> tuple[dict, d
     [
         ("fsdp_recipe_encoder", "encoder", {}),
         ("fsdp_recipe_encoder_backprop", "encoder", {"use_backprop": True}),
+        # The chain's input needs no grad, its blocks' parameters do: their parameters are the
+        # unsharded ones the blocks compute with, listed inside the layers' units.
+        ("fsdp_recipe_encoder_frozen_input", "encoder", {"frozen_input": True}),
         ("fsdp_recipe_llama", "llama", {}),
         ("fsdp_recipe_planned", "encoder", {"gamma": 0.0, "budget": 0.0}),
     ],
 )
 def test_fsdp_recipe_on_every_layer_equals_one_process(runs, scenario, kind, options):
     before, after, kinds = _one_process(kind, **options)
-    if not options:
+    if not options or options == {"frozen_input": True}:
         assert set(kinds) == {"_ReversibleBlockBackward"}  # the chain spans the sharded layers
     for result in value(runs, scenario):
         assert result["kinds"] == kinds

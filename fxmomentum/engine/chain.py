@@ -171,6 +171,8 @@ class MomentumChain(GammaSetting, nn.Module):
         return reversible_chain(spec, x, v0, args)
 
     def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:
+        # Not spec.parameters: that list is kept for the call, and FSDP swaps a unit's
+        # parameters for the unsharded ones only once the chain enters the unit.
         parameters = (
             p for block in self.block_list() if isinstance(block, nn.Module)
             for p in block.parameters()

@@ -205,7 +205,7 @@ class BitStack:
     """
 
     def __init__(self, like: torch.Tensor) -> None:
-        self.head = torch.zeros(like.shape, dtype=torch.int32, device=like.device)
+        self.head = torch.zeros_like(like, dtype=torch.int32)
         self.bound = 1  # every element of head lies in [0, bound)
         self.words: list[torch.Tensor] = []
         self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
@@ -214,17 +214,18 @@ class BitStack:
     # In-place operations throughout: the stack works on tensors as large as the chain's
     # activation, and every temporary counts in the step's peak memory.
     def _spill(self) -> None:
-        # The low word, sign-extended, fits int16 exactly; undone by masking after widening.
-        low = self.head << _WORD_BITS
-        low >>= _WORD_BITS
-        self.words.append(low.to(torch.int16))
-        del low
+        # The low word as the int16 it wraps to (the conversion keeps the low 16 bits); undone
+        # by masking after widening.
+        self.words.append(self.head.to(torch.int16))
         self.head >>= _WORD_BITS
         self.bound = -(-self.bound >> _WORD_BITS)
 
     def _unspill(self) -> None:
         low = self.words.pop().to(torch.int32)
         low &= _WORD_MASK
+        if self.head is None:  # thawed: the head was all zeros
+            self.head = low
+            return
         self.head <<= _WORD_BITS
         self.head |= low
 
@@ -351,5 +352,7 @@ class BitStack:
 
     def thaw(self, like: torch.Tensor) -> None:
         """Reverse :meth:`freeze`."""
-        self.head = torch.zeros(like.shape, dtype=torch.int32, device=like.device)
+        self.head = None
         self._undo()
+        if self.head is None:
+            self.head = torch.zeros_like(like, dtype=torch.int32)

@@ -13,7 +13,7 @@ import torch
 
 from .fsdp import in_units
 from .run import ChainRun
-from .spec import BlockArguments, ChainSpec, block_parameters
+from .spec import BlockArguments, ChainSpec
 
 __all__ = ["reversible_chain", "run_block", "start_run"]
 
@@ -50,9 +50,8 @@ class _ReversibleBlock(torch.autograd.Function):
         run: ChainRun = ctx.run
         if ctx.t == len(run.spec.blocks) - 1:
             run.begin_backward()
-        devices = [grad_y.device] if grad_y is not None and grad_y.is_cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
+        # The recomputation replays the forward's RNG states and then restores the caller's.
+        grad_x, grad_context, grad_params = run.backward_block(ctx.t, grad_y, ctx.params)
         grad_x = grad_x.to(run.dtype)
         grad_v0 = run.grad_v0().to(run.dtype) if ctx.t == 0 and run.has_v0 else None
         if ctx.t == 0:
@@ -151,8 +150,8 @@ def run_block(
     run: ChainRun, t: int, x: torch.Tensor, v0: torch.Tensor | None, arguments: BlockArguments
 ) -> torch.Tensor:
     """Apply block ``t`` of ``run`` as its own autograd node; return the next input."""
-    params = [p for p in block_parameters(run.spec.blocks[t]) if p.requires_grad]
     spec = run.spec
+    params = [p for p in spec.parameters(t) if p.requires_grad]
     reads = arguments.tensor_indices(spec.reads[t] if spec.reads else None)
     taken = [arguments.tensors[i] for i in reads]
     return _ReversibleBlock.apply(run, t, arguments, reads, len(params), x, v0, *taken, *params)

@@ -6,8 +6,8 @@ backward; both runs must give the same bits. What can differ, and what is done a
 * random draws (dropout, stochastic depth): the forward's RNG states (CPU and the block's CUDA
   device) are kept when the block drew, and set again for the recomputation;
 * autocast: the forward's autocast state is entered again;
-* buffers (BatchNorm running statistics): those the forward changed are restored after the
-  recomputation, so a step counts once;
+* buffers (BatchNorm running statistics): those the recomputation changed are restored after
+  it, so a step counts once;
 * torch's attention inference fast path (taken without grad in eval mode): kept off in the
   forward (:func:`fxmomentum.patches.attention_fastpath_off`), as the recomputation has grad;
 * ``scaled_dot_product_attention``'s kernel choice: see :mod:`fxmomentum.engine.attention`;
@@ -71,29 +71,40 @@ def autocast_state(device_type: str) -> AutocastState:
 class ForwardRun:
     """What a block's forward did that its recomputation must do again.
 
-    Used as a context manager around the block's forward: it notes the RNG states before and
-    the buffers the block changed, and keeps the attention fast path off. :meth:`replay` then
-    recomputes the block as it ran.
+    Used as a context manager around the block's forward: it notes the RNG states before (kept
+    only if the block drew) and keeps the attention fast path off. :meth:`replay` then
+    recomputes the block as it ran. Nothing of the block's buffers is copied in forward: the
+    recomputation, with grad, is what changes them a second time, so :meth:`replay` keeps and
+    restores what it changes.
+
+    Parameters
+    ----------
+    block : object
+        The block (its buffers are listed from it unless ``buffers`` is given).
+    x : torch.Tensor
+        Its input (for the CUDA device whose RNG it may draw from).
+    autocast : AutocastState
+        The forward's autocast state.
+    buffers : list of torch.Tensor, optional
+        The block's buffers, if the caller has listed them already.
     """
 
     block: object
     x: torch.Tensor
     autocast: AutocastState = None
+    buffers: list[torch.Tensor] | None = None
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
-    mutated_buffers: list[torch.Tensor] = field(default_factory=list)
     #: ``(module path, attribute)`` where the forward stored a tensor, and the modules'
     #: attributes before it (kept only where it stored one).
     stored: list[tuple[str, str]] = field(default_factory=list)
     before_forward: PythonState | None = None
 
     def __enter__(self) -> ForwardRun:
+        if self.buffers is None:
+            self.buffers = block_buffers(self.block)
         block = self.block
         self._state = PythonState.of(block) if isinstance(block, torch.nn.Module) else None
-        self._buffers = block_buffers(self.block)
-        # Kernels such as batch_norm update running statistics without bumping the version
-        # counter, so values are compared.
-        self._before = [b.clone() for b in self._buffers]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(self.x.device) if self.x.is_cuda else None
         self._fastpath = attention_fastpath_off()
@@ -112,22 +123,27 @@ class ForwardRun:
             self.cuda_rng, torch.cuda.get_rng_state(self.x.device)
         ):
             self.cuda_rng = None
-        self.mutated_buffers = [
-            b for b, old in zip(self._buffers, self._before, strict=True) if not torch.equal(b, old)
-        ]
-        del self._before, self._buffers, self._fastpath, self._state, self.x
+        del self._fastpath, self._state
+        self.x = None
 
     @contextlib.contextmanager
     def replay(self, device: torch.device) -> Iterator[None]:
-        """Run the block again as the forward ran it: its RNG and autocast states; the buffers
-        it changed are restored afterwards (the block's backward may still read them)."""
+        """Run the block again as the forward ran it: its RNG and autocast states (the RNG
+        states of the caller are restored afterwards); buffers the recomputation changed are
+        restored afterwards (the block's backward may still read them)."""
+        outer_cpu = outer_cuda = None
         if self.cpu_rng is not None:
+            outer_cpu = torch.get_rng_state()
             torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
+            outer_cuda = torch.cuda.get_rng_state(device)
             torch.cuda.set_rng_state(self.cuda_rng, device)
+        # Kernels such as batch_norm update running statistics without bumping the version
+        # counter, so values are compared; only changed buffers are written back (a write
+        # bumps the version, which autograd checks where a buffer is saved).
+        saved = [b.clone() for b in self.buffers or ()]
         before = self.before_forward
         state = PythonState.of(before.modules) if before is not None else None
-        saved = [b.clone() for b in self.mutated_buffers]
         autocast = (
             torch.autocast(self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
             if self.autocast is not None
@@ -140,8 +156,13 @@ class ForwardRun:
                 self._check_recomputed(state)
         finally:
             with torch.no_grad():
-                for b, old in zip(self.mutated_buffers, saved, strict=True):
-                    b.copy_(old)
+                for b, old in zip(self.buffers or (), saved, strict=True):
+                    if not torch.equal(b, old):
+                        b.copy_(old)
+            if outer_cpu is not None:
+                torch.set_rng_state(outer_cpu)
+            if outer_cuda is not None:
+                torch.cuda.set_rng_state(outer_cuda, device)
 
     def _check_recomputed(self, state: PythonState) -> None:
         """Raise where the recomputation stored no tensor where the forward stored one: it

@@ -10,6 +10,11 @@ Notation (ARCHITECTURE.md, "The engine"): ``X`` and ``V`` are the exact integers
 ``v`` on the grid, ``x = X * 2**-exponent`` and ``v = V * 2**-(exponent + 16)``. ``X`` is held
 as ``x_work``, the float the next block receives anyway, plus ``x_residual = X - fl(X)``.
 
+Passes over the state per block: forward, one (the step, which also measures ``f`` and the
+maxima the next grid is chosen from); backward, one after the block's own backward (the step
+reversed, the input's gradient, the previous block's ``grad_f`` and input, and the sum that
+checks that input). Grid changes and a chain's two ends add a few.
+
 This module knows nothing about torch.fx or autograd Functions;
 :mod:`fxmomentum.engine.function` drives it.
 """
@@ -25,6 +30,16 @@ import torch
 
 from .attention import forward_attention_kernels
 from .exact import GAMMA_BITS, GAMMA_DENOM, BitStack
+from .grid import (
+    FUSED_SHIFT,
+    Grid,
+    from_float,
+    narrow,
+    pack,
+    shift_,
+    unpack,
+    unshift_,
+)
 from .kernels import (
     abs_max_f,
     backward_step_,
@@ -33,34 +48,19 @@ from .kernels import (
     forward_step_,
     input_grad_,
     join,
-    join_wide,
+    next_grad_f_,
     on_grid,
     split,
-    split_wide,
-    state_stats,
     unadd_,
     unadd_unshift_,
     unshift_v_,
 )
 from .replay import ForwardRun, autocast_state
-from .spec import BlockArguments, ChainSpec, block_parameters
+from .spec import BlockArguments, ChainSpec
 
-__all__ = ["BlockRecord", "ChainRun", "Grid", "NumericalError"]
+__all__ = ["BlockRecord", "ChainRun", "NumericalError"]
 
 _HALF = GAMMA_DENOM // 2
-
-# At the start of a block |X| < 2**range_bits and |V| < 2**(range_bits + GAMMA_BITS); after a
-# coarsening both are below half of that. 32 gives float32 chains 8 bits more than float32
-# holds; float64 chains get 44. Everything stays far from int64 overflow (V < 2**(range_bits +
-# 18) within a step).
-_RANGE_BITS = {torch.float32: 32, torch.float64: 44}
-# Keep 2**-exponent, 2**(exponent + 16) and the decoded values inside the float32 / float64
-# exponent range.
-_EXPONENT_LIMITS = {torch.float32: (-88, 100), torch.float64: (-900, 900)}
-# Only refine the grid when at least this many bits are gained (each change costs a pass).
-_REFINE_HYSTERESIS = 4
-# Grid changes below this many bits are fused into one pass (their digits fit int32).
-_FUSED_SHIFT = 32
 
 
 class NumericalError(FloatingPointError):
@@ -88,119 +88,6 @@ class BlockRecord:
     forward: ForwardRun
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The float dtype the exact state is decoded in (float32 for narrower dtypes)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _binary_exponent(m: float) -> int:
-    """The e with m < 2**e (0 for m = 0)."""
-    return math.frexp(m)[1]
-
-
-class Grid:
-    """The power-of-two grid of a chain's exact state, and the scalars its kernels take.
-
-    ``x = X * 2**-exponent`` and ``v = V * 2**-(exponent + GAMMA_BITS)``; the exponent changes
-    (by a *shift*, > 0 coarser) as values grow or shrink.
-    """
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.work = work_dtype(dtype)
-        self.device = device
-        self.range_bits = _RANGE_BITS[self.work]
-        self.min_exponent, self.max_exponent = _EXPONENT_LIMITS[self.work]
-        self.exponent = self.max_exponent
-        self._scalars: dict[float | tuple[str, int], torch.Tensor] = {}
-
-    def fit(self, magnitude: float) -> None:
-        """The finest exponent that holds values up to ``magnitude``."""
-        if magnitude == 0:
-            self.exponent = self.max_exponent
-            return
-        fitted = self.range_bits - 1 - _binary_exponent(magnitude)
-        self.exponent = max(self.min_exponent, min(self.max_exponent, fitted))
-
-    def shift_for(self, x_max: float, v_max: float, f_max: float) -> int:
-        """Grid change (bits, > 0 coarser) that brings the largest magnitudes on the grid
-        (``|X|``, ``|V|`` and ``|(1 - gamma) f|`` on ``V``'s grid) to about half range,
-        within the exponent limits."""
-        bits = self.range_bits
-        over = max(
-            _binary_exponent(x_max) - (bits - 1),
-            _binary_exponent(v_max) - (bits + GAMMA_BITS - 1),
-            _binary_exponent(f_max) - (bits + GAMMA_BITS - 1),
-        )
-        if over > 0 or x_max >= 2.0**bits or v_max >= 2.0 ** (bits + GAMMA_BITS):
-            shift = max(over, 1)
-        else:
-            shift = over if over <= -_REFINE_HYSTERESIS else 0
-        e = self.exponent
-        return max(e - self.max_exponent, min(shift, e - self.min_exponent))
-
-    def scale(self, exponent: int | None = None) -> torch.Tensor:
-        """``2**exponent`` (the current one by default) as a work-dtype scalar."""
-        return self.scalar(2.0 ** (self.exponent if exponent is None else exponent))
-
-    def inverse_scale(self, exponent: int | None = None) -> torch.Tensor:
-        """``2**-exponent`` as a work-dtype scalar."""
-        return self.scalar(2.0 ** -(self.exponent if exponent is None else exponent))
-
-    def shift_tensor(self, bits: int) -> torch.Tensor:
-        """``bits`` as an int64 scalar tensor."""
-        return self.scalar(("shift", bits))
-
-    def scalar(self, value: float | tuple[str, int]) -> torch.Tensor:
-        """A cached 0-dim tensor: compiled kernels are then not specialised (and recompiled)
-        for every grid exponent, and the grid changes seldom, so a few serve block after
-        block."""
-        cached = self._scalars.get(value)
-        if cached is None:
-            if isinstance(value, tuple):
-                cached = torch.tensor(value[1], dtype=torch.int64, device=self.device)
-            else:
-                cached = torch.tensor(value, dtype=self.work, device=self.device)
-            self._scalars[value] = cached
-        return cached
-
-    def clear(self) -> None:
-        self._scalars.clear()
-
-
-def _from_float(x: torch.Tensor, exponent: int) -> torch.Tensor:
-    return (x.to(work_dtype(x.dtype)) * (2.0**exponent)).round_().to(torch.int64)
-
-
-def _signed_bits(a: torch.Tensor) -> int:
-    """Bits of a two's complement integer holding every element of ``a``."""
-    if not a.numel():
-        return 1
-    lo, hi = torch.aminmax(a)
-    return max(-int(lo.item()), int(hi.item())).bit_length() + 1
-
-
-def _pack(a: torch.Tensor, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An integer tensor in the fewest bytes its values need: one narrow tensor, or the high
-    int32 part and the low 16 bits (48-bit values, the velocity's usual size). ``bits``, when
-    the caller knows it, saves a pass."""
-    bits = _signed_bits(a) if bits is None else bits
-    if bits <= 16:
-        return a.to(torch.int16), None
-    if bits <= 32:
-        return a.to(torch.int32), None
-    if bits <= 48:
-        high, low = split_wide(a)
-        return high, low.to(torch.int16)
-    return a.to(torch.int64), None
-
-
-def _unpack(packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    high, low = packed
-    if low is None:
-        return high.to(torch.int64)
-    return join_wide(high, low.to(torch.int32))
-
-
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
     return NumericalError(
         f"{spec.name(t)} of a reversible momentum chain: {what} is not finite or too large for "
@@ -217,37 +104,6 @@ def _not_rebuilt(what: str, culprit: str) -> RuntimeError:
     )
 
 
-def _shift_(X: torch.Tensor, shift: int) -> torch.Tensor | None:
-    """Move X, in place, to a grid ``shift`` bits coarser (>0, rounding) or finer (<0, exact).
-
-    Returns the digits that coarsening drops (each in ``[0, 2**shift)``, as int32 when they
-    fit), which the caller keeps on the bit stack.
-    """
-    if shift <= 0:
-        X <<= -shift
-        return None
-    X += 1 << (shift - 1)
-    low = X & ((1 << shift) - 1)
-    X >>= shift
-    return _narrow(low, shift)
-
-
-def _narrow(low: torch.Tensor, shift: int) -> torch.Tensor:
-    # Dropped digits wait through a whole block: keep them in int32 when they fit.
-    return low.to(torch.int32) if shift < _FUSED_SHIFT else low
-
-
-def _unshift_(X: torch.Tensor, low: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """Reverse :func:`_shift_` in place."""
-    if shift <= 0:
-        X >>= -shift
-        return X
-    X <<= shift
-    X += low
-    X -= 1 << (shift - 1)
-    return X
-
-
 class ChainRun:
     """The exact state of one run of a chain, shared by its blocks' autograd nodes.
 
@@ -259,7 +115,7 @@ class ChainRun:
     velocity : torch.Tensor
         ``V``, int64, while the chain runs forward or backward.
     x_residual : torch.Tensor
-        ``X - fl(X)``, float16 (exact integers below ``2**11``; zero for float64 chains).
+        ``X - fl(X)``, int16 (``|X - fl(X)| <= 2**10``; zero for float64 chains).
     x_work : torch.Tensor or None
         The float part of ``X`` where the chain's dtype is narrower than the work dtype
         (float16, bfloat16); None for float32 / float64 chains, whose decoded ``x`` is it.
@@ -285,25 +141,25 @@ class ChainRun:
         self.autocast = autocast_state(self.device.type)
         self.has_v0 = v0 is not None
         self.bit_stack = BitStack(x0)
-        x_max = torch.linalg.vector_norm(x0.detach(), math.inf).item()
-        v_max = 0.0 if v0 is None else torch.linalg.vector_norm(v0.detach(), math.inf).item()
+        x_max = float(abs_max_f(x0.detach(), None))
+        v_max = 0.0 if v0 is None else float(abs_max_f(v0.detach(), None))
         if not math.isfinite(x_max + v_max):
             raise _too_large(self.spec, 0, "the chain input", x_max + v_max)
         grid.fit(max(x_max, v_max))
         e = grid.exponent
         self.velocity = (
-            torch.zeros(x0.shape, dtype=torch.int64, device=x0.device)
+            torch.zeros_like(x0, dtype=torch.int64)
             if v0 is None
             else torch.round(v0.to(grid.work) * 2.0 ** (e + GAMMA_BITS)).to(torch.int64)
         )
         # The largest |X| and |V| on the grid, which the next step's grid change is chosen from.
         self.x_max, self.v_max = x_max * 2.0**e, v_max * 2.0 ** (e + GAMMA_BITS)
-        x_work, self.x_residual = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
+        x_work, self.x_residual, x_sum = on_grid(x0.detach(), grid.scale(), grid.inverse_scale())
         x = self._decoded(x_work)
         del x_work
         # The whole initial state, for the check that backward returns to it exactly.
         v_sum = self.velocity.sum() if self.has_v0 else 0
-        self.start_sums = (checksum(self._x_work(x), self.x_residual), v_sum)
+        self.start_sums = (x_sum, v_sum)
         return x
 
     # For float32 and float64 chains x_work is the decoded x itself, which forward hands to the
@@ -344,7 +200,7 @@ class ChainRun:
         spec, stack, grid = self.spec, self.bit_stack, self.grid
         args, kwargs = arguments.build(arguments.tensors)
         version = x._version
-        with ForwardRun(spec.blocks[t], x, self.autocast) as ran:
+        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran:
             out = spec.output(t, x, args, kwargs)
         if x._version != version:
             raise RuntimeError(
@@ -354,26 +210,30 @@ class ChainRun:
             )
         x_f = None if spec.residual[t] else x.detach()  # f = out - x_f for a non-residual block
         out = out.detach()
-        shift = self._choose_shift(t, out, x_f)
-        x_work, low_x = self._regrid(x, shift)
-        stack.note_push(GAMMA_DENOM)
-        stack.note_pop(self.gamma_num)
-        x_work_next, v_sum = forward_step_(
-            x_work,
-            self.x_residual,
-            self.velocity,
-            stack.head,
-            out,
-            x_f,
-            grid.scalar(self.f_weight * 2.0 ** (grid.exponent + GAMMA_BITS)),
-            self.gamma_num,
-            grid.scale(),
-            grid.inverse_scale(),
-        )
-        del x_work, out, x_f
+        # The grid must hold x, v and (1 - gamma) f. When x and v fit it, the step is taken
+        # at once and measures f as it goes (a pass less); in the rare case f did not fit, the
+        # step is reversed exactly (the kernels clamp f to a bound within which they are
+        # exact) and taken again on a coarser grid.
+        shift = grid.shift_for(self.x_max, self.v_max, 0.0)
+        stepped = None
+        if shift == 0:
+            stepped = self._step(self._x_work(x), out, x_f)
+            shift = self._shift_for(t, stepped[-1])
+            if shift:
+                self._unstep_forward(stepped[0], out, x_f)
+                stepped = None
+        else:
+            shift = self._shift_for(t, float(abs_max_f(out, x_f)))
+        low_x = None
+        if stepped is None:
+            x_work, low_x = self._regrid(x, shift)
+            stepped = self._step(x_work, out, x_f)
+            del x_work
+        x_work_next, v_sum, x_work_max, v_max, _ = stepped
+        del out, x_f, stepped
         x_next = self._decoded(x_work_next)
-        x_work_max, self.v_max = state_stats(x_work_next, self.velocity).tolist()
-        self.x_max = x_work_max * 2.0**grid.exponent
+        self.v_max = float(v_max)
+        self.x_max = float(x_work_max) * 2.0**grid.exponent
         if shift > 0:
             stack.push(low_x, 1 << shift)
         self.records.append(
@@ -383,14 +243,56 @@ class ChainRun:
             self._finish(x_next)
         return x_next
 
-    def _choose_shift(self, t: int, out: torch.Tensor, x_f: torch.Tensor | None) -> int:
+    def _step(self, x_work: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None) -> tuple:
+        """One step on the current grid: ``forward_step_``'s results, ``max |f|`` last."""
+        stack, grid = self.bit_stack, self.grid
+        stack.note_push(GAMMA_DENOM)
+        stack.note_pop(self.gamma_num)
+        x_work_next, v_sum, x_work_max, v_max, f_abs = forward_step_(
+            x_work,
+            self.x_residual,
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        return x_work_next, v_sum, x_work_max, v_max, float(f_abs)
+
+    def _unstep_forward(
+        self, x_work_next: torch.Tensor, out: torch.Tensor, x_f: torch.Tensor | None
+    ) -> None:
+        """Reverse :meth:`_step` exactly: ``x_residual``, ``V`` and the stack as they were."""
+        stack, grid = self.bit_stack, self.grid
+        unadd_(x_work_next, self.x_residual, self.velocity, grid.scale(), grid.inverse_scale())
+        backward_step_(
+            self.velocity,
+            stack.head,
+            out,
+            x_f,
+            self._f_scale(grid.exponent),
+            self.gamma_num,
+            *[None] * 4,
+            self.f_weight,
+            self.gamma,
+            None,
+            None,
+            grid.scale(),
+            grid.inverse_scale(),
+        )
+        stack.undo_note()
+        stack.undo_note()
+
+    def _f_scale(self, exponent: int) -> torch.Tensor:
+        """``(1 - gamma) * 2**(exponent + 16)``: ``f`` onto ``V``'s grid."""
+        return self.grid.scalar(self.f_weight * 2.0 ** (exponent + GAMMA_BITS))
+
+    def _shift_for(self, t: int, f_abs: float) -> int:
         """The grid change before block ``t``'s step: room for ``x``, ``v`` and
-        ``(1 - gamma) * f(x)`` on the grid."""
-        if x_f is None:
-            lo, hi = torch.aminmax(out)
-            f_abs = max(-float(lo), float(hi))
-        else:
-            f_abs = float(abs_max_f(out, x_f))
+        ``(1 - gamma) * f(x)`` (``max |f| = f_abs``) on the grid."""
         if not math.isfinite(f_abs):
             raise _too_large(self.spec, t, "its output f(x)", f_abs)
         grid = self.grid
@@ -412,7 +314,7 @@ class ChainRun:
         if not shift:
             return x_work, None
         e = grid.exponent
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             x_work, low_x, low_v = coarsen_(
                 x_work,
                 self.x_residual,
@@ -426,11 +328,11 @@ class ChainRun:
             grid.exponent = e - shift
             return self._x_work(self._decoded(x_work)), low_x
         X = self._exact_x(x)
-        low_x = _shift_(X, shift)
+        low_x = shift_(X, shift)
         if shift > 0:
-            stack.push(_shift_(self.velocity, shift).to(torch.int64), 1 << shift)
+            stack.push(shift_(self.velocity, shift).to(torch.int64), 1 << shift)
         else:
-            _shift_(self.velocity, shift)
+            shift_(self.velocity, shift)
         grid.exponent = e - shift
         x_work = self._x_work(self._set_x(X))
         return x_work, low_x
@@ -444,11 +346,11 @@ class ChainRun:
         if self.x_work is None:
             self.kept_residual, self.x_residual = (self.x_residual, None), None
         else:
-            residual = _from_float(y, self.grid.exponent).neg_().add_(self._exact_x(y))
-            self.kept_residual = _pack(residual)
+            residual = from_float(y, self.grid.exponent).neg_().add_(self._exact_x(y))
+            self.kept_residual = pack(residual)
             del residual
         # v_max is V's largest magnitude, which the last step measured.
-        self.kept_velocity = _pack(self.velocity, int(self.v_max).bit_length() + 1)
+        self.kept_velocity = pack(self.velocity, int(self.v_max).bit_length() + 1)
         self.velocity = None
         self.bit_stack.freeze()
         # The output is held here rather than saved on the autograd node, so that backward can
@@ -481,27 +383,34 @@ class ChainRun:
                 f"the operation after the chain out of place (e.g. ReLU(inplace=False))."
             )
         self.bit_stack.thaw(y)
-        self.velocity = _unpack(self.kept_velocity)
+        self.velocity = unpack(self.kept_velocity)
         if self.dtype == self.grid.work:
             # The decoded state is y itself: keep y, not a copy.
             self.x_residual = self.kept_residual[0]
             self.x_work, self.x = None, y.detach()
         else:
-            X = _from_float(y, self.grid.exponent)
-            X += _unpack(self.kept_residual)
+            X = from_float(y, self.grid.exponent)
+            X += unpack(self.kept_residual)
             self.x = self._set_x(X)
             del X
+        self.rebuilt = len(self.spec.blocks)  # self.x is the input of this block
         self.kept_residual = self.kept_velocity = (None, None)
-        acc = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.grad_dtype = (
+            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        )
         # The gradient of the current block's f, which is (1 - gamma) times the gradient
-        # reaching the velocity (see kernels._next_grad_f_): one buffer for both.
-        self.grad_f = torch.zeros_like(y, dtype=acc)
+        # reaching the velocity (see kernels._next_grad_f_): one buffer for both. Made by the
+        # last block's backward, from the gradient reaching the chain's output.
+        self.grad_f: torch.Tensor | None = None
+        # The previous block's grad_f, computed ahead (see _take_grad_f), and what it assumed.
+        self.grad_f_next: torch.Tensor | None = None
+        self.ahead: tuple[torch.Tensor, int] | None = None
 
-    def _check_returned_to_start(self, x: torch.Tensor) -> None:
+    def _check_returned_to_start(self, x: torch.Tensor, v_sum: object) -> None:
         # The per-block checks sample the state; the full state (x, v, an empty stack) must
         # come back to the start's bit for bit, or some block was not deterministic.
         stack = self.bit_stack
-        sums = (checksum(self._x_work(x.detach()), self.x_residual), self.velocity.sum())
+        sums = (checksum(self._x_work(x.detach()), self.x_residual), v_sum)
         same = all(bool(a == b) for a, b in zip(sums, self.start_sums, strict=True))
         if not same or stack.words or stack.bound != 1 or bool(stack.head.any()):
             raise _not_rebuilt("the chain's input", "a block of the chain")
@@ -510,12 +419,12 @@ class ChainRun:
         """``x_t`` from ``x_{t+1}``: ``x <- x - v``, then the grid block ``t`` changed to,
         undone for ``X``; checks the velocity's sum against the forward's."""
         grid, stack, shift = self.grid, self.bit_stack, record.shift
-        low_x = _narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
+        low_x = narrow(stack.undo_push(1 << shift), shift) if shift > 0 else None
         # References to superseded state are dropped at once: this runs while the block's
         # recomputed activations are alive, at the peak of the step's memory.
         x_next, self.x = self.x, None
         before = record.exponent + shift
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             x_work, v_sum = unadd_unshift_(
                 self._x_work(x_next),
                 self.x_residual,
@@ -531,7 +440,7 @@ class ChainRun:
             v_sum = self.velocity.sum()
             X = self._exact_x(x_next)
             X -= (self.velocity + _HALF) >> GAMMA_BITS
-            _unshift_(X, low_x, shift)
+            unshift_(X, low_x, shift)
             grid.exponent = before
             x = self._set_x(X)
             del X
@@ -549,34 +458,86 @@ class ChainRun:
             raise _not_rebuilt(f"the input of {self.spec.name(t)}", "a block after it")
         return x
 
-    def _unstep_velocity(
+    def _unstep(
         self,
-        record: BlockRecord,
+        t: int,
         out: torch.Tensor,
         x_f: torch.Tensor | None,
+        grads: list[torch.Tensor | None],
         grad_out: torch.Tensor,
-    ) -> None:
-        """``V`` back to before the block's step and grid change; ``grad_f`` to the block's."""
-        grid, stack, shift = self.grid, self.bit_stack, record.shift
-        backward_step_(
+    ) -> torch.Tensor:
+        """After block ``t``'s backward, in one pass where it can: ``V`` back to before its
+        step and grid change; the gradient of its input (returned); the previous block's
+        ``grad_f`` for that gradient (see :meth:`_take_grad_f`); and, where no grid change
+        lies between, the previous block's input (``self.x``, checked against the forward)."""
+        grid, stack, record = self.grid, self.bit_stack, self.records[t]
+        shift, grad_f = record.shift, self.grad_f
+        minus = None if x_f is None else grad_f
+        gx = grads[0]
+        in_place = (
+            gx is not None
+            and gx.dtype == grad_f.dtype
+            and gx.is_contiguous()
+            and not _aliased(gx, [*grads[1:], grad_out])
+        )
+        ahead = in_place and t > 0
+        if ahead and self.grad_f_next is None:
+            self.grad_f_next = torch.empty_like(grad_f)
+        fuse = t > 0 and shift == 0 and self.records[t - 1].shift == 0
+        x_t = self.x
+        x_prev, v_sum = backward_step_(
             self.velocity,
             stack.head,
             out,
             x_f,
-            grid.scalar(self.f_weight * 2.0 ** (record.exponent + GAMMA_BITS)),
+            self._f_scale(record.exponent),
             self.gamma_num,
+            gx if in_place else None,
             grad_out,
-            self.grad_f,
+            grad_f,
+            self.grad_f_next if ahead else None,
             self.f_weight,
             self.gamma,
+            self._x_work(x_t) if fuse else None,
+            self.x_residual if fuse else None,
+            grid.scale(),
+            grid.inverse_scale(),
         )
+        # grad_f_next is block t-1's grad_f if autograd hands that block gx, unchanged.
+        self.ahead = (gx, gx._version) if ahead else None
         stack.undo_note()
         stack.undo_note()
-        if 0 < shift < _FUSED_SHIFT:
+        if 0 < shift < FUSED_SHIFT:
             unshift_v_(self.velocity, stack.undo_push(1 << shift), grid.shift_tensor(shift))
         elif shift:
             low_v = stack.undo_push(1 << shift) if shift > 0 else None
-            _unshift_(self.velocity, low_v, shift)
+            unshift_(self.velocity, low_v, shift)
+        grad_x = gx if in_place else _input_grad(grads, grad_out, minus, grad_f)
+        if fuse:
+            self.x, self.rebuilt = self._decoded(x_prev), t - 1
+            del x_prev
+            if int(v_sum) != self.records[t - 1].checksum:
+                raise _not_rebuilt(f"the input of {self.spec.name(t - 1)}", "a block after it")
+        elif t == 0:
+            v_sum = v_sum if shift == 0 else self.velocity.sum()  # V was unshifted since
+            self._check_returned_to_start(x_t, v_sum)
+        return grad_x
+
+    def _take_grad_f(self, grad_out: torch.Tensor) -> None:
+        """Make ``grad_f`` this block's from the gradient reaching its output.
+
+        Within a chain that gradient is the next block's input gradient, handed on by
+        autograd as it was returned, and the next block's pass has computed this block's
+        ``grad_f`` from it already; otherwise (hooks, another use of the block's output),
+        it is computed here.
+        """
+        ahead, self.ahead = self.ahead, None
+        if self.grad_f is None:  # the last block: grad_f = (1 - gamma) grad_out
+            self.grad_f = grad_out.to(self.grad_dtype) * self.f_weight
+        elif ahead is not None and grad_out is ahead[0] and grad_out._version == ahead[1]:
+            self.grad_f, self.grad_f_next = self.grad_f_next, self.grad_f
+        else:
+            next_grad_f_(grad_out, self.grad_f, self.f_weight, self.gamma)
 
     def backward_block(self, t: int, grad_out: torch.Tensor | None, params: Sequence[torch.Tensor]):
         """Reverse block ``t``: rebuild its input, recompute it, return the input's gradients.
@@ -585,8 +546,9 @@ class ChainRun:
         tensors the block's node takes (``reads`` of :meth:`forward_block`).
         """
         spec, record = self.spec, self.records[t]
-        x = self.x = self._unadd(t, record)
-        x = x.detach().requires_grad_(True)
+        if self.rebuilt != t:  # the next block's backward did not rebuild this input
+            self.x, self.rebuilt = self._unadd(t, record), t
+        x = self.x.detach().requires_grad_(True)
         taken = set(record.reads)
         context = [
             c.detach().requires_grad_(c.requires_grad and i in taken)
@@ -595,22 +557,20 @@ class ChainRun:
         args, kwargs = record.arguments.build(context)
         wanted = [c for c in context if c.requires_grad]
         if grad_out is None:
-            grad_out = torch.zeros_like(self.grad_f)
-        grad_f = self.grad_f
+            grad_out = torch.zeros_like(x, dtype=self.grad_dtype)
         # Buffers are restored after the block's backward, which may read them.
         with record.forward.replay(x.device):
             with torch.enable_grad(), forward_attention_kernels():
                 out = spec.output(t, x, args, kwargs)
-            x_f = None if spec.residual[t] else x.detach()
-            self._unstep_velocity(record, out.detach(), x_f, grad_out)
-            if t == 0:
-                self._check_returned_to_start(x)
+            self._take_grad_f(grad_out)
             grads = self._block_gradients(out, [x, *wanted], params)
-        del out
         # Autograd may pass grad_outputs straight through (the gradient of a bias added at
-        # the end is grad_f itself); grad_f changes in place at the next block.
+        # the end is grad_f itself); grad_f's buffer is written again at the next block.
+        grad_f = self.grad_f
         grads = [g.clone() if g is not None and _aliased(g, [grad_f]) else g for g in grads]
-        grad_x = _input_grad(grads, grad_out, None if x_f is None else grad_f, grad_f)
+        x_f = None if spec.residual[t] else x.detach()
+        grad_x = self._unstep(t, out.detach(), x_f, grads, grad_out)
+        del out, x_f, x
         it = iter(grads[1 : 1 + len(wanted)])
         grad_all = [next(it) if ci.requires_grad else None for ci in context]
         grad_context = [grad_all[i] for i in record.reads]
@@ -648,15 +608,18 @@ class ChainRun:
         """
         if not params or not torch.autograd._is_checkpoint_valid():
             return False
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return False
-        if self.shared is None:
+        if self.shared is None:  # once per run
+            dist = sys.modules.get("torch.distributed")
+            self.distributed = bool(
+                dist is not None and dist.is_available() and dist.is_initialized()
+            )
             seen: set[int] = set()
             self.shared = set()
-            for block in self.spec.blocks:
-                for p in block_parameters(block):
+            for t in range(len(self.spec.blocks)):
+                for p in self.spec.parameters(t):
                     (self.shared if id(p) in seen else seen).add(id(p))
+        if self.distributed:
+            return False
         return not any(
             id(p) in self.shared or p._backward_hooks or p._post_accumulate_grad_hooks
             for p in params
@@ -669,6 +632,7 @@ class ChainRun:
         the chains before this one recompute their blocks meanwhile.
         """
         self.velocity = self.x_residual = self.x = self.x_work = self.grad_f = None
+        self.grad_f_next = self.ahead = None
         self.bit_stack = None
         self.records.clear()
         self.grid.clear()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -47,6 +47,29 @@ class ChainSpec:
     gamma_num: int
     names: Sequence[str] = ()
     reads: Sequence[Sequence[int] | None] = ()
+    # A spec lives for one call of the chain: modules are listed once per call, not once per
+    # use (a block's forward, its backward, the chain's checks each wanted them). A block's
+    # list is made when first asked for, which for a block in an FSDP unit must be while the
+    # unit is gathered (inside ``fsdp.in_units``): the unit's modules then hold the unsharded
+    # parameters the block computes with.
+    _members: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def parameters(self, t: int) -> list[torch.Tensor]:
+        """Block ``t``'s parameters (none for a plain function), listed once per spec."""
+        return self._listed(t)[0]
+
+    def buffers(self, t: int) -> list[torch.Tensor]:
+        """Block ``t``'s buffers (none for a plain function), listed once per spec."""
+        return self._listed(t)[1]
+
+    def _listed(self, t: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        members = self._members.get(t)
+        if members is None:
+            block = self.blocks[t]
+            members = self._members[t] = (block_parameters(block), block_buffers(block))
+        return members
 
     def tensor_reads(self, arguments: BlockArguments) -> list[list[int]]:
         """Per block, the indices into ``arguments.tensors`` of the tensors it reads."""
@@ -122,6 +145,8 @@ class BlockArguments:
 
     def build(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` with ``tensors`` in the tensors' places."""
+        if not self.leaves:  # no arguments (most chains): skip the tree
+            return (), {}
         leaves = list(self.leaves)
         for i, t in zip(self.tensor_slots, tensors, strict=True):
             leaves[i] = t

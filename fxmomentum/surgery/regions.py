@@ -54,8 +54,9 @@ __all__ = ["Atom", "Cost", "Gap", "RegionCosts", "atoms_of", "chain_costs", "seg
 RECOMPUTE_OVERHEAD = 0.5
 #: The reversible engine's work per block beyond the recomputation, as a share of the
 #: block's forward: its integer passes and per-block bookkeeping (ResNet-101, every chain
-#: reversible: 1.79x the original's step in CPU time, one more forward of the chains 1.3x).
-REVERSIBLE_OVERHEAD = 1.5
+#: reversible with the native CPU kernels: 1.39x the original's step in CPU time where one
+#: more forward of the chains is 1.24x and the chains' forward about a quarter of the step).
+REVERSIBLE_OVERHEAD = 0.7
 #: Bytes per element of the working state while a reversible chain goes backward (int64
 #: velocity, float16 residual, the gradient buffer).
 WORKING_STATE_BYTES = 14

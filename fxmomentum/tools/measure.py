@@ -399,6 +399,7 @@ def paired_time(
     warmup: int = 2,
     *,
     sync: Callable[[], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> PairedTiming:
     """Time ``step_b`` against ``step_a``, interleaved ``A B A B ...``.
 
@@ -412,6 +413,9 @@ def paired_time(
         Untimed pairs first (compilation, allocator, caches).
     sync : callable, optional
         Called before reading the clock (``torch.cuda.synchronize`` on a GPU).
+    clock : callable, optional
+        The clock, in seconds: wall time by default; ``time.process_time`` (this process's
+        CPU time) on a CPU shared with other work, where wall time counts their share too.
 
     Returns
     -------
@@ -430,11 +434,11 @@ def paired_time(
     def timed(step: Callable[[], object]) -> float:
         if sync is not None:
             sync()
-        start = time.perf_counter()
+        start = clock()
         step()
         if sync is not None:
             sync()
-        return time.perf_counter() - start
+        return clock() - start
 
     for _ in range(warmup):
         step_a()
