@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
+import fxmomentum
 from fxmomentum.engine import kernels, native
 
 
@@ -147,6 +149,57 @@ def test_native_kernels_decline_what_they_do_not_cover():
     assert native.abs_max_f(half, half) is NotImplemented  # f in half precision
     # ...and the dispatch then runs the eager kernel.
     assert kernels.abs_max_f(x64, None) == x64.abs().max()
+
+
+def test_native_kernels_take_read_only_operands_laid_out_otherwise():
+    # Autograd hands over expanded and transposed tensors (the gradient of output.sum() is one
+    # value broadcast): the native kernels copy those operands into the state's layout rather
+    # than leave the step to the eager kernel, and give its bits.
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    n = 70001
+    kernel, make_args = _cases(n, "cpu")[3]  # backward_step_: grads, ahead, rebuild
+    assert kernel is kernels.backward_step_
+
+    def odd_args() -> tuple:
+        args = list(make_args())
+        strided = torch.empty(2 * n)
+        strided[::2] = args[2]
+        args[2] = strided[::2]  # out: every other element of a buffer
+        args[7] = args[7][:1].expand(n)  # grad_out: one value broadcast
+        return tuple(args)
+
+    _check(kernel, odd_args, kernel.native)
+    go, gf = torch.randn(1).expand(n), torch.randn(n)
+    _check(kernels.next_grad_f_, lambda: (go, gf.clone(), 0.1, 0.9), kernels.next_grad_f_.native)
+    transposed, state = torch.randn(64, 33).t(), torch.randn(33, 64)
+    copy = native._laid_out_like(state, transposed)
+    assert copy.is_contiguous() and torch.equal(copy, transposed)
+
+
+def test_a_chain_under_sum_runs_no_eager_kernel(monkeypatch):
+    # The loss output.sum() gives the last block a gradient of stride 0; run eagerly, that
+    # block's backward step set the step's peak memory (a float32 MLP chain, batch 1024 x 256:
+    # 29 MiB against 10).
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+
+    eager: list[str] = []
+    for kernel in (kernels.forward_step_, kernels.backward_step_, kernels.next_grad_f_,
+                   kernels.input_grad_):  # fmt: skip
+        fn = kernel.fn
+
+        def spy(*args, name=kernel.__name__, fn=fn):
+            eager.append(name)
+            return fn(*args)
+
+        monkeypatch.setattr(kernel, "fn", spy)
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 32)) for _ in range(4)]
+    net = fxmomentum.MomentumNet(blocks, 0.9, use_backprop=False)
+    x = torch.randn(64, 32, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and not eager, eager
 
 
 def test_native_kernels_follow_the_thread_count():

@@ -211,6 +211,27 @@ def _alike(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return all(o is None or (o.device.type == "cpu" and o.stride() == stride) for o in others)
 
 
+def _laid_out_like(ref: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+    """A read-only operand as :func:`_alike` wants it next to ``ref``: ``t`` itself, or a copy
+    in ``ref``'s layout where ``t`` is laid out otherwise (same shape, on the CPU).
+
+    Autograd hands over expanded and transposed tensors: the gradient of ``output.sum()``
+    reaches the last block as one value broadcast (stride 0). Declined, the step would run the
+    eager kernel, whose int64 temporaries set the peak memory of a training step; the copy
+    costs one activation and the same bits.
+    """
+    if (
+        t is None
+        or t.shape != ref.shape
+        or t.device.type != "cpu"
+        or ref.device.type != "cpu"
+        or _alike(ref, t)
+        or not _alike(ref)
+    ):
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -258,7 +279,7 @@ def _state_ok(xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, *more: torch.T
 
 def forward_step_(xw, r, V, head, out, x, c, n, scale, inv_scale):
     """Native :func:`fxmomentum.engine.kernels._forward_step_`."""
-    out32 = _f32(out, x)
+    out32, x = _laid_out_like(xw, _f32(out, x)), _laid_out_like(xw, x)
     if out32 is None or head.dtype != torch.int32 or not _state_ok(xw, r, V, head, out32, x):
         return NotImplemented
     xw_new = torch.empty_like(xw)
@@ -320,6 +341,7 @@ def unshift_v_(V, low_v, shift):
 
 def next_grad_f_(grad_out, grad_f, g, gamma):
     """Native :func:`fxmomentum.engine.kernels._next_grad_f_`."""
+    grad_out = _laid_out_like(grad_f, grad_out)
     if grad_out.dtype != _F or grad_f.dtype != _F or not _alike(grad_f, grad_out):
         return NotImplemented
     _lib.fxm_next_grad_f(
@@ -330,6 +352,7 @@ def next_grad_f_(grad_out, grad_f, g, gamma):
 
 def input_grad_(grad_x, grad_out, grad_f):
     """Native :func:`fxmomentum.engine.kernels._input_grad_`."""
+    grad_out, grad_f = _laid_out_like(grad_x, grad_out), _laid_out_like(grad_x, grad_f)
     if (
         grad_x.dtype != _F
         or grad_out.dtype != _F
@@ -347,7 +370,8 @@ def backward_step_(
     V, head, out, x, c, n, grad_x, grad_out, grad_f, grad_f_next, g, gamma, xw, r, scale, inv_scale
 ):
     """Native :func:`fxmomentum.engine.kernels._backward_step_`."""
-    out32 = _f32(out, x)
+    out32, x = _laid_out_like(V, _f32(out, x)), _laid_out_like(V, x)
+    grad_out = _laid_out_like(V, grad_out)
     if (
         out32 is None
         or V.dtype != torch.int64
