@@ -408,7 +408,6 @@ def test_a_shape_aware_root_with_a_graph_per_mode_keeps_the_mode_that_joins_its_
         out.train()(y)
 
 
-
 class LengthOfAFlag(nn.Module):
     """Hugging Face's ``selected_hidden_states``: ``list(flag)`` where a list may be given."""
 

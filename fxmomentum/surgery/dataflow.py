@@ -227,6 +227,17 @@ class DataFlow:
                     todo.append(u)
         return found
 
+    def ancestors_within(self, node: fx.Node, among: set[fx.Node]) -> set[fx.Node]:
+        """The nodes of ``among`` that ``node`` is computed from (through ``among`` only)."""
+        found: set[fx.Node] = set()
+        todo = [node]
+        while todo:
+            for i in todo.pop().all_input_nodes:
+                if i in among and i not in found:
+                    found.add(i)
+                    todo.append(i)
+        return found
+
     def resolve_identity(self, node: fx.Node) -> fx.Node:
         """See through identity-like modules (``nn.Identity``, dropout with p = 0) and casts
         to the same dtype (:func:`is_identity_cast`) that only feed the skip."""

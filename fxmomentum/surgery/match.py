@@ -234,6 +234,9 @@ class _Candidate:
     meta: set[fx.Node] = field(default_factory=set)
     #: The value the skip widens (see Block.source), or None.
     source: fx.Node | None = None
+    #: Every node computed from the input before the add (``inner`` keeps those the add
+    #: needs): an in-place change of the input among them is refused.
+    around: set[fx.Node] = field(default_factory=set)
 
     @property
     def inputs(self) -> tuple[fx.Node, ...]:
@@ -259,7 +262,8 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
                 return None  # the add broadcasts x to a larger shape: not a residual connection
             if alpha is not None and pos == 1:
                 return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
-            return _Candidate(add, x, skip, branch, inner, alpha if pos == 0 else None)
+            scale = alpha if pos == 0 else None
+            return _Candidate(add, x, skip, branch, _own(g, add, inner), scale, around=inner)
         source = _widened_from(x)
         if source is not None:
             inner = g.descendants_before(source, stop) - {x}
@@ -267,7 +271,8 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
                 if alpha is not None and pos == 1:
                     return f"the skip is scaled (alpha={alpha:g}): not x + F(x)"
                 scale = alpha if pos == 0 else None
-                return _Candidate(add, x, skip, branch, inner, scale, source=source)
+                own = _own(g, add, inner)
+                return _Candidate(add, x, skip, branch, own, scale, source=source, around=inner)
     # Two branches from one value: a projection shortcut such as downsample(x) + F(x)?
     ta, tb = tensor_meta(a), tensor_meta(b)
     if ta is not None and tb is not None and ta.shape != tb.shape:
@@ -291,6 +296,25 @@ def _candidate(g: DataFlow, add: fx.Node) -> _Candidate | str | None:
     where = common_path(module_path(n) for n in short if n.op == "call_module")
     via = f"`{where}`" if where else ", ".join(f"`{n.name}`" for n in short)
     return f"projection shortcut: {via} maps the input `{fork.name}` (the skip is not the identity)"
+
+
+def _own(g: DataFlow, add: fx.Node, computed: set[fx.Node]) -> set[fx.Node]:
+    """The nodes of a block: those ``computed`` from its input before ``add``, less the
+    tensors computed from the input's values that the add does not need (HRNet's transition
+    to a new branch), which stay outside. Reads of the input's shape stay (see
+    :func:`_release_metadata`), as do values computed from the block's own work (the
+    attention weights a layer drops) and what is no tensor (a call that appends the input to
+    a cache)."""
+    needed = g.ancestors_within(add, computed)
+    shapes: set[fx.Node] = set()
+    beside: set[fx.Node] = set()
+    for n in sorted(computed, key=g.index.__getitem__):
+        inputs = [i for i in n.all_input_nodes if i in computed]
+        if _metadata_read(n) or (inputs and all(i in shapes for i in inputs)):
+            shapes.add(n)
+        elif n not in needed and tensor_meta(n) is not None and all(i in beside for i in inputs):
+            beside.add(n)
+    return computed - beside
 
 
 #: Floating dtypes each of which holds every value of the dtypes listed with it exactly.
@@ -453,7 +477,7 @@ def _check(g: DataFlow, c: _Candidate) -> str | None:
                 return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
     for i in c.inputs:
         for u in i.users:
-            if u in inner and u.args and u.args[0] is i and is_inplace(u, g.modules):
+            if u in c.around and u.args and u.args[0] is i and is_inplace(u, g.modules):
                 return f"`{u.name}` modifies the block input in place"
     context = {i for n in inner for i in n.all_input_nodes if i not in inner and i not in c.inputs}
     if not g.has_parameters(inner, context):
