@@ -73,22 +73,34 @@ def _checkpointed(bench: str, model: nn.Module) -> nn.Module:
     return nn.Sequential(*[Checkpointed(layer) for layer in model])
 
 
-def build(bench: str, kind: str, budget: float | None = None, **sizes: Any) -> Workload:
-    """One configuration: ``original``, ``checkpoint``, ``reversible`` or ``planned``."""
+def build(
+    bench: str, kind: str, budget: float | None = None, gamma: float = GAMMA, **sizes: Any
+) -> Workload:
+    """One configuration: ``original``, ``checkpoint``, ``reversible``, ``planned`` or
+    ``kept`` (converted at ``gamma`` with every chain kept: what the converted model's own
+    arithmetic costs, the least time of any plan at that gamma)."""
     model, x = model_and_input(bench, sizes)
     if kind == "checkpoint":
         model = _checkpointed(bench, model)
     elif kind == "reversible":
-        model = fxmomentum.convert(model, GAMMA, example_inputs=x)
+        model = fxmomentum.convert(model, gamma, example_inputs=x)
+    elif kind == "kept":
+        model = fxmomentum.convert(model, gamma, example_inputs=x, use_backprop=True)
     elif kind == "planned":
-        model = fxmomentum.convert(model, GAMMA, example_inputs=x, memory_budget=budget)
+        model = fxmomentum.convert(model, gamma, example_inputs=x, memory_budget=budget)
     elif kind != "original":
         raise ValueError(f"unknown kind {kind!r}")
     return Workload(model.train(), (x,))
 
 
-def _memory(bench: str, kind: str, sizes: dict[str, Any], budget: float | None = None) -> int:
-    kwargs = {"bench": bench, "kind": kind, "budget": budget, **sizes}
+def _memory(
+    bench: str,
+    kind: str,
+    sizes: dict[str, Any],
+    budget: float | None = None,
+    gamma: float = GAMMA,
+) -> int:
+    kwargs = {"bench": bench, "kind": kind, "budget": budget, "gamma": gamma, **sizes}
     return int(measure_memory(kind, BUILDER, kwargs)["peak_bytes"])
 
 

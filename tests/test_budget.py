@@ -8,17 +8,22 @@ original and checkpointing) are measured in benchmarks/, not here.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import itertools
 import random
+import weakref
 
 import pytest
 import torch
 import torchvision
 from conftest import grad_err, rel_err
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 import fxmomentum
+from fxmomentum.engine import MomentumChain
 from fxmomentum.surgery.planner import Choice, evaluate, solve
 from fxmomentum.surgery.regions import Cost
 from fxmomentum.surgery.segments import RecomputedSegment
@@ -127,6 +132,45 @@ def test_a_plan_changes_costs_not_outputs_or_gradients(build, budget):
     if budget == 0.0:
         strategies = {r.strategy for r in report.plan.regions}
         assert strategies & {"recompute", "reversible"}
+
+
+def _state_tensors_kept(forward, x: torch.Tensor) -> int:
+    """How many tensors shaped like ``x`` that ``forward(x)`` made are still held (by the
+    autograd graph or a checkpoint) once it has returned, besides its output."""
+    made: list[weakref.ref] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == x.shape:
+                made.append(weakref.ref(out))
+            return out
+
+    with Record():
+        out = forward(x)
+    gc.collect()
+    alive = {t.untyped_storage().data_ptr() for t in (r() for r in made) if t is not None}
+    return len(alive - {out.untyped_storage().data_ptr()})
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9])
+def test_a_recomputed_chain_keeps_what_checkpointing_the_original_keeps(gamma):
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(6)]
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def checkpointed(h: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            h = h + checkpoint(block, h, use_reentrant=False)
+        return h
+
+    chain = MomentumChain(blocks, gamma, use_backprop=True, strategy="recompute")
+    kept = _state_tensors_kept(chain, x)
+    assert kept == _state_tensors_kept(checkpointed, x) == len(blocks) - 1  # x itself is given
+    reference = MomentumChain(blocks, gamma, use_backprop=True, strategy="keep")
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *chain.parameters()])
+    got = torch.autograd.grad(chain(x).square().sum(), [x, *chain.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_gamma_zero_plans_keep_the_original_model_exactly():

@@ -16,9 +16,9 @@ from .spec import BlockArguments, ChainSpec
 __all__ = ["STRATEGIES", "GammaSetting", "MomentumChain"]
 
 #: How a chain runs in training: ``"reversible"`` (nothing kept inside the chain, its
-#: activations rebuilt in closed form), ``"recompute"`` (each block keeps its input ``x`` and
-#: velocity ``v`` and is recomputed in backward) or ``"keep"`` (plain autograd). The three
-#: compute the same function (to rounding).
+#: activations rebuilt in closed form), ``"recompute"`` (each block keeps its input ``x``, as
+#: checkpointing the original block does, and is recomputed in backward) or ``"keep"`` (plain
+#: autograd). The three compute the same function (to rounding).
 STRATEGIES = ("reversible", "recompute", "keep")
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "input_grad_",
     "join_wide",
     "library",
+    "momentum_update",
+    "momentum_update_grad",
     "next_grad_f_",
     "on_grid",
     "split_wide",
@@ -74,6 +76,8 @@ _SIGNATURES: dict[str, list] = {
     "fxm_split_wide": [_I64, _P, _P, _P, _INT],
     "fxm_join_wide": [_I64, _P, _P, _P, _INT],
     "fxm_checksum": [_I64, _P, _P, _P, _INT],
+    "fxm_momentum_update": [_I64, _P, _P, _P, _P, _P, _F32, _F32, _INT, _INT],
+    "fxm_momentum_update_grad": [_I64, _P, _P, _P, _P, _P, _F32, _F32, _INT],
 }
 
 _F = torch.float32
@@ -424,3 +428,36 @@ def checksum(xw, r):
     ires = (ctypes.c_int64 * 1)()
     _lib.fxm_checksum(xw.numel(), xw.data_ptr(), r.data_ptr(), ires, _threads())
     return ires[0]
+
+
+def momentum_update(x, y, v, gamma, subtract):
+    """Native :func:`fxmomentum.engine.update._momentum_update`."""
+    if x.dtype != _F or y.dtype != _F or (v is not None and v.dtype != _F):
+        return NotImplemented
+    if not _alike(x, y, v):
+        return NotImplemented
+    x_new, v_new = torch.empty_like(x), torch.empty_like(x)
+    _lib.fxm_momentum_update(
+        x.numel(), x.data_ptr(), y.data_ptr(), _ptr(v), x_new.data_ptr(), v_new.data_ptr(),
+        gamma, 1 - gamma, int(subtract), _threads(),
+    )  # fmt: skip
+    return x_new, v_new
+
+
+def momentum_update_grad(grad_x_new, grad_v_new, gamma, has_v, subtract):
+    """Native :func:`fxmomentum.engine.update._momentum_update_grad`."""
+    ref = grad_x_new if grad_x_new is not None else grad_v_new
+    grad_v_new = _laid_out_like(ref, grad_v_new)
+    grad_x_new = _laid_out_like(ref, grad_x_new)
+    if any(g is not None and g.dtype != _F for g in (grad_x_new, grad_v_new)):
+        return NotImplemented
+    if not _alike(ref, grad_x_new, grad_v_new):
+        return NotImplemented
+    grad_y = torch.empty_like(ref)
+    grad_v = torch.empty_like(ref) if has_v else None
+    grad_x = torch.empty_like(ref) if subtract else grad_x_new
+    _lib.fxm_momentum_update_grad(
+        ref.numel(), _ptr(grad_x_new), _ptr(grad_v_new), grad_y.data_ptr(), _ptr(grad_v),
+        _ptr(grad_x) if subtract else None, gamma, 1 - gamma, _threads(),
+    )  # fmt: skip
+    return grad_x, grad_y, grad_v

@@ -497,4 +497,63 @@ API void fxm_checksum(i64 n, const i32* bits, const i16* r, i64* ires, int nt) {
   for (int t = 0; t < MAX_THREADS; t++) s += sums[t];
   ires[0] = s;
 }
+/* ---- the momentum update in floating point (engine/update.py) ---------------------------- */
+/* v' = g v + h f (h = 1 - g; h f alone without v), f = y - x (subtract) or y; x' = x + v'. */
+static void momentum_update_range(i64 lo, i64 hi, const float* RS x, const float* RS y,
+                                  const float* RS v, float* RS xo, float* RS vo, float g,
+                                  float h, int subtract) {
+  if (v && subtract) {
+    for (i64 i = lo; i < hi; i++) {
+      float w = g * v[i] + h * (y[i] - x[i]);
+      vo[i] = w;
+      xo[i] = x[i] + w;
+    }
+  } else if (v) {
+    for (i64 i = lo; i < hi; i++) {
+      float w = g * v[i] + h * y[i];
+      vo[i] = w;
+      xo[i] = x[i] + w;
+    }
+  } else if (subtract) {
+    for (i64 i = lo; i < hi; i++) {
+      float w = h * (y[i] - x[i]);
+      vo[i] = w;
+      xo[i] = x[i] + w;
+    }
+  } else {
+    for (i64 i = lo; i < hi; i++) {
+      float w = h * y[i];
+      vo[i] = w;
+      xo[i] = x[i] + w;
+    }
+  }
+}
+
+API void fxm_momentum_update(i64 n, const float* x, const float* y, const float* v, float* xo,
+                             float* vo, float g, float h, int subtract, int nt) {
+  PAR_BEGIN(n, nt)
+  momentum_update_range(lo, hi, x, y, v, xo, vo, g, h, subtract);
+  PAR_END
+}
+
+/* s = gxo + gvo (either may be NULL); gy = h s; gv = g s (if gv); gx = gxo - gy, or -gy
+   without gxo (if gx: a block whose f is y - x). */
+static void momentum_update_grad_range(i64 lo, i64 hi, const float* RS gxo,
+                                       const float* RS gvo, float* RS gy, float* RS gv,
+                                       float* RS gx, float g, float h) {
+  for (i64 i = lo; i < hi; i++) {
+    float s = gxo ? (gvo ? gxo[i] + gvo[i] : gxo[i]) : gvo[i];
+    float t = h * s;
+    gy[i] = t;
+    if (gv) gv[i] = g * s;
+    if (gx) gx[i] = gxo ? gxo[i] - t : -t;
+  }
+}
+
+API void fxm_momentum_update_grad(i64 n, const float* gxo, const float* gvo, float* gy,
+                                  float* gv, float* gx, float g, float h, int nt) {
+  PAR_BEGIN(n, nt)
+  momentum_update_grad_range(lo, hi, gxo, gvo, gy, gv, gx, g, h);
+  PAR_END
+}
 """

@@ -1,7 +1,7 @@
 """Recomputation: a function run without keeping its activations, and again in backward.
 
 The memory planner's *recompute* strategy, for a chain (block by block, in the chain's own
-momentum arithmetic: each block keeps its input ``x`` and velocity ``v``) and for a segment of
+momentum arithmetic: each block keeps its input ``x``) and for a segment of
 the graph outside the chains. Both go through :func:`recomputed`, which is
 ``torch.utils.checkpoint`` (non-reentrant, PyTorch's recommended form: it replays the forward's
 RNG and autocast states) plus what a training step needs besides: the buffers the function
@@ -82,21 +82,26 @@ def recomputed(fn: Callable[..., Any], owners: Iterable[object], *args: Any) -> 
 def recomputed_chain(
     spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
 ) -> torch.Tensor:
-    """A momentum chain whose blocks keep only their input ``(x, v)`` and are recomputed in
+    """A momentum chain whose blocks keep only their input ``x`` and are recomputed in
     backward, one at a time.
 
-    The arithmetic is the plain chain's (:meth:`ChainSpec.plain_step`): the same function,
-    in floating point, as ``use_backprop=True``.
+    Only the block is recomputed; the momentum update after it (:meth:`ChainSpec.advance`)
+    saves nothing for backward, so a block keeps one tensor as
+    checkpointing the original block does, at any gamma. The arithmetic is the plain
+    chain's (:meth:`ChainSpec.plain_step`): the same function, in floating point, as
+    ``use_backprop=True``.
     """
 
     arguments = BlockArguments(args, {})
 
-    def block(t: int, x: torch.Tensor, v: torch.Tensor | None, *args: Any) -> Any:
-        return spec.plain_step(t, x, v, args, {})
+    def output(t: int, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        return spec.output(t, x, args, {})
 
     def step(t: int, state: tuple) -> tuple:
+        x, v = state
         block_args, _ = arguments.build(arguments.tensors)
-        return recomputed(block, [spec.blocks[t]], t, *state, *block_args)
+        out = recomputed(output, [spec.blocks[t]], t, x, *block_args)
+        return spec.advance(t, x, v, out)
 
     reads = spec.tensor_reads(arguments)
     return in_units(spec.blocks, arguments.tensors, reads, (x, v), step)[0]

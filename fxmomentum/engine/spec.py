@@ -9,6 +9,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_DENOM
+from .update import momentum_update
 
 __all__ = ["BlockArguments", "ChainSpec", "block_buffers", "block_parameters"]
 
@@ -93,27 +94,32 @@ class ChainSpec:
             )
         return out
 
-    def call(self, t: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """``f_t(x)``: the block's output, minus ``x`` for a non-residual block."""
-        out = self.output(t, x, args, kwargs)
-        return out if self.residual[t] else out - x
-
     def plain_step(
         self, t: int, x: torch.Tensor, v: torch.Tensor | None, args: tuple, kwargs: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One block of the chain in ordinary floating point (autograd records it as usual)."""
-        n = self.gamma_num
-        if n == 0 and not self.residual[t]:
+        if self.replaces_block(t):
             # gamma = 0 reproduces the original block exactly, without x + (y - x).
             return self.blocks[t](x, *args, **kwargs), v
-        f = self.call(t, x, args, kwargs)
-        if n == 0:
-            v = f
-        elif v is None:
-            v = ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
-        else:
-            v = (n / GAMMA_DENOM) * v + ((GAMMA_DENOM - n) / GAMMA_DENOM) * f
-        return x + v, v
+        return self.advance(t, x, v, self.output(t, x, args, kwargs))
+
+    def replaces_block(self, t: int) -> bool:
+        """Whether the plain step of block ``t`` is the original block's call itself
+        (gamma 0 and a block that returns ``x + f(x)`` whole)."""
+        return self.gamma_num == 0 and not self.residual[t]
+
+    def advance(
+        self, t: int, x: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The momentum update of block ``t`` from its output ``out`` (:meth:`output`):
+        ``v <- gamma v + (1 - gamma) f_t(x)``, ``x <- x + v``, in floating point
+        (:func:`~.update.momentum_update`; autograd keeps nothing of it)."""
+        if self.replaces_block(t):
+            return out, v
+        if self.gamma_num == 0:
+            return x + out, out
+        gamma = self.gamma_num / GAMMA_DENOM
+        return momentum_update(x, out, v, gamma, subtract=not self.residual[t])
 
 
 class BlockArguments:

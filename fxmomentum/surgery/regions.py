@@ -23,7 +23,7 @@ Examples
 ...         self.f = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
 ...     def forward(self, x):
 ...         return x + self.f(x)
->>> net = nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(4)], nn.Linear(16, 2))
+>>> net = nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(8)], nn.Linear(16, 2))
 >>> report = fxmomentum.inspect(net, torch.randn(32, 8), memory_budget=0.0)
 >>> [(r.kind, r.strategy) for r in report.plan.regions]
 [('segment', 'keep'), ('chain', 'reversible'), ('segment', 'keep')]
@@ -51,7 +51,7 @@ __all__ = ["Atom", "Cost", "Gap", "RegionCosts", "atoms_of", "chain_costs", "seg
 #: restoring its inputs, RNG and buffers, autograd's second graph (torch's checkpoint on
 #: ResNet-101 measures 1.44x the original's step in CPU time where one more forward of its
 #: blocks is 1.25x: ``benchmarks/results/budget.md``).
-RECOMPUTE_OVERHEAD = 0.5
+RECOMPUTE_OVERHEAD = 0.25
 #: The reversible engine's work per block beyond the recomputation, as a share of the
 #: block's forward: its integer passes and per-block bookkeeping (ResNet-101, every chain
 #: reversible with the native CPU kernels: 1.39x the original's step in CPU time where one
@@ -243,14 +243,12 @@ def chain_costs(
                             for b in chain.blocks if b.kind != "pure")  # fmt: skip
             out[strategy] = Cost(_bytes(saved) + extra, grads, 0.0, frozenset(saved))
         elif strategy == "recompute":
-            # Each block keeps its input x and, for gamma > 0, its velocity v.
+            # Each block keeps its input x (the momentum update around it keeps nothing).
             entry = dict(measured.outputs.get(chain.entry.name, {}))
             x_bytes = _bytes(entry) or _bytes(exit_storages)
-            per = x_bytes * (2 if quantize_gamma(gamma) else 1)
-            kept = per * len(blocks) - x_bytes  # the first input is the chain's entry
             keys = frozenset({*entry, synthetic})
             cost = seconds * (1 + RECOMPUTE_OVERHEAD)
-            out[strategy] = Cost(kept + x_bytes, per_block + grads, cost, keys)
+            out[strategy] = Cost(x_bytes * len(blocks), per_block + grads, cost, keys)
         else:
             working = WORKING_STATE_BYTES * numel
             kept = state_bytes + _bytes(exit_storages)
