@@ -304,8 +304,19 @@ def test_token_model_errors_and_model_args(capsys, tmp_path):
                              "--input-shape", "1,3,8,8")  # fmt: skip
     assert code == 6
     assert_one_line_error(err, "at model.py:13;", "e.g. --input-shape 1,16 --dtype int64")
-    code, out, err = run_cli(capsys, "inspect", path + ":Tok", "--model-args", "vocab=50",
-                             "--input-shape", "2,16", "--dtype", "int64", "--format", "json")
+    code, out, err = run_cli(
+        capsys,
+        "inspect",
+        path + ":Tok",
+        "--model-args",
+        "vocab=50",
+        "--input-shape",
+        "2,16",
+        "--dtype",
+        "int64",
+        "--format",
+        "json",
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["target"]["found"] == "class Tok(vocab=50)"

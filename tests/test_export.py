@@ -310,8 +310,7 @@ def test_a_model_that_fixes_the_batch_exports_static_and_says_why(tmp_path):
         ep = export_program(_FixedBatch(), (x,))
     (message,) = [str(w.message) for w in record]
     assert message.startswith(
-        "torch.export: the batch dimension is static (the exported model takes a batch of 2 "
-        "only): "
+        "torch.export: the batch dimension is static (the exported model takes a batch of 2 only): "
     )
     assert "\n" not in message and len(message) < 400
     assert ep.module()(x).shape == (2, 2, 4)

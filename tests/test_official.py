@@ -25,8 +25,9 @@ def test_empty_momentum_net_is_the_identity(use_backprop, init_speed):
     y.sum().backward()  # gradients flow through the identity
     assert torch.equal(x.grad, torch.ones_like(x))
     assert len(net.functions) == 0
-    assert list(net.state_dict()) == ([] if init is None else ["init_function.weight",
-                                                               "init_function.bias"])
+    assert list(net.state_dict()) == (
+        [] if init is None else ["init_function.weight", "init_function.bias"]
+    )
     assert "num_blocks=0" in repr(net)
 
 
