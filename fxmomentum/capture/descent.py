@@ -39,6 +39,7 @@ from ..errors import one_line
 from ..paths import join_path
 from .records import CallRecord, record_calls
 from .results import Capture, CaptureError, GraphPerModeError, LeafInfo, Note
+from .shaped import RandomBranch
 from .snapshot import TracingSnapshot, tracing_snapshot, undo_tracing
 from .trace import capture, requested_leaves
 from .tracer import TRACE_INTO
@@ -153,6 +154,24 @@ def _one_mode_note(name: str) -> str:
     )
 
 
+def _random_note(name: str, error: CaptureError) -> str | None:
+    """What a ``forward`` that branches on a random draw (a layer drop) means for its chains,
+    or None where ``error`` is another failure."""
+    branch = error.__cause__
+    if not isinstance(branch, RandomBranch):
+        return None
+    return (
+        f"{name}.forward branches on a random draw made at every call ({branch.where}; a "
+        f"layer drop skips a layer so): no graph holds that choice, so this loop stays Python "
+        f"code and its submodules are converted one by one. Without the draw the loop is one "
+        f"graph and its layers one chain: with the layer drop probability 0 (config.layerdrop "
+        f"= 0.0 in Hugging Face's models), or converted in eval mode (a graph for eval mode "
+        f"only). In a momentum chain a skipped layer would be a step with f = 0 (v <- gamma * "
+        f"v, x <- x + v): the original's skip at gamma = 0, while at gamma > 0 the velocity "
+        f"still moves x"
+    )
+
+
 def _shaped_note(name: str, reason: str) -> str:
     return f"{name}.forward cannot be traced by torch.fx alone ({reason}): traced shape-aware"
 
@@ -261,6 +280,9 @@ class _Descender:
             self.result.leaves.append(
                 LeafInfo("", name, "per_mode" if per_mode else "descended", e.reason)
             )
+            random = _random_note(name, e)
+            if random is not None:
+                self._note("", random)
             self._note(
                 "",
                 f"{name}.forward {what} ({e.reason}): {kept} its submodules were captured one "
@@ -369,11 +391,14 @@ class _Descender:
         before = tracing_snapshot(m)
         if path in self.untraced:
             cap = self._shape_aware_submodule(m, relative, call)
-            if cap is None:
+            leaves = self.result.leaves
+            if not isinstance(cap, Capture):
+                if cap is not None:  # the leaf's reason: it has a graph per mode
+                    leaves[:] = [leaf for leaf in leaves if leaf.path != path]
+                    leaves.append(LeafInfo(path, kind, "per_mode", cap.reason))
                 self.frontier.extend(_children(path, m))
                 return
             self.untraced.discard(path)
-            leaves = self.result.leaves
             failed = next(leaf for leaf in leaves if leaf.path == path)
             leaves[:] = [leaf for leaf in leaves if leaf.path != path]
             self._note(path, _shaped_note(kind, failed.cause))
@@ -393,12 +418,26 @@ class _Descender:
             self._note(path, _one_mode_note(kind))
         except CaptureError as e:
             cap = self._shape_aware_submodule(m, relative, call)
-            if cap is None:
-                self.result.leaves.append(LeafInfo(path, kind, "descended", e.reason))
+            if not isinstance(cap, Capture):
+                self._descended(path, kind, e, cap)
                 self.frontier.extend(_children(path, m))
                 return
             self._note(path, _shaped_note(kind, e.reason))
         self._take(path, m, cap, before)
+
+    def _descended(
+        self, path: str, kind: str, failure: CaptureError, shaped: GraphPerModeError | None
+    ) -> None:
+        """Record why the submodule at ``path`` keeps its Python code: ``failure`` (its plain
+        trace's), or else ``shaped`` (its shape-aware trace's, where it has a graph per mode),
+        unless the first is a branch on a random draw, which says most."""
+        random = _random_note(kind, failure)
+        if random is not None:
+            self._note(path, random)
+        elif shaped is not None:
+            failure = shaped
+        how = "per_mode" if isinstance(failure, GraphPerModeError) else "descended"
+        self.result.leaves.append(LeafInfo(path, kind, how, failure.reason))
 
     # -- the other ways to capture a module -----------------------------------------------------
     def _joins_chains(self, cap: Capture, m: nn.Module) -> bool:
@@ -424,16 +463,19 @@ class _Descender:
 
     def _shape_aware_submodule(
         self, m: nn.Module, leaf_modules: list[str | type], call: CallRecord | None
-    ) -> Capture | None:
+    ) -> Capture | GraphPerModeError | None:
         """``m`` traced shape-aware on the arguments its parent passed (``call``), or None
         where that fails, where its graph would check tensor values (a data-dependent
         branch), or where it has no chain that descending would not find as well; ``m`` is
-        then left as it was."""
+        then left as it was. Where it fails because ``m``'s graph differs between train and
+        eval mode, that error, which says where ``m`` branches on the mode."""
         if call is None:
             return None
         before = tracing_snapshot(m)
         try:
             cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
+        except GraphPerModeError as e:
+            return e
         except CaptureError:
             return None
         if not self._joins_chains(cap, m) or any(c.branches_on_data for c in cap.checks):
