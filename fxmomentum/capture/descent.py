@@ -63,6 +63,8 @@ class Unit:
     capture: Capture
     #: What the module held before it was traced (to undo the trace if it is not replaced).
     before: TracingSnapshot | None = None
+    #: How its parent called it on the example inputs (None: the model itself, or unknown).
+    call: CallRecord | None = None
 
 
 @dataclass
@@ -140,6 +142,11 @@ def _children(path: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(join_path(path, n), c) for n, c in m.named_children() if c is not None]
 
 
+def _under(path: str, scope: str) -> bool:
+    """Whether ``path`` is a submodule of ``scope`` (not ``scope`` itself)."""
+    return path != scope and (not scope or path.startswith(scope + "."))
+
+
 def _traced_in(node: fx.Node) -> str:
     """The submodule of the traced module whose code made ``node`` ("" for its own code):
     torch.fx records the stack of the modules it traced through."""
@@ -214,6 +221,7 @@ class _Descender:
         self._descend_frontier()
         if failure is not None:
             failure = self._shape_aware_root(*failure)
+        self._join_through_units()
         result = self.result
         order = {id(m): i for i, m in enumerate(self.root.modules())}
         result.units.sort(key=lambda u: (u.path != "", order.get(id(u.module), 0)))
@@ -231,8 +239,15 @@ class _Descender:
             )
         return result
 
-    def _take(self, path: str, m: nn.Module, cap: Capture, before: TracingSnapshot | None = None):
-        self.result.units.append(Unit(path, m, cap, before))
+    def _take(
+        self,
+        path: str,
+        m: nn.Module,
+        cap: Capture,
+        before: TracingSnapshot | None = None,
+        call: CallRecord | None = None,
+    ) -> None:
+        self.result.units.append(Unit(path, m, cap, before, call))
         for leaf in cap.leaves:
             full = join_path(path, leaf.path)
             self.result.leaves.append(dataclasses.replace(leaf, path=full))
@@ -255,7 +270,8 @@ class _Descender:
         try:
             if self.refused is not None:
                 raise CaptureError(self.refused)
-            self._take("", root, capture(root, self.example_inputs, **arguments))
+            before = tracing_snapshot(root)
+            self._take("", root, capture(root, self.example_inputs, **arguments), before)
             return None
         except CaptureError as e:
             per_mode = isinstance(e, GraphPerModeError)
@@ -342,6 +358,73 @@ class _Descender:
         self._take("", self.root, cap)
         return None
 
+    # -- units traced through the units below them --------------------------------------------
+    def _join_through_units(self) -> None:
+        """Capture a unit again, shape-aware and through its submodules that branch on
+        ``self.training`` but compute the same in both modes (see ``capture``'s
+        ``mode_free``), where the units below it hold chains and that graph joins them:
+        Hugging Face's ALBERT applies one layer whose attention residual sits in a module its
+        encoder's plain trace keeps whole, and Swin's stages call layers that only a
+        shape-aware trace gets through."""
+        units = self.result.units
+        chains = {
+            u.path: [len(c) for c in self.find_chains(u.capture.graph, u.module)] for u in units
+        }
+        done: list[str] = []
+        for unit in sorted(units, key=lambda u: u.path.count(".") + bool(u.path)):
+            if any(_under(unit.path, p) or unit.path == p for p in done):
+                continue
+            below = [u for u in units if _under(u.path, unit.path)]
+            if not any(chains[u.path] for u in below):
+                continue
+            if self._join_through(unit, below, [n for u in [unit, *below] for n in chains[u.path]]):
+                done.append(unit.path)
+        if done:
+            self._descend_frontier()  # the submodules the new graphs keep whole
+
+    def _join_through(self, unit: Unit, below: list[Unit], chains: list[int]) -> bool:
+        """Replace ``unit`` and the units ``below`` it, whose chains have ``chains`` blocks, by
+        a graph of ``unit`` traced through them, where its chains join theirs (whether it was
+        taken)."""
+        m, path = unit.module, unit.path
+        before = tracing_snapshot(m)
+        arguments: dict[str, Any] = dict(
+            leaf_modules=self._relative_leaves(path) if path else self.leaf_modules,
+            shape_aware=True,
+            mode_free=True,
+        )
+        if unit.call is not None:
+            arguments["call"] = unit.call
+        elif path == "" and self.example_inputs is not None:
+            arguments.update(example_inputs=self.example_inputs, concrete_args=self.concrete_args)
+        else:
+            return False
+        try:
+            cap = capture(m, **arguments)
+        except CaptureError:
+            return False
+        found = [len(c) for c in self.find_chains(cap.graph, m)]
+        joins = sum(found) > sum(chains) or (sum(found) == sum(chains) and len(found) < len(chains))
+        if not joins or any(c.branches_on_data for c in cap.checks):
+            undo_tracing(m, before)
+            return False
+        # The flags and constants the replaced graphs read, and this one does not, go.
+        undo_tracing(m, unit.before or before, keep=cap.graph)
+        inside = {path, *(u.path for u in below)}
+        result = self.result
+        result.units = [u for u in result.units if u.path not in inside]
+        result.leaves = [leaf for leaf in result.leaves if not _under(leaf.path, path)]
+        result.notes = [n for n in result.notes if n.path != path and not _under(n.path, path)]
+        self.untraced = {p for p in self.untraced if not _under(p, path)}
+        self._note(
+            path,
+            f"{type(m).__name__}.forward was traced shape-aware through its submodules, which "
+            f"finds {len(found)} chain(s) of {sum(found)} blocks where it and its submodules "
+            f"captured one by one hold {len(chains)} of {sum(chains)}",
+        )
+        self._take(path, m, cap, unit.before or before, unit.call)
+        return True
+
     # -- submodules -----------------------------------------------------------------------------
     def _descend_frontier(self) -> None:
         seen: set[int] = {id(self.root)}
@@ -402,7 +485,7 @@ class _Descender:
             failed = next(leaf for leaf in leaves if leaf.path == path)
             leaves[:] = [leaf for leaf in leaves if leaf.path != path]
             self._note(path, _shaped_note(kind, failed.cause))
-            self._take(path, m, cap, before)
+            self._take(path, m, cap, before, call)
             return
         if self.recorded and call is None:
             self._note(path, "not called on example_inputs: left as it is")
@@ -423,7 +506,7 @@ class _Descender:
                 self.frontier.extend(_children(path, m))
                 return
             self._note(path, _shaped_note(kind, e.reason))
-        self._take(path, m, cap, before)
+        self._take(path, m, cap, before, call)
 
     def _descended(
         self, path: str, kind: str, failure: CaptureError, shaped: GraphPerModeError | None
