@@ -25,8 +25,9 @@ While a reversible chain runs (``fxmomentum.engine``):
 
 * torch's attention inference fast path turned off during a block's forward, so that it takes
   the path its recomputation takes (:mod:`fxmomentum.engine.replay`);
-* ``torch.nn.functional.scaled_dot_product_attention`` replaced while a block is recomputed
-  in backward, so that attention takes the forward's kernel
+* ``torch.nn.functional.scaled_dot_product_attention`` (and the same function under the name
+  graph code calls it by, ``torch._C._nn.scaled_dot_product_attention``) replaced while a
+  block is recomputed in backward, so that attention takes the forward's kernel
   (:mod:`fxmomentum.engine.attention`).
 
 Both are process-wide while active: another thread's calls in that window see them.

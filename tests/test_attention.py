@@ -42,10 +42,24 @@ class BiasedAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
+class TracedAttention(BiasedAttention):
+    """``BiasedAttention`` without a dropout to pick: traced into the graph, whose code calls
+    attention as ``torch._C._nn.scaled_dot_product_attention``; the mask is expanded to the
+    batch size (as Swin's is), which puts it in the block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = self.bias.expand(b, -1, -1, -1) * 0.5
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
 class Stack(nn.Module):
-    def __init__(self, depth: int = 3, computed: bool = True) -> None:
+    def __init__(self, depth: int = 3, computed: bool = True, traced: bool = False) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(BiasedAttention(computed=computed) for _ in range(depth))
+        kind = TracedAttention if traced else BiasedAttention
+        self.blocks = nn.ModuleList(kind(computed=computed) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -74,14 +88,20 @@ def test_recomputed_attention_gives_the_forward_bits():
     assert grad_err(list(grads), list(expected)) <= 1e-5
 
 
-@pytest.mark.parametrize("computed", [True, False], ids=["bias-computed", "bias-parameter"])
-def test_reversible_gradients_equal_backprop(computed):
+@pytest.mark.parametrize(
+    ("computed", "traced"),
+    [(True, False), (False, False), (True, True)],
+    ids=["bias-computed", "bias-parameter", "attention-in-the-graph"],
+)
+def test_reversible_gradients_equal_backprop(computed, traced):
     torch.manual_seed(0)
-    model = Stack(computed=computed).double()
+    model = Stack(computed=computed, traced=traced).double()
     x = torch.randn(4, 16, 32, dtype=torch.float64)
-    # The mask is computed in the block (not passed in as context computed with grad).
+    # The mask is computed in the block (not passed in as context computed with grad); a
+    # traced block reads its bias parameter as context.
     (chain,) = fxmomentum.inspect(model, (x,)).chains
-    assert [b.context for b in chain.blocks] == [[], [], []]
+    params = [[f"blocks_{i}_bias"] if traced else [] for i in range(3)]
+    assert [b.context for b in chain.blocks] == params
     reversible, backprop = converted_pair(model, (x,))
     results = []
     for net in (reversible, backprop):
@@ -107,6 +127,9 @@ def test_float32_chain_rebuilds_its_state():
 
 
 def test_outside_recomputation_attention_is_torch_s_own():
+    own = F.scaled_dot_product_attention
     with forward_attention_kernels():
-        assert F.scaled_dot_product_attention is not torch._C._nn.scaled_dot_product_attention
-    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+        assert F.scaled_dot_product_attention is not own
+        assert torch._C._nn.scaled_dot_product_attention is not own
+    assert F.scaled_dot_product_attention is own
+    assert torch._C._nn.scaled_dot_product_attention is own

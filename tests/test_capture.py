@@ -205,6 +205,64 @@ def test_a_root_traced_the_same_in_both_modes_is_not_checked(mode):
     assert any("which it checks at run time" in note for note in cap.notes)
 
 
+class PicksDropout(nn.Module):
+    """Hugging Face's attention: its dropout picked by ``self.training``, with a residual."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p, self.lin = p, nn.Linear(8, 8)
+
+    def forward(self, x):
+        p = self.p if self.training else 0.0
+        return x + F.dropout(self.lin(x), p, self.training)
+
+
+class Picks(nn.Module):
+    """A module that picks by ``self.training`` around one that picks too."""
+
+    def __init__(self, p: float, inner: float) -> None:
+        super().__init__()
+        self.p, self.inner = p, PicksDropout(inner)
+
+    def forward(self, x):
+        x = self.inner(x)
+        return x * 2 if self.training and self.p > 0 else x
+
+
+class PicksTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.same, self.differs, self.nested = PicksDropout(0.0), PicksDropout(0.5), Picks(0, 0.5)
+
+    def forward(self, x):
+        return self.nested(self.differs(self.same(x)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mode_free_traces_into_what_branches_on_the_mode_but_computes_the_same(mode):
+    model = getattr(PicksTwice(), mode)()
+    kept = {leaf.path for leaf in capture(copy.deepcopy(model), torch.randn(2, 8)).leaves}
+    assert kept == {"same", "differs", "nested", "nested.inner"}
+    cap = capture(model, torch.randn(2, 8), mode_free=True)
+    # Only the dropout probability differs between the modes; ``nested`` does the same in
+    # both once the ``inner`` module, which does not, is kept whole.
+    assert {leaf.path for leaf in cap.leaves} == {"differs", "nested.inner"}
+    assert any("`nested` (Picks), `same` (PicksDropout) branch on self.training" in n
+               for n in cap.notes)  # fmt: skip
+    assert not [n for n in cap.graph.nodes if n.target is torch._assert]
+    assert "same._training_flag" in {str(n.target) for n in cap.graph.nodes}  # F.dropout's
+    assert "_training_flag" not in model.nested._modules  # the checks' flag, read by nothing
+    gm = cap.graph_module
+    x = torch.randn(3, 8)
+    for switch in ("train", "eval"):
+        getattr(gm, switch)()
+        getattr(model, switch)()
+        torch.manual_seed(0)
+        expected = model(x)
+        torch.manual_seed(0)
+        assert torch.equal(gm(x), expected), switch
+
+
 def test_momentum_chain_is_a_leaf():
     class Holder(nn.Module):
         def __init__(self) -> None:

@@ -77,6 +77,17 @@ def test_layer_drop_is_drawn_at_every_call(python):
     assert len({tuple(e.flatten().tolist()) for e in expected}) > 1
 
 
+@pytest.mark.parametrize("python", [False, True], ids=["torch.rand", "random.random"])
+def test_the_report_says_why_a_loop_with_layer_drop_stays_python_code(python):
+    report = fxmomentum.inspect(LayerDrop(0.5, python=python).train(), (torch.randn(3, 8),))
+    (root,) = [leaf for leaf in report.leaves if leaf.path == ""]
+    assert "branches on a random draw at test_factories.py:" in root.reason
+    assert "(`return draw < self.layerdrop`)" not in root.reason  # the branch, not the draw
+    assert "(`if not self.drops():`)" in root.reason
+    (note,) = [n for n in report.notes if "a layer drop skips a layer so" in n]
+    assert "config.layerdrop = 0.0" in note and "at gamma > 0 the velocity still moves x" in note
+
+
 def test_in_eval_mode_the_layers_form_one_chain():
     # The draw is made only in training: converted in eval mode, the loop is one chain (the
     # graph checks the mode it was specialised to).

@@ -39,6 +39,7 @@ from ..errors import one_line
 from ..paths import join_path
 from .records import CallRecord, record_calls
 from .results import Capture, CaptureError, GraphPerModeError, LeafInfo, Note
+from .shaped import RandomBranch
 from .snapshot import TracingSnapshot, tracing_snapshot, undo_tracing
 from .trace import capture, requested_leaves
 from .tracer import TRACE_INTO
@@ -62,6 +63,8 @@ class Unit:
     capture: Capture
     #: What the module held before it was traced (to undo the trace if it is not replaced).
     before: TracingSnapshot | None = None
+    #: How its parent called it on the example inputs (None: the model itself, or unknown).
+    call: CallRecord | None = None
 
 
 @dataclass
@@ -139,6 +142,11 @@ def _children(path: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(join_path(path, n), c) for n, c in m.named_children() if c is not None]
 
 
+def _under(path: str, scope: str) -> bool:
+    """Whether ``path`` is a submodule of ``scope`` (not ``scope`` itself)."""
+    return path != scope and (not scope or path.startswith(scope + "."))
+
+
 def _traced_in(node: fx.Node) -> str:
     """The submodule of the traced module whose code made ``node`` ("" for its own code):
     torch.fx records the stack of the modules it traced through."""
@@ -150,6 +158,24 @@ def _one_mode_note(name: str) -> str:
     return (
         f"{name}.forward {_PER_MODE}: its submodules one by one would not hold its chains, so "
         f"the graph serves the mode it was converted in"
+    )
+
+
+def _random_note(name: str, error: CaptureError) -> str | None:
+    """What a ``forward`` that branches on a random draw (a layer drop) means for its chains,
+    or None where ``error`` is another failure."""
+    branch = error.__cause__
+    if not isinstance(branch, RandomBranch):
+        return None
+    return (
+        f"{name}.forward branches on a random draw made at every call ({branch.where}; a "
+        f"layer drop skips a layer so): no graph holds that choice, so this loop stays Python "
+        f"code and its submodules are converted one by one. Without the draw the loop is one "
+        f"graph and its layers one chain: with the layer drop probability 0 (config.layerdrop "
+        f"= 0.0 in Hugging Face's models), or converted in eval mode (a graph for eval mode "
+        f"only). In a momentum chain a skipped layer would be a step with f = 0 (v <- gamma * "
+        f"v, x <- x + v): the original's skip at gamma = 0, while at gamma > 0 the velocity "
+        f"still moves x"
     )
 
 
@@ -195,6 +221,7 @@ class _Descender:
         self._descend_frontier()
         if failure is not None:
             failure = self._shape_aware_root(*failure)
+        self._join_through_units()
         result = self.result
         order = {id(m): i for i, m in enumerate(self.root.modules())}
         result.units.sort(key=lambda u: (u.path != "", order.get(id(u.module), 0)))
@@ -212,8 +239,15 @@ class _Descender:
             )
         return result
 
-    def _take(self, path: str, m: nn.Module, cap: Capture, before: TracingSnapshot | None = None):
-        self.result.units.append(Unit(path, m, cap, before))
+    def _take(
+        self,
+        path: str,
+        m: nn.Module,
+        cap: Capture,
+        before: TracingSnapshot | None = None,
+        call: CallRecord | None = None,
+    ) -> None:
+        self.result.units.append(Unit(path, m, cap, before, call))
         for leaf in cap.leaves:
             full = join_path(path, leaf.path)
             self.result.leaves.append(dataclasses.replace(leaf, path=full))
@@ -236,7 +270,8 @@ class _Descender:
         try:
             if self.refused is not None:
                 raise CaptureError(self.refused)
-            self._take("", root, capture(root, self.example_inputs, **arguments))
+            before = tracing_snapshot(root)
+            self._take("", root, capture(root, self.example_inputs, **arguments), before)
             return None
         except CaptureError as e:
             per_mode = isinstance(e, GraphPerModeError)
@@ -261,6 +296,9 @@ class _Descender:
             self.result.leaves.append(
                 LeafInfo("", name, "per_mode" if per_mode else "descended", e.reason)
             )
+            random = _random_note(name, e)
+            if random is not None:
+                self._note("", random)
             self._note(
                 "",
                 f"{name}.forward {what} ({e.reason}): {kept} its submodules were captured one "
@@ -320,6 +358,73 @@ class _Descender:
         self._take("", self.root, cap)
         return None
 
+    # -- units traced through the units below them --------------------------------------------
+    def _join_through_units(self) -> None:
+        """Capture a unit again, shape-aware and through its submodules that branch on
+        ``self.training`` but compute the same in both modes (see ``capture``'s
+        ``mode_free``), where the units below it hold chains and that graph joins them:
+        Hugging Face's ALBERT applies one layer whose attention residual sits in a module its
+        encoder's plain trace keeps whole, and Swin's stages call layers that only a
+        shape-aware trace gets through."""
+        units = self.result.units
+        chains = {
+            u.path: [len(c) for c in self.find_chains(u.capture.graph, u.module)] for u in units
+        }
+        done: list[str] = []
+        for unit in sorted(units, key=lambda u: u.path.count(".") + bool(u.path)):
+            if any(_under(unit.path, p) or unit.path == p for p in done):
+                continue
+            below = [u for u in units if _under(u.path, unit.path)]
+            if not any(chains[u.path] for u in below):
+                continue
+            if self._join_through(unit, below, [n for u in [unit, *below] for n in chains[u.path]]):
+                done.append(unit.path)
+        if done:
+            self._descend_frontier()  # the submodules the new graphs keep whole
+
+    def _join_through(self, unit: Unit, below: list[Unit], chains: list[int]) -> bool:
+        """Replace ``unit`` and the units ``below`` it, whose chains have ``chains`` blocks, by
+        a graph of ``unit`` traced through them, where its chains join theirs (whether it was
+        taken)."""
+        m, path = unit.module, unit.path
+        before = tracing_snapshot(m)
+        arguments: dict[str, Any] = dict(
+            leaf_modules=self._relative_leaves(path) if path else self.leaf_modules,
+            shape_aware=True,
+            mode_free=True,
+        )
+        if unit.call is not None:
+            arguments["call"] = unit.call
+        elif path == "" and self.example_inputs is not None:
+            arguments.update(example_inputs=self.example_inputs, concrete_args=self.concrete_args)
+        else:
+            return False
+        try:
+            cap = capture(m, **arguments)
+        except CaptureError:
+            return False
+        found = [len(c) for c in self.find_chains(cap.graph, m)]
+        joins = sum(found) > sum(chains) or (sum(found) == sum(chains) and len(found) < len(chains))
+        if not joins or any(c.branches_on_data for c in cap.checks):
+            undo_tracing(m, before)
+            return False
+        # The flags and constants the replaced graphs read, and this one does not, go.
+        undo_tracing(m, unit.before or before, keep=cap.graph)
+        inside = {path, *(u.path for u in below)}
+        result = self.result
+        result.units = [u for u in result.units if u.path not in inside]
+        result.leaves = [leaf for leaf in result.leaves if not _under(leaf.path, path)]
+        result.notes = [n for n in result.notes if n.path != path and not _under(n.path, path)]
+        self.untraced = {p for p in self.untraced if not _under(p, path)}
+        self._note(
+            path,
+            f"{type(m).__name__}.forward was traced shape-aware through its submodules, which "
+            f"finds {len(found)} chain(s) of {sum(found)} blocks where it and its submodules "
+            f"captured one by one hold {len(chains)} of {sum(chains)}",
+        )
+        self._take(path, m, cap, unit.before or before, unit.call)
+        return True
+
     # -- submodules -----------------------------------------------------------------------------
     def _descend_frontier(self) -> None:
         seen: set[int] = {id(self.root)}
@@ -369,15 +474,18 @@ class _Descender:
         before = tracing_snapshot(m)
         if path in self.untraced:
             cap = self._shape_aware_submodule(m, relative, call)
-            if cap is None:
+            leaves = self.result.leaves
+            if not isinstance(cap, Capture):
+                if cap is not None:  # the leaf's reason: it has a graph per mode
+                    leaves[:] = [leaf for leaf in leaves if leaf.path != path]
+                    leaves.append(LeafInfo(path, kind, "per_mode", cap.reason))
                 self.frontier.extend(_children(path, m))
                 return
             self.untraced.discard(path)
-            leaves = self.result.leaves
             failed = next(leaf for leaf in leaves if leaf.path == path)
             leaves[:] = [leaf for leaf in leaves if leaf.path != path]
             self._note(path, _shaped_note(kind, failed.cause))
-            self._take(path, m, cap, before)
+            self._take(path, m, cap, before, call)
             return
         if self.recorded and call is None:
             self._note(path, "not called on example_inputs: left as it is")
@@ -393,12 +501,26 @@ class _Descender:
             self._note(path, _one_mode_note(kind))
         except CaptureError as e:
             cap = self._shape_aware_submodule(m, relative, call)
-            if cap is None:
-                self.result.leaves.append(LeafInfo(path, kind, "descended", e.reason))
+            if not isinstance(cap, Capture):
+                self._descended(path, kind, e, cap)
                 self.frontier.extend(_children(path, m))
                 return
             self._note(path, _shaped_note(kind, e.reason))
-        self._take(path, m, cap, before)
+        self._take(path, m, cap, before, call)
+
+    def _descended(
+        self, path: str, kind: str, failure: CaptureError, shaped: GraphPerModeError | None
+    ) -> None:
+        """Record why the submodule at ``path`` keeps its Python code: ``failure`` (its plain
+        trace's), or else ``shaped`` (its shape-aware trace's, where it has a graph per mode),
+        unless the first is a branch on a random draw, which says most."""
+        random = _random_note(kind, failure)
+        if random is not None:
+            self._note(path, random)
+        elif shaped is not None:
+            failure = shaped
+        how = "per_mode" if isinstance(failure, GraphPerModeError) else "descended"
+        self.result.leaves.append(LeafInfo(path, kind, how, failure.reason))
 
     # -- the other ways to capture a module -----------------------------------------------------
     def _joins_chains(self, cap: Capture, m: nn.Module) -> bool:
@@ -424,16 +546,19 @@ class _Descender:
 
     def _shape_aware_submodule(
         self, m: nn.Module, leaf_modules: list[str | type], call: CallRecord | None
-    ) -> Capture | None:
+    ) -> Capture | GraphPerModeError | None:
         """``m`` traced shape-aware on the arguments its parent passed (``call``), or None
         where that fails, where its graph would check tensor values (a data-dependent
         branch), or where it has no chain that descending would not find as well; ``m`` is
-        then left as it was."""
+        then left as it was. Where it fails because ``m``'s graph differs between train and
+        eval mode, that error, which says where ``m`` branches on the mode."""
         if call is None:
             return None
         before = tracing_snapshot(m)
         try:
             cap = capture(m, leaf_modules=leaf_modules, call=call, shape_aware=True)
+        except GraphPerModeError as e:
+            return e
         except CaptureError:
             return None
         if not self._joins_chains(cap, m) or any(c.branches_on_data for c in cap.checks):

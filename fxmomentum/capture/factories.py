@@ -27,7 +27,7 @@ from torch import fx
 
 from ..patches import replaced
 
-__all__ = ["python_random", "traced_factories"]
+__all__ = ["is_random_draw", "python_random", "traced_factories"]
 
 #: Factories whose size may be given as separate arguments (``torch.zeros(b, n)``).
 SIZE_FACTORIES = ("empty", "ones", "rand", "randn", "zeros")
@@ -55,6 +55,24 @@ def python_random(name: str, *args: Any, **kwargs: Any) -> Any:
     True
     """
     return getattr(random, name)(*args, **kwargs)
+
+
+#: The random functions as traced graph nodes call them (torch's own, before any patching).
+_DRAWS = frozenset(getattr(torch, name) for name in TORCH_RANDOM) | {python_random}
+
+
+def is_random_draw(node: fx.Node) -> bool:
+    """Whether ``node`` is a random draw made at run time (see :func:`traced_factories`).
+
+    Examples
+    --------
+    >>> tracer = fx.Tracer()
+    >>> with traced_factories(tracer):
+    ...     graph = tracer.trace(lambda x: x + torch.rand([]))
+    >>> [is_random_draw(n) for n in graph.nodes]
+    [False, True, False, False]
+    """
+    return node.op == "call_function" and node.target in _DRAWS
 
 
 def _sized(factory: Any) -> Any:

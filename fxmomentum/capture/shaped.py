@@ -55,9 +55,16 @@ from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_map
 
 from ..patches import GlobalNames, replaced
-from .factories import python_random
+from .factories import is_random_draw, python_random
 
-__all__ = ["EXAMPLE", "ShapedProxy", "ShapedTracing", "Specialisation", "Untraceable"]
+__all__ = [
+    "EXAMPLE",
+    "RandomBranch",
+    "ShapedProxy",
+    "ShapedTracing",
+    "Specialisation",
+    "Untraceable",
+]
 
 #: ``node.meta`` key of a node's example value.
 EXAMPLE = "fxmomentum_example"
@@ -98,6 +105,23 @@ class _Unknown(Exception):
 class Untraceable(fx.proxy.TraceError):
     """A traced value the model's Python code needs concretely has no example value: the code
     cannot be traced (raised on purpose, unlike an error in the tracer itself)."""
+
+
+class RandomBranch(Untraceable):
+    """The model's Python code branches on a random draw made at every call (Hugging Face's
+    layer drop: ``if torch.rand([]) < self.layerdrop: skip the layer``): a graph holds one
+    path, and the draw picks one per call.
+
+    Attributes
+    ----------
+    where : str
+        ``file:line`` of the branch, in the model's code.
+    """
+
+    def __init__(self, where: str, line: str) -> None:
+        code = f" (`{line}`)" if line else ""
+        super().__init__(f"branches on a random draw at {where}{code}: a graph holds one path")
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -340,6 +364,8 @@ class ShapedTracing:
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self._known(obj)
+        if value is _MISSING and _drawn(obj.node):
+            raise RandomBranch(*caller())
         if value is _MISSING or _reads_requires_grad(obj.node):
             # The example runs without grad: whether a tensor requires grad is not known.
             return super().to_bool(obj)  # type: ignore[misc]
@@ -430,6 +456,20 @@ def _computed_from(node: fx.Node, found: Callable[[fx.Node], bool]) -> bool:
             return True
         if not isinstance(n.meta.get(EXAMPLE), torch.Tensor):
             todo.extend(n.all_input_nodes)
+    return False
+
+
+def _drawn(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from a random draw made at run time."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_random_draw(n):
+            return True
+        todo.extend(n.all_input_nodes)
     return False
 
 

@@ -31,6 +31,7 @@ from torch.fx import _symbolic_trace
 
 from ..engine import MomentumChain
 from ..errors import one_line
+from ..paths import join_path, within
 from .probe import as_tuple
 from .records import (
     FIXED_TYPES,
@@ -44,7 +45,14 @@ from .results import Capture, CaptureError, GraphPerModeError, LeafInfo
 from .shaped import Specialisation, Untraceable
 from .shapes import clear_shapes, propagate_shapes
 from .snapshot import tracing_snapshot, undo_tracing
-from .tracer import FLAG_NAME, MODE_CHECK, CaptureTracer, GraphCodeTracer, check_none
+from .tracer import (
+    FLAG_NAME,
+    MODE_CHECK,
+    MODE_CHECK_OF,
+    CaptureTracer,
+    GraphCodeTracer,
+    check_none,
+)
 
 __all__ = ["capture"]
 
@@ -66,6 +74,7 @@ def capture(
     call: CallRecord | None = None,
     shape_aware: bool = False,
     one_mode: bool = False,
+    mode_free: bool = False,
 ) -> Capture:
     """Trace ``model`` with torch.fx; make untraceable submodules leaves; propagate shapes.
 
@@ -101,6 +110,11 @@ def capture(
         Where ``model.forward`` branches on ``self.training`` and traces to a different graph
         in the other mode, take the current mode's graph, which checks the mode at run time
         and raises in the other one, instead of raising :class:`GraphPerModeError`.
+    mode_free : bool
+        Trace into a submodule that branches on ``self.training`` where each of its calls
+        traces to the same operations in the other mode (``0.0 if not self.training else
+        p`` with ``p = 0``), instead of keeping it whole: its residual adds then join the
+        graph's. Costs a trace in the other mode.
 
     Returns
     -------
@@ -136,12 +150,16 @@ def capture(
     leaves, leaf_types = requested_leaves(model, leaf_modules)
     attempt = _Attempt(model, leaves, leaf_types, concrete_args, example_inputs, var_keyword)
     attempt.call = attempt.reference = call
+    attempt.mode_free = set() if mode_free else None
     if shape_aware:
         attempt.examples = _examples_by_name(model, example_inputs, concrete_args, var_keyword)
     snapshot = tracing_snapshot(model)
     try:
         graph, tracer = _trace_until_settled(attempt)
         notes = _settle_mode(attempt, graph, tracer, one_mode)
+        if attempt.mode_free:
+            _drop_mode_checks(graph, model, attempt.mode_free)
+            notes.append(_mode_free_note(model, attempt.mode_free))
         return _finish(attempt, graph, tracer, notes)
     except CaptureError:
         # What the failed attempts added would stay in a module whose Python forward keeps
@@ -194,6 +212,9 @@ class _Attempt:
     call: CallRecord | None = None
     #: What the module returned on the examples: the graph must return the same.
     reference: CallRecord | None = None
+    #: With ``mode_free``: the submodules that branch on ``self.training`` but trace to the
+    #: same operations in both modes, traced into (None: such submodules are leaves).
+    mode_free: set[str] | None = None
 
     def tracer(self, examples: bool | None = None) -> CaptureTracer:
         shaped = self.shaped if examples is None else examples
@@ -267,12 +288,55 @@ def _trace_until_settled(attempt: _Attempt) -> tuple[fx.Graph, CaptureTracer]:
             p
             for p, how in tracer.training_reads.items()
             if how == "control flow" and p and p not in attempt.leaves
-        ]
+            and p not in (attempt.mode_free or ())
+        ]  # fmt: skip
+        if branching and attempt.mode_free is not None:
+            attempt.mode_free |= _same_in_both_modes(attempt, graph, tracer, branching)
+            branching = _innermost([p for p in branching if p not in attempt.mode_free])
         for path in branching:
             attempt.leaves[path] = LeafInfo(path, type(modules[path]).__name__, "branches")
         if not branching:
             return graph, tracer
     raise CaptureError("tracing did not settle")  # pragma: no cover - each retry adds a leaf
+
+
+def _same_in_both_modes(
+    attempt: _Attempt, graph: fx.Graph, tracer: CaptureTracer, paths: Sequence[str]
+) -> set[str]:
+    """The ``paths`` whose calls trace to the same operations in the other mode (the mode
+    checks aside), each call compared on its own: what the rest of the graph does in the
+    other mode does not matter."""
+    other = _trace_in_other_mode(attempt)
+    if other is None:
+        return set()
+    mine = _call_signatures(graph, tracer.spans, paths)
+    theirs = _call_signatures(*other, paths)
+    return {p for p in paths if mine.get(p) and mine[p] == theirs.get(p)}
+
+
+def _call_signatures(
+    graph: fx.Graph, spans: Mapping[str, list[tuple[int, int]]], paths: Iterable[str]
+) -> dict[str, list[list[tuple]]]:
+    """For each of ``paths``, what each of its calls computes (:func:`_signature` of the nodes
+    the call made, the values it reads from before the call numbered in order of use)."""
+    nodes = list(graph.nodes)
+    return {p: [_signature(nodes[a:b]) for a, b in spans[p]] for p in paths if p in spans}
+
+
+def _mode_free_note(model: nn.Module, paths: Iterable[str]) -> str:
+    named = sorted(f"`{p}` ({type(model.get_submodule(p)).__name__})" for p in paths)
+    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    branch, trace = ("branches", "traces") if len(named) == 1 else ("branch", "trace")
+    return (
+        f"{shown} {branch} on self.training but {trace} to the same operations in train and "
+        f"eval mode: traced into, not kept whole"
+    )
+
+
+def _innermost(paths: list[str]) -> list[str]:
+    """The ``paths`` under none of the others: a module holding one of them may trace to the
+    same operations in both modes once that one is a leaf."""
+    return [p for p in paths if not any(q != p and within(q, p) for q in paths)]
 
 
 def _culprit(tracer: CaptureTracer, modules: Mapping[str, nn.Module]) -> str | None:
@@ -293,10 +357,8 @@ def _settle_mode(
     model = attempt.model
     name, mode = type(model).__name__, "train" if model.training else "eval"
     other = _trace_in_other_mode(attempt)
-    if other is not None and _signature(other) == _signature(graph):
-        _drop_mode_checks(graph)
-        if not any(n.op == "call_module" and n.target == FLAG_NAME for n in graph.nodes):
-            del model._modules[FLAG_NAME]  # the checks' flag, read by nothing else
+    if other is not None and _signature(other[0].nodes) == _signature(graph.nodes):
+        _drop_mode_checks(graph, model)
         return [
             f"{name}.forward branches on self.training, but its graph is the same in train "
             f"and eval mode"
@@ -374,15 +436,19 @@ def _verify_shapes(attempt: _Attempt, gm: fx.GraphModule, notes: list[str]) -> b
     return True
 
 
-def _trace_in_other_mode(attempt: _Attempt) -> fx.Graph | None:
-    """The root's graph traced in the other mode (None if that fails); the modes and the
-    module tree are left as they were."""
+def _trace_in_other_mode(
+    attempt: _Attempt,
+) -> tuple[fx.Graph, dict[str, list[tuple[int, int]]]] | None:
+    """The root's graph traced in the other mode and the spans of its submodules' calls
+    (see :class:`CaptureTracer`), or None if that fails; the modes and the module tree are
+    left as they were."""
     model = attempt.model
     modes = {m: m.training for m in model.modules()}
     before = tracing_snapshot(model)
     model.train(not model.training)
     try:
-        return attempt.tracer().trace(model, dict(attempt.concrete_args or {}))
+        tracer = attempt.tracer()
+        return tracer.trace(model, dict(attempt.concrete_args or {})), tracer.spans
     except Exception:
         return None
     finally:
@@ -391,15 +457,19 @@ def _trace_in_other_mode(attempt: _Attempt) -> fx.Graph | None:
         undo_tracing(model, before)
 
 
-def _signature(graph: fx.Graph) -> list[tuple]:
-    """What a graph computes, without its mode checks, for comparing two traces."""
+def _signature(nodes: Iterable[fx.Node]) -> list[tuple]:
+    """What a sequence of nodes computes, without the mode checks, for comparing two traces;
+    the values they read from outside are numbered in order of first use."""
     index: dict[fx.Node, int] = {}
+    outside: dict[fx.Node, int] = {}
 
     def number(a: fx.Node) -> tuple[str, int]:
-        return ("node", index.get(a, -1))
+        if a in index:
+            return ("node", index[a])
+        return ("outside", outside.setdefault(a, len(outside)))
 
     out = []
-    for node in graph.nodes:
+    for node in nodes:
         if node.meta.get(MODE_CHECK):
             continue
         index[node] = len(index)
@@ -410,12 +480,26 @@ def _signature(graph: fx.Graph) -> list[tuple]:
     return out
 
 
-def _drop_mode_checks(graph: fx.Graph) -> None:
+def _drop_mode_checks(
+    graph: fx.Graph, model: nn.Module, paths: Iterable[str] | None = None
+) -> None:
+    """Remove the mode checks of ``paths`` (every one: None), with the flags only they read,
+    from ``graph`` and from ``model``."""
+    wanted = None if paths is None else set(paths)
+    dropped: set[str] = set()
     for node in reversed(list(graph.nodes)):
-        if node.meta.get(MODE_CHECK) or (
-            node.op == "call_module" and str(node.target).endswith(FLAG_NAME) and not node.users
-        ):
+        if node.meta.get(MODE_CHECK) and (wanted is None or node.meta[MODE_CHECK_OF] in wanted):
             graph.erase_node(node)
+        elif node.op == "call_module" and str(node.target).endswith(FLAG_NAME) and not node.users:
+            owner = str(node.target).removesuffix(FLAG_NAME).removesuffix(".")
+            if wanted is None or owner in wanted:
+                graph.erase_node(node)
+                dropped.add(owner)
+    read = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for owner in dropped:
+        if join_path(owner, FLAG_NAME) not in read:
+            # The checks' flag, read by nothing else.
+            model.get_submodule(owner)._modules.pop(FLAG_NAME, None)
 
 
 def _examples_by_name(

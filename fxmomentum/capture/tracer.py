@@ -42,6 +42,7 @@ from .shaped import ShapedTracing, Untraceable, caller
 __all__ = [
     "FLAG_NAME",
     "MODE_CHECK",
+    "MODE_CHECK_OF",
     "TRACE_INTO",
     "CaptureTracer",
     "GraphCodeTracer",
@@ -64,6 +65,8 @@ TRACE_INTO: tuple[type[nn.Module], ...] = (
 FLAG_NAME = "_training_flag"
 #: Marks the nodes that check a graph's train / eval mode (see CaptureTracer.branch_on_training).
 MODE_CHECK = "fxmomentum_mode_check"
+#: On those nodes: the path of the module whose ``forward`` branched.
+MODE_CHECK_OF = "fxmomentum_mode_check_of"
 
 
 class TrainingFlag(nn.Module):
@@ -216,6 +219,9 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
     branch_sites : dict of str to str
         For the ``"control flow"`` paths: where the ``forward`` branched first
         (``"file.py:12 (`if self.training:`)"``).
+    spans : dict of str to list of (int, int)
+        For each traced (not leaf) submodule path, the positions in the graph of the nodes
+        each of its calls made (start included, end excluded), in call order.
     unwrapped : list of str
         Names of the decorator wrappers of the root's ``forward`` that were not traced (see
         :meth:`create_args_for_root`).
@@ -246,6 +252,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         self.training_reads: dict[str, str] = {}
         self.branch_sites: dict[str, str] = {}
         self.unwrapped: list[str] = []
+        self.spans: dict[str, list[tuple[int, int]]] = {}
         self._stack: list[str] = []
         self._param_names: dict[int, str] = {}
         self._buffer_names: dict[int, str] = {}
@@ -294,6 +301,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         self.training_reads = {}
         self.branch_sites = {}
         self.unwrapped = []
+        self.spans = {}
         self._stack = []
         self.set_examples(self._examples)  # a new trace makes its own checks
         if isinstance(root, nn.Module):
@@ -337,8 +345,11 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
             if self.is_leaf_module(m, path):
                 return super().call_module(m, forward, args, kwargs)
             self.patch_range(getattr(getattr(m, "forward", None), "__globals__", {}))
+            start = len(self.graph.nodes)
             with self._training_read(m, path):
-                return super().call_module(m, forward, args, kwargs)
+                result = super().call_module(m, forward, args, kwargs)
+            self.spans.setdefault(path, []).append((start, len(self.graph.nodes)))
+            return result
         except Exception as e:
             if self.failure is None:
                 self.failure = (tuple(self._stack), e)
@@ -444,6 +455,7 @@ class CaptureTracer(ShapedTracing, fx.Tracer):
         same = self.create_node("call_function", operator.eq, (flag, read.value), {})
         check = self.create_node("call_function", torch._assert, (same, message), {})
         same.meta[MODE_CHECK] = check.meta[MODE_CHECK] = True
+        same.meta[MODE_CHECK_OF] = check.meta[MODE_CHECK_OF] = read.path
 
     def _flag_node(self, read: _TrainingRead) -> fx.Node:
         self.training_reads.setdefault(read.path, "argument")

@@ -9,7 +9,10 @@ computed there requires grad; in the recomputation it does.
 
 While :func:`forward_attention_kernels` is active, an attention call whose kernel would differ
 from the forward's gets the forward kernel's values and the gradients of the kernel autograd
-picks (the math kernel's, which also reach the mask), computed in its backward.
+picks (the math kernel's, which also reach the mask), computed in its backward. Python code
+calls attention as ``F.scaled_dot_product_attention``; a block's graph code, where attention was
+traced into, calls it as ``torch._C._nn.scaled_dot_product_attention`` (the function's own
+module): both names are replaced.
 """
 
 from __future__ import annotations
@@ -119,5 +122,6 @@ def forward_attention_kernels() -> Iterator[None]:
     >>> torch.equal(forward, again)
     True
     """
-    with replaced(F, {"scaled_dot_product_attention": _attention}):
+    name = {"scaled_dot_product_attention": _attention}
+    with replaced(F, name), replaced(torch._C._nn, name):
         yield
