@@ -27,12 +27,20 @@ def test_floor_divmod_matches_python_semantics():
         assert (qi, ri) == divmod(ai, 58982)
 
 
-def test_bit_stack_round_trip_with_spills():
+@pytest.mark.parametrize(
+    "like",
+    [
+        torch.zeros(257),
+        # Unspilled in chunks, in memory order.
+        torch.zeros(3, 40, 20, 20).to(memory_format=torch.channels_last),
+    ],
+    ids=["small", "chunked-channels-last"],
+)
+def test_bit_stack_round_trip_with_spills(like):
     torch.manual_seed(0)
-    like = torch.zeros(257)
     stack = BitStack(like)
     ops = []
-    for i in range(300):
+    for i in range(300 if like.numel() < 1000 else 60):
         base = [2, 3, 2**16, 58982, 7, 2**5][i % 6]
         if i % 3 == 2 and base < 64:
             ops.append(("pop", base, stack.pop(base)))

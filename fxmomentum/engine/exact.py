@@ -170,6 +170,24 @@ def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(a.dtype), r.to(a.dtype)
 
 
+#: Elements per chunk of :func:`_chunks`, at least (int32 temporaries of 64 KiB).
+_CHUNK = 1 << 14
+
+
+def _chunks(t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` as views of about a sixteenth each (at least :data:`_CHUNK` elements), in
+    memory order; ``[t]`` unless ``t`` is laid out densely and as ``like`` (same shape and
+    strides), so that the chunks of the two hold the same elements."""
+    if t.shape != like.shape or t.stride() != like.stride() or t.numel() <= _CHUNK:
+        return [t]
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    try:
+        flat = t.permute(order).view(-1)
+    except RuntimeError:  # not dense (a view with gaps)
+        return [t]
+    return list(flat.split(max(_CHUNK, -(-flat.numel() // 16))))
+
+
 def _power_of_two_bits(base: int) -> int:
     if base & (base - 1):
         raise ValueError(f"a bit-stack base above 2**16 must be a power of two, got {base}")
@@ -221,13 +239,18 @@ class BitStack:
         self.bound = -(-self.bound >> _WORD_BITS)
 
     def _unspill(self) -> None:
-        low = self.words.pop().to(torch.int32)
-        low &= _WORD_MASK
+        word = self.words.pop()
         if self.head is None:  # thawed: the head was all zeros
-            self.head = low
+            self.head = word.to(torch.int32)
+            self.head &= _WORD_MASK
             return
-        self.head <<= _WORD_BITS
-        self.head |= low
+        # Chunk by chunk: the word widened whole would be a temporary of the head's size, at
+        # the peak of backward (a deep chain unspills while a block's recomputation is alive).
+        for head, low in zip(_chunks(self.head, word), _chunks(word, self.head), strict=True):
+            low = low.to(torch.int32)
+            low &= _WORD_MASK
+            head <<= _WORD_BITS
+            head |= low
 
     def _make_room(self, base: int) -> int:
         spills = 0
