@@ -210,6 +210,9 @@ class BitStack:
     ----------
     like : torch.Tensor
         Tensor whose shape and device the stack takes.
+    zeroed : bool
+        Whether to zero the head. A caller that writes the head first without reading it (a
+        reversible chain's first step) passes False: a pass less.
 
     Examples
     --------
@@ -222,8 +225,9 @@ class BitStack:
     [0, 1, 2]
     """
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.head = torch.zeros_like(like, dtype=torch.int32)
+    def __init__(self, like: torch.Tensor, zeroed: bool = True) -> None:
+        make = torch.zeros_like if zeroed else torch.empty_like
+        self.head = make(like, dtype=torch.int32)
         self.bound = 1  # every element of head lies in [0, bound)
         self.words: list[torch.Tensor] = []
         self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
