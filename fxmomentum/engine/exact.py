@@ -188,6 +188,15 @@ def _chunks(t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.split(max(_CHUNK, -(-flat.numel() // 16))))
 
 
+def _widen(word: torch.Tensor) -> torch.Tensor:
+    """A spilled word's 16 bits as a non-negative int32 (it holds the int16 they wrap to)."""
+    if word.device.type == "cpu":  # one pass: the bits read as unsigned
+        return word.view(torch.uint16).to(torch.int32)
+    low = word.to(torch.int32)
+    low &= _WORD_MASK
+    return low
+
+
 def _power_of_two_bits(base: int) -> int:
     if base & (base - 1):
         raise ValueError(f"a bit-stack base above 2**16 must be a power of two, got {base}")
@@ -245,14 +254,12 @@ class BitStack:
     def _unspill(self) -> None:
         word = self.words.pop()
         if self.head is None:  # thawed: the head was all zeros
-            self.head = word.to(torch.int32)
-            self.head &= _WORD_MASK
+            self.head = _widen(word)
             return
         # Chunk by chunk: the word widened whole would be a temporary of the head's size, at
         # the peak of backward (a deep chain unspills while a block's recomputation is alive).
         for head, low in zip(_chunks(self.head, word), _chunks(word, self.head), strict=True):
-            low = low.to(torch.int32)
-            low &= _WORD_MASK
+            low = _widen(low)
             head <<= _WORD_BITS
             head |= low
 
@@ -372,7 +379,12 @@ class BitStack:
         self._log.append((self.bound, 0))
         spills = 0
         while self.bound > 1:
-            self._spill()
+            if self.bound <= 1 << _WORD_BITS:
+                # The last word: the head is dropped after it, so it is not shifted (a pass).
+                self.words.append(self.head.to(torch.int16))
+                self.bound = 1
+            else:
+                self._spill()
             spills += 1
         self._log[-1] = (self._log[-1][0], spills)
         self.head = torch.empty(0, dtype=torch.int32, device=self.head.device)
