@@ -189,7 +189,10 @@ def _chunks(t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _widen(word: torch.Tensor) -> torch.Tensor:
-    """A spilled word's 16 bits as a non-negative int32 (it holds the int16 they wrap to)."""
+    """A spilled word's 16 bits as a non-negative int32 (it holds the int16 they wrap to, or
+    the uint8 of a frozen head's last few bits)."""
+    if word.dtype == torch.uint8:
+        return word.to(torch.int32)
     if word.device.type == "cpu":  # one pass: the bits read as unsigned
         return word.view(torch.uint16).to(torch.int32)
     low = word.to(torch.int32)
@@ -375,13 +378,16 @@ class BitStack:
         return u
 
     def freeze(self) -> None:
-        """Spill the head into words so that only narrow int32 words stay in memory."""
+        """Spill the head into words so that only narrow words stay in memory (int16, the
+        last one uint8 where its digits fit)."""
         self._log.append((self.bound, 0))
         spills = 0
         while self.bound > 1:
             if self.bound <= 1 << _WORD_BITS:
                 # The last word: the head is dropped after it, so it is not shifted (a pass).
-                self.words.append(self.head.to(torch.int16))
+                # It is often a few bits (a short chain's), kept in a byte where they fit.
+                narrow = torch.uint8 if self.bound <= 1 << 8 else torch.int16
+                self.words.append(self.head.to(narrow))
                 self.bound = 1
             else:
                 self._spill()
