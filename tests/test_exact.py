@@ -27,12 +27,20 @@ def test_floor_divmod_matches_python_semantics():
         assert (qi, ri) == divmod(ai, 58982)
 
 
-def test_bit_stack_round_trip_with_spills():
+@pytest.mark.parametrize(
+    "like",
+    [
+        torch.zeros(257),
+        # Unspilled in chunks, in memory order.
+        torch.zeros(3, 40, 20, 20).to(memory_format=torch.channels_last),
+    ],
+    ids=["small", "chunked-channels-last"],
+)
+def test_bit_stack_round_trip_with_spills(like):
     torch.manual_seed(0)
-    like = torch.zeros(257)
     stack = BitStack(like)
     ops = []
-    for i in range(300):
+    for i in range(300 if like.numel() < 1000 else 60):
         base = [2, 3, 2**16, 58982, 7, 2**5][i % 6]
         if i % 3 == 2 and base < 64:
             ops.append(("pop", base, stack.pop(base)))
@@ -45,7 +53,9 @@ def test_bit_stack_round_trip_with_spills():
     stack.push(wide, 2**42)  # split into 16-bit digits
     stack.freeze()
     assert stack.head.numel() == 0
-    assert all(w.dtype == torch.int16 for w in stack.words)
+    # 16-bit words; the last one a byte where the head's last digits fit one.
+    assert all(w.dtype == torch.int16 for w in stack.words[:-1])
+    assert stack.words[-1].dtype in (torch.int16, torch.uint8)
     stack.thaw(like)
     assert torch.equal(stack.undo_push(2**42), wide)
     for kind, base, r in reversed(ops):
@@ -67,3 +77,18 @@ def test_bit_stack_stores_close_to_the_information_minimum():
     stack.freeze()
     per_element = sum(w.nbytes for w in stack.words) / like.numel()
     assert 125 <= per_element <= 125 + 8
+
+
+def test_a_few_digits_freeze_into_a_byte_per_element():
+    # A short chain's stack holds a few bits per element: frozen, one uint8 word.
+    like = torch.zeros(3, 100)
+    stack = BitStack(like)
+    digits = [torch.randint(0, 5, like.shape) for _ in range(3)]
+    for r in digits:
+        stack.push(r, 5)  # 125 values: under 2**8
+    stack.freeze()
+    assert [w.dtype for w in stack.words] == [torch.uint8]
+    stack.thaw(like)
+    for r in reversed(digits):
+        assert torch.equal(stack.undo_push(5), r.to(torch.int32))
+    assert stack.bound == 1 and not stack.words

@@ -56,6 +56,22 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
     def step(out: torch.Tensor, x_f: torch.Tensor | None, n: int) -> Callable[[], tuple]:
         return lambda: (xw, r.clone(), V.clone(), head.clone(), out, x_f, c, n, scale, inv)
 
+    def fresh_step(out: torch.Tensor, x_f: torch.Tensor | None) -> Callable[[], tuple]:
+        # V and head hold other values: a fresh step must neither read them nor keep them.
+        return lambda: (
+            xw,
+            r.clone(),
+            V.clone(),
+            head.clone(),
+            out,
+            x_f,
+            c,
+            58982,
+            scale,
+            inv,
+            True,
+        )
+
     def unstep(x_f, n, grads: bool, ahead: bool, rebuild: bool) -> Callable[[], tuple]:
         def make() -> tuple:
             gx = x.clone() if grads else None
@@ -93,6 +109,8 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
         (kernels.abs_max_f, lambda: (f, None)),
         (kernels.abs_max_f, lambda: (nan_f, None)),
         (kernels.abs_max_f, lambda: (inf_f, x)),
+        (kernels.forward_step_, fresh_step(f, x)),
+        (kernels.forward_step_, fresh_step(f, None)),
     ]
 
 
@@ -260,3 +278,24 @@ def test_compiled_cuda_kernels_give_the_eager_bits():
     for kernel, make_args in _cases(kernels.COMPILE_MIN_NUMEL, "cuda"):
         _check(kernel, make_args, kernel)
         assert kernel._compiled is not None, kernel.__name__
+
+
+def test_fresh_step_is_a_step_from_zero():
+    """A chain's first step takes V and the stack's head as zero without reading them."""
+    g = torch.Generator().manual_seed(3)
+    n_el = 5000
+    xw, r = kernels.split(
+        torch.randint(-(2**32), 2**32, (n_el,), generator=g), 2.0**-30 * torch.ones(())
+    )
+    f = torch.randn(n_el, generator=g) * 100
+    c, scale, inv = torch.tensor(2.0**10), torch.tensor(2.0**30), torch.tensor(2.0**-30)
+    results = []
+    for fresh in (False, True):
+        fill = 7 if fresh else 0  # values a fresh step must not read
+        V = torch.full((n_el,), fill, dtype=torch.int64)
+        head = torch.full((n_el,), fill, dtype=torch.int32)
+        r_ = r.clone()
+        out = kernels.forward_step_(xw, r_, V, head, f, None, c, 58982, scale, inv, fresh)
+        results.append([*_flat(out), r_, V, head])
+    for a, b in zip(*results, strict=True):
+        assert _same(a, b)

@@ -170,6 +170,36 @@ def floor_divmod(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(a.dtype), r.to(a.dtype)
 
 
+#: Elements per chunk of :func:`_chunks`, at least (int32 temporaries of 64 KiB).
+_CHUNK = 1 << 14
+
+
+def _chunks(t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` as views of about a sixteenth each (at least :data:`_CHUNK` elements), in
+    memory order; ``[t]`` unless ``t`` is laid out densely and as ``like`` (same shape and
+    strides), so that the chunks of the two hold the same elements."""
+    if t.shape != like.shape or t.stride() != like.stride() or t.numel() <= _CHUNK:
+        return [t]
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    try:
+        flat = t.permute(order).view(-1)
+    except RuntimeError:  # not dense (a view with gaps)
+        return [t]
+    return list(flat.split(max(_CHUNK, -(-flat.numel() // 16))))
+
+
+def _widen(word: torch.Tensor) -> torch.Tensor:
+    """A spilled word's 16 bits as a non-negative int32 (it holds the int16 they wrap to, or
+    the uint8 of a frozen head's last few bits)."""
+    if word.dtype == torch.uint8:
+        return word.to(torch.int32)
+    if word.device.type == "cpu":  # one pass: the bits read as unsigned
+        return word.view(torch.uint16).to(torch.int32)
+    low = word.to(torch.int32)
+    low &= _WORD_MASK
+    return low
+
+
 def _power_of_two_bits(base: int) -> int:
     if base & (base - 1):
         raise ValueError(f"a bit-stack base above 2**16 must be a power of two, got {base}")
@@ -192,6 +222,9 @@ class BitStack:
     ----------
     like : torch.Tensor
         Tensor whose shape and device the stack takes.
+    zeroed : bool
+        Whether to zero the head. A caller that writes the head first without reading it (a
+        reversible chain's first step) passes False: a pass less.
 
     Examples
     --------
@@ -204,8 +237,9 @@ class BitStack:
     [0, 1, 2]
     """
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.head = torch.zeros_like(like, dtype=torch.int32)
+    def __init__(self, like: torch.Tensor, zeroed: bool = True) -> None:
+        make = torch.zeros_like if zeroed else torch.empty_like
+        self.head = make(like, dtype=torch.int32)
         self.bound = 1  # every element of head lies in [0, bound)
         self.words: list[torch.Tensor] = []
         self._log: list[tuple[int, int]] = []  # (bound before the op, spills the op made)
@@ -221,13 +255,16 @@ class BitStack:
         self.bound = -(-self.bound >> _WORD_BITS)
 
     def _unspill(self) -> None:
-        low = self.words.pop().to(torch.int32)
-        low &= _WORD_MASK
+        word = self.words.pop()
         if self.head is None:  # thawed: the head was all zeros
-            self.head = low
+            self.head = _widen(word)
             return
-        self.head <<= _WORD_BITS
-        self.head |= low
+        # Chunk by chunk: the word widened whole would be a temporary of the head's size, at
+        # the peak of backward (a deep chain unspills while a block's recomputation is alive).
+        for head, low in zip(_chunks(self.head, word), _chunks(word, self.head), strict=True):
+            low = _widen(low)
+            head <<= _WORD_BITS
+            head |= low
 
     def _make_room(self, base: int) -> int:
         spills = 0
@@ -341,11 +378,19 @@ class BitStack:
         return u
 
     def freeze(self) -> None:
-        """Spill the head into words so that only narrow int32 words stay in memory."""
+        """Spill the head into words so that only narrow words stay in memory (int16, the
+        last one uint8 where its digits fit)."""
         self._log.append((self.bound, 0))
         spills = 0
         while self.bound > 1:
-            self._spill()
+            if self.bound <= 1 << _WORD_BITS:
+                # The last word: the head is dropped after it, so it is not shifted (a pass).
+                # It is often a few bits (a short chain's), kept in a byte where they fit.
+                narrow = torch.uint8 if self.bound <= 1 << 8 else torch.int16
+                self.words.append(self.head.to(narrow))
+                self.bound = 1
+            else:
+                self._spill()
             spills += 1
         self._log[-1] = (self._log[-1][0], spills)
         self.head = torch.empty(0, dtype=torch.int32, device=self.head.device)

@@ -140,13 +140,19 @@ def _forward_step_(
     n: int,
     scale: torch.Tensor,
     inv_scale: torch.Tensor,
+    fresh: bool = False,
 ):
     """One step, ``r``, ``V`` and ``head`` in place.
 
     Returns the next ``xw``, the sum of the new ``V`` (see :func:`_unadd_`), ``max |xw|`` and
     ``max |V|`` after the step, from which the next step's grid is chosen, and ``max |f|``
-    (NaN if any is NaN), which tells whether this step's grid suited ``f``.
+    (NaN if any is NaN), which tells whether this step's grid suited ``f``. ``fresh``: ``V``
+    and ``head`` hold no values yet and are taken as zero (a chain's first step; the native
+    kernel then does not read them, which saves zeroing them).
     """
+    if fresh:
+        V.zero_()
+        head.zero_()
     G = _quantized_f(out, x, c)
     # v <- gamma * v: the low GAMMA_BITS of V go onto the stack, a digit in [0, n) comes off.
     q, rem = floor_divmod((head.to(torch.int64) << GAMMA_BITS) | (V & _LOW), n)

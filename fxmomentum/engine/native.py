@@ -62,7 +62,9 @@ _INT = ctypes.c_int
 _SIGNATURES: dict[str, list] = {
     "fxm_abs_max_f": [_I64, _P, _P, _P, _INT],
     "fxm_on_grid": [_I64, _P, _F32, _F32, _P, _P, _P, _INT],
-    "fxm_forward_step": [_I64, _P, _P, _P, _P, _P, _P, _F32, _I64, _F32, _F32, _P, _P, _P, _INT],
+    "fxm_forward_step": [
+        *[_I64, _P, _P, _P, _P, _P, _P, _F32, _I64, _F32, _F32, _P, _P, _P, _INT, _INT]
+    ],
     "fxm_unadd": [_I64, _P, _P, _P, _F32, _F32, _P, _P, _INT],
     "fxm_coarsen": [_I64, _P, _P, _P, _I64, _F32, _F32, _P, _P, _P, _INT],
     "fxm_unadd_unshift": [_I64, _P, _P, _P, _P, _I64, _F32, _F32, _P, _P, _INT],
@@ -281,8 +283,9 @@ def _state_ok(xw: torch.Tensor, r: torch.Tensor, V: torch.Tensor, *more: torch.T
     return xw.dtype == _F and r.dtype == _R and V.dtype == torch.int64 and _alike(xw, r, V, *more)
 
 
-def forward_step_(xw, r, V, head, out, x, c, n, scale, inv_scale):
-    """Native :func:`fxmomentum.engine.kernels._forward_step_`."""
+def forward_step_(xw, r, V, head, out, x, c, n, scale, inv_scale, fresh=False):
+    """Native :func:`fxmomentum.engine.kernels._forward_step_` (``fresh``: ``V`` and ``head``
+    are not read, only written)."""
     out32, x = _laid_out_like(xw, _f32(out, x)), _laid_out_like(xw, x)
     if out32 is None or head.dtype != torch.int32 or not _state_ok(xw, r, V, head, out32, x):
         return NotImplemented
@@ -291,7 +294,7 @@ def forward_step_(xw, r, V, head, out, x, c, n, scale, inv_scale):
     _lib.fxm_forward_step(
         xw.numel(), xw.data_ptr(), r.data_ptr(), V.data_ptr(), head.data_ptr(),
         out32.data_ptr(), _ptr(x), float(c), n, float(scale), float(inv_scale),
-        xw_new.data_ptr(), ires, dres, _threads(),
+        xw_new.data_ptr(), ires, dres, int(fresh), _threads(),
     )  # fmt: skip
     return xw_new, ires[0], dres[0], dres[1], dres[2]
 

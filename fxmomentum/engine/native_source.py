@@ -177,17 +177,17 @@ API void fxm_on_grid(i64 n, const float* x, float scale, float inv_scale, float*
 BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V, i32* RS head,
                        const float* RS out, const float* RS xf, float c, double n_d,
                        float scale, float inv_scale, float* RS xw_new, i64* vsum, i32* xmax,
-                       i64* vmax, i32* fmax, int has_xf) {
+                       i64* vmax, i32* fmax, int has_xf, int fresh) {
   const double inv_n = 1.0 / n_d;
   i64 s = 0, mv = 0;
   i32 mx = 0, mf = 0;
   for (i64 i = lo; i < hi; i++) {
     float f = f_of(out, xf, i, has_xf);
     double G = quantize(f, c);
-    double v = i2d(V[i]);
+    double v = fresh ? 0.0 : i2d(V[i]);
     double vhi = floor(v * INV16);
     /* v <- gamma v: V's low 16 bits onto the stack, a digit in [0, n) off it */
-    double B = (double)head[i] * TWO16 + (v - vhi * TWO16);
+    double B = (fresh ? 0.0 : (double)head[i]) * TWO16 + (v - vhi * TWO16);
     DIVMOD(B, q, rem)
     double vn = vhi * n_d + rem + G;
     double X = join(xw, r, i, scale) + floor((vn + HALF16) * INV16);
@@ -213,24 +213,32 @@ BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
 static void forward_range(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
                           i32* RS head, const float* RS out, const float* RS xf, float c,
                           double n_d, float scale, float inv_scale, float* RS xw_new,
-                          i64* vsum, i32* xmax, i64* vmax, i32* fmax) {
-  if (xf)
-    forward_body(lo, hi, xw, r, V, head, out, xf, c, n_d, scale, inv_scale, xw_new, vsum, xmax,
-                 vmax, fmax, 1);
+                          i64* vsum, i32* xmax, i64* vmax, i32* fmax, int fresh) {
+#define FORWARD(has_xf, fresh)                                                             \
+  forward_body(lo, hi, xw, r, V, head, out, xf, c, n_d, scale, inv_scale, xw_new, vsum, xmax, \
+               vmax, fmax, has_xf, fresh)
+  if (xf && fresh)
+    FORWARD(1, 1);
+  else if (xf)
+    FORWARD(1, 0);
+  else if (fresh)
+    FORWARD(0, 1);
   else
-    forward_body(lo, hi, xw, r, V, head, out, xf, c, n_d, scale, inv_scale, xw_new, vsum, xmax,
-                 vmax, fmax, 0);
+    FORWARD(0, 0);
+#undef FORWARD
 }
 
-/* ires = [sum of the new V]; dres = [max |xw_new|, max |V|, max |f|]. */
+/* ires = [sum of the new V]; dres = [max |xw_new|, max |V|, max |f|]. fresh: V and head are
+   not read but taken as zero (a chain's first step: they need no zeroing pass). */
 API void fxm_forward_step(i64 n, const float* xw, i16* r, i64* V, i32* head, const float* out,
                           const float* xf, float c, i64 gamma_num, float scale,
-                          float inv_scale, float* xw_new, i64* ires, double* dres, int nt) {
+                          float inv_scale, float* xw_new, i64* ires, double* dres, int fresh,
+                          int nt) {
   i64 sums[MAX_THREADS] = {0}, vm[MAX_THREADS] = {0};
   i32 xm[MAX_THREADS] = {0}, fm[MAX_THREADS] = {0};
   PAR_BEGIN(n, nt)
   forward_range(lo, hi, xw, r, V, head, out, xf, c, (double)gamma_num, scale, inv_scale, xw_new,
-                &sums[tid_], &xm[tid_], &vm[tid_], &fm[tid_]);
+                &sums[tid_], &xm[tid_], &vm[tid_], &fm[tid_], fresh);
   PAR_END
   i64 s = 0, mv = 0;
   i32 mx = 0, mf = 0;

@@ -44,6 +44,8 @@ __all__ = ["PythonState"]
 
 #: ``nn.Module`` attributes that are torch's own bookkeeping, not the model's values.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+#: Types of attribute values that hold no tensor and need no copy.
+_PLAIN = frozenset({int, float, bool, str, type(None)})
 
 
 def _tensor_ids(value: Any) -> tuple[int, ...] | None:
@@ -94,14 +96,20 @@ class PythonState:
         """The state of ``root`` and its submodules (or of the given ``(path, module)``)."""
         modules = list(root.named_modules() if isinstance(root, nn.Module) else root)
         state = cls(modules)
+        saved, held = state.saved, state.held
         for i, (_, m) in enumerate(modules):
-            for key, value in m.__dict__.items():
-                if key in _MODULE_INTERNALS:
+            attributes = m.__dict__
+            # A reversible chain takes this snapshot before every block's forward: only the
+            # model's own attributes are visited, most of them plain numbers.
+            for key in attributes.keys() - _MODULE_INTERNALS:
+                value = attributes[key]
+                if type(value) in _PLAIN:
+                    saved[i, key] = value
                     continue
-                state.saved[i, key] = _containers(value)
+                saved[i, key] = _containers(value)
                 ids = _tensor_ids(value)
                 if ids is not None:
-                    state.held[i, key] = ids
+                    held[i, key] = ids
         return state
 
     def stored(self) -> list[tuple[str, str]]:
@@ -109,8 +117,10 @@ class PythonState:
         when the state was taken."""
         out = []
         for i, (path, m) in enumerate(self.modules):
-            for key, value in m.__dict__.items():
-                if key in _MODULE_INTERNALS:
+            attributes = m.__dict__
+            for key in attributes.keys() - _MODULE_INTERNALS:
+                value = attributes[key]
+                if type(value) in _PLAIN:
                     continue
                 ids = _tensor_ids(value)
                 if ids is not None and self.held.get((i, key)) != ids:
