@@ -34,6 +34,7 @@ __all__ = [
     "is_identity_cast",
     "is_inplace",
     "is_layout",
+    "is_metadata_read",
     "module_path",
     "tensor_meta",
 ]
@@ -157,6 +158,25 @@ def is_layout(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in LAYOUT_METHODS
     return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
+_META_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    """Whether ``node`` reads a value's shape, dtype or device, not its elements
+    (``x.shape``, ``x.size(1)``, ``x.device``).
+
+    Examples
+    --------
+    >>> gm = fx.symbolic_trace(lambda x: x.new_zeros(x.shape[0]))
+    >>> [is_metadata_read(n) for n in gm.graph.nodes]
+    [False, True, False, False, False]
+    """
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _META_ATTRS
+    return node.op == "call_method" and node.target in _META_METHODS
 
 
 def is_cast(node: fx.Node) -> bool:
