@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture import TrainingFlag
+from ..capture.effects import is_inplace
 
 __all__ = [
     "LAYOUT_FUNCTIONS",
@@ -207,20 +208,6 @@ def is_identity_cast(node: fx.Node) -> bool:
         return False
     a, b = tensor_meta(node.args[0]), tensor_meta(node)
     return a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
-
-
-def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_")):
-            return True
-        return node.target in (operator.iadd, operator.imul, operator.isub, operator.itruediv)
-    if node.op == "call_module":
-        return getattr(modules.get(str(node.target)), "inplace", False) is True
-    return False
 
 
 class DataFlow:

@@ -54,28 +54,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-from ..capture.factories import python_random
-from .dataflow import DataFlow, format_meta, is_inplace, is_metadata_read, tensor_meta
+from ..capture.effects import side_effect
+from .dataflow import DataFlow, format_meta, is_metadata_read, tensor_meta
 
 __all__ = ["Hoist", "check_reads", "hoist", "valued"]
-
-#: torch functions and Tensor methods that draw random numbers.
-_RANDOM_FUNCTIONS = frozenset(
-    {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
-     torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial, torch.normal,
-     torch.poisson, torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout,
-     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-     F.feature_alpha_dropout, F.rrelu, python_random}
-)  # fmt: skip
-_RANDOM_METHODS = frozenset({"bernoulli", "multinomial"})
-#: Modules that draw random numbers or update their state when called.
-_STATEFUL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.dropout._DropoutNd, nn.RReLU, nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)  # fmt: skip
 
 
 @dataclass
@@ -141,7 +125,7 @@ def hoist(
         n = todo.pop()
         if n in found.nodes:
             continue
-        why = _unmovable(g, n)
+        why = side_effect(n, g.modules)
         if why is not None:
             return (
                 f"`{n.name}` is computed inside the block and read outside it; it does not "
@@ -158,22 +142,6 @@ def hoist(
             continue
         todo.extend(i for i in n.all_input_nodes if i in inner and i not in found.nodes)
     return found
-
-
-def _unmovable(g: DataFlow, n: fx.Node) -> str | None:
-    """Why moving ``n`` ahead of the blocks before it would change what the model computes
-    (it draws random numbers, writes in place, updates a module's state), or None."""
-    if is_inplace(n, g.modules):
-        return "changes a tensor in place"
-    if n.op == "call_function" and n.target in _RANDOM_FUNCTIONS:
-        return "draws random numbers"
-    if n.op == "call_method" and n.target in _RANDOM_METHODS:
-        return "draws random numbers"
-    if n.op == "call_module":
-        module = g.modules.get(str(n.target))
-        if module is not None and any(isinstance(m, _STATEFUL_MODULES) for m in module.modules()):
-            return f"calls `{n.target}`, which draws random numbers or updates its state"
-    return None
 
 
 def _attribute(read: fx.Node) -> str:

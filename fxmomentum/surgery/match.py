@@ -229,10 +229,14 @@ class MatchResult:
     chains : list of Chain
         In graph order; not-selected chains included.
     skipped : list of SkippedAdd
+    escaping : list of torch.fx.Node
+        Why some adds were skipped: a value their block computes from its input's values
+        that code outside the block reads.
     """
 
     chains: list[Chain] = field(default_factory=list)
     skipped: list[SkippedAdd] = field(default_factory=list)
+    escaping: list[fx.Node] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[Block]:
@@ -257,6 +261,8 @@ class _Candidate:
     around: set[fx.Node] = field(default_factory=set)
     #: What the block computes for code outside it, moved ahead of the chain.
     hoisted: Hoist = field(default_factory=Hoist)
+    #: A value computed from the input's values that code outside the block reads (refused).
+    escaping: fx.Node | None = None
 
     @property
     def inputs(self) -> tuple[fx.Node, ...]:
@@ -460,6 +466,7 @@ def _hoist(g: DataFlow, c: _Candidate) -> str | None:
     computed = valued(g, c.inputs, inner)
     for n in escaping:
         if n in computed:
+            c.escaping = n
             u = next(u for u in n.users if u not in inner and u is not c.add)
             return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
     found = hoist(g, inner, c.entry, escaping, computed)
@@ -596,6 +603,7 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
     """
     g = DataFlow(graph, modules)
     skipped: dict[fx.Node, str] = {}
+    escaping: list[fx.Node] = []
     cands: list[_Candidate] = []
     for node in g.nodes:
         found = _candidate(g, node)
@@ -604,6 +612,8 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
         why = found if isinstance(found, str) else _check(g, found)
         if why is not None:
             skipped[node] = why
+            if isinstance(found, _Candidate) and found.escaping is not None:
+                escaping.append(found.escaping)
             continue
         cands.append(found)
     cands = _resolve_nesting(g, cands, skipped)
@@ -612,7 +622,7 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
         SkippedAdd(n.name, module_path(n), why)
         for n, why in sorted(skipped.items(), key=lambda item: g.index[item[0]])
     ]
-    return MatchResult(chains, left_out)
+    return MatchResult(chains, left_out, escaping)
 
 
 def _blocks(g: DataFlow, cands: list[_Candidate]) -> list[Block]:
