@@ -285,7 +285,9 @@ def _refused(
     original: nn.Module,
 ) -> str | None:
     """Why the leaf's code ``nodes`` cannot run in the graph besides the leaf (``original``,
-    whose traced copy's modules are ``modules``), or None."""
+    whose traced copy's modules are ``modules``), or None. It may read its inputs' shapes,
+    dtypes and devices, not their values: the graph would compute again what the leaf
+    does."""
     for n in nodes:
         if n.op == "placeholder":
             name = str(n.target).lstrip("*")
@@ -294,12 +296,22 @@ def _refused(
             continue
         if n.op == "get_attr" and not _has_attribute(original, str(n.target)):
             return f"it reads `{n.target}`, which only its trace holds"
+        read = next((i for i in n.all_input_nodes if i.op == "placeholder"), None)
+        if read is not None and not _metadata_read(n):
+            return f"it is computed from the values of the module's input `{read.target}`"
         if n.op == "call_module" and str(n.target).split(".")[-1] == FLAG_NAME:
             return "it depends on the mode (train or eval)"
         why = side_effect(n, modules)
         if why is not None:
             return f"its code `{n.name}` {why}"
     return None
+
+
+def _metadata_read(n: fx.Node) -> bool:
+    """A read of a tensor's shape, dtype or device (``x.shape``, ``x.size(1)``)."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in ("shape", "dtype", "device", "ndim")
+    return n.op == "call_method" and n.target in ("size", "dim", "numel")
 
 
 def _has_attribute(module: nn.Module, target: str) -> bool:
