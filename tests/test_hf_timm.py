@@ -103,11 +103,12 @@ MODELS = {
     # Pre-norm with RMSNorm, rotary position embeddings (context of every attention block)
     # and grouped-query attention: like GPT-2, the loop in LlamaModel.forward.
     "llama": (llama, lambda: (ids(),), [("layers.0", 4, "pure")], True),
-    # Pre-norm like GPT-2. The first attention block computes the relative position bias
-    # that every later attention reads (an intermediate value used outside its block), so
-    # it stays out; the other 3 blocks are one chain. The bias, from a parameter, is the
-    # attention mask: recomputed with grad it would take another attention kernel.
-    "t5_encoder": (t5_encoder, lambda: (ids(),), [("encoder.block.0.layer.1", 3, "pure")], True),
+    # Pre-norm like GPT-2. The first attention (kept whole: it branches on self.training)
+    # computes the relative position bias that every later attention reads, from its
+    # parameter and the length only: the graph computes it too, ahead of the chain, and the
+    # 4 blocks are one chain. The bias, from a parameter, is the attention mask: recomputed
+    # with grad it would take another attention kernel.
+    "t5_encoder": (t5_encoder, lambda: (ids(),), [("encoder.block.0.layer.0", 4, "pure")], True),
     # Pre-norm like GPT-2, the loop in ViTModel.forward.
     "hf_vit": (hf_vit, images, [("layers.0", 4, "pure")], True),
     # torchvision-style basic blocks: relu(x + F(x)); the first block of layers 2-4 has a

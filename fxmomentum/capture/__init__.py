@@ -13,7 +13,10 @@ Modules, lowest first:
   gives back, and undoing a trace;
 * :mod:`~fxmomentum.capture.trace`: :func:`capture`, one module, retried until it settles;
 * :mod:`~fxmomentum.capture.descent`: :func:`descend`, the whole model or its capturable
-  subtrees.
+  subtrees;
+* :mod:`~fxmomentum.capture.effects`: what a node does besides computing its value;
+  :mod:`~fxmomentum.capture.leaf_outputs`: an opaque submodule's output that does not
+  depend on its inputs' values, computed by the graph itself.
 
 Every global patch made while tracing is listed in :mod:`fxmomentum.patches`.
 """

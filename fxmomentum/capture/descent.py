@@ -211,6 +211,8 @@ class _Descender:
         # Submodules a parent's trace made leaves because their forward failed: each is tried
         # shape-aware on its recorded call before conversion descends into it.
         self.untraced: set[str] = set()
+        # Those of them that stayed Python code (their own graph joined no chain).
+        self.kept_untraced: list[str] = []
         self.recorded = example_inputs is not None
         #: Why the model itself is not captured whole, when it is not to be.
         self.refused: str | None = None
@@ -221,6 +223,8 @@ class _Descender:
         self._descend_frontier()
         if failure is not None:
             failure = self._shape_aware_root(*failure)
+        elif self.kept_untraced:
+            self._shape_aware_over_leaves()
         self._join_through_units()
         result = self.result
         order = {id(m): i for i, m in enumerate(self.root.modules())}
@@ -318,25 +322,79 @@ class _Descender:
             return failure
         if shaped is None:
             return failure
-        units = self.result.units
-        chains = [len(c) for u in units for c in self.find_chains(u.capture.graph, u.module)]
-        found, data, one_mode = shaped
-        joins = sum(found) > sum(chains) or (sum(found) == sum(chains) and len(found) < len(chains))
-        if not joins:
-            return failure
-        if data:
-            self._note(
-                "",
-                f"a shape-aware trace of {name}.forward would find {len(found)} chains of "
-                f"{sum(found)} blocks, but its graph would serve only inputs whose values take "
-                f"the example's path ({', '.join(data[:3])}): descended instead",
-            )
+        held = self._chains_held()
+        if not self._takes_shaped(shaped, held):
             return failure
         # The shape-aware graph holds the loop over the blocks that the model's Python
         # forward keeps: its chains join what descending leaves apart.
-        for unit in reversed(units):
+        found = shaped[0]
+        self._retake_root(
+            shaped,
+            lambda _: (
+                f"{name}.forward cannot be traced by torch.fx alone ({failure.reason}): "
+                f"it was traced shape-aware, which finds {len(found)} chain(s) of {sum(found)} "
+                f"blocks where its submodules hold {len(held)} of {sum(held)}"
+            ),
+        )
+        return None
+
+    def _shape_aware_over_leaves(self) -> None:
+        """Where the model's graph keeps submodules opaque that torch.fx alone cannot trace,
+        and their own shape-aware graphs join no chain, trace the whole model shape-aware
+        (which traces into them) where that joins what the descent left apart.
+
+        Such a submodule may return what it computes between its blocks (DeBERTa's encoder
+        returns every layer's output, which the model drops): in its own graph each of those
+        values leaves the chain; in the model's graph nothing reads them.
+        """
+        shaped = self._shape_aware_chains()
+        if not isinstance(shaped, tuple):
+            return
+        held = self._chains_held()
+        if not self._takes_shaped(shaped, held):
+            return
+        found = shaped[0]
+
+        def describe(cap: Capture) -> str:
+            opaque = {leaf.path for leaf in cap.leaves}
+            kept = [p for p in self.kept_untraced if p not in opaque]
+            return (
+                f"{', '.join(f'`{p}`' for p in kept)}: torch.fx alone cannot trace "
+                f"{'it' if len(kept) == 1 else 'them'} and {'its' if len(kept) == 1 else 'their'} "
+                f"own {'graph joins' if len(kept) == 1 else 'graphs join'} no chain; "
+                f"{self.name}.forward was traced shape-aware (into "
+                f"{'it' if len(kept) == 1 else 'them'}), which finds {len(found)} chain(s) of "
+                f"{sum(found)} blocks where its submodules hold {len(held)} of {sum(held)}"
+            )
+
+        self._retake_root(shaped, describe)
+
+    def _chains_held(self) -> list[int]:
+        """The block count of every chain of the units captured so far."""
+        units = self.result.units
+        return [len(c) for u in units for c in self.find_chains(u.capture.graph, u.module)]
+
+    def _takes_shaped(self, shaped: _ShapedRoot, held: list[int]) -> bool:
+        """Whether the shape-aware graph of the whole model is taken over the units: its
+        chains join theirs, and it checks no tensor value (else a note says so)."""
+        found, data, _ = shaped
+        joins = sum(found) > sum(held) or (sum(found) == sum(held) and len(found) < len(held))
+        if joins and data:
+            self._note(
+                "",
+                f"a shape-aware trace of {self.name}.forward would find {len(found)} chains of "
+                f"{sum(found)} blocks, but its graph would serve only inputs whose values take "
+                f"the example's path ({', '.join(data[:3])}): descended instead",
+            )
+        return joins and not data
+
+    def _retake_root(self, shaped: _ShapedRoot, note: Callable[[Capture], str]) -> None:
+        """Undo every capture so far and capture the whole model shape-aware; ``note`` says
+        why, given the capture."""
+        for unit in reversed(self.result.units):
             if unit.before is not None:
                 undo_tracing(unit.module, unit.before)
+        one_mode = shaped[2]
         cap = capture(
             self.root,
             self.example_inputs,
@@ -347,16 +405,10 @@ class _Descender:
         )
         self.result = Descent(self.root)
         self.frontier = []
-        self._note(
-            "",
-            f"{name}.forward cannot be traced by torch.fx alone ({failure.reason}): it was traced "
-            f"shape-aware, which finds {len(found)} chain(s) of {sum(found)} blocks where "
-            f"its submodules hold {len(chains)} of {sum(chains)}",
-        )
+        self._note("", note(cap))
         if one_mode:
-            self._note("", _one_mode_note(name))
+            self._note("", _one_mode_note(self.name))
         self._take("", self.root, cap)
-        return None
 
     # -- units traced through the units below them --------------------------------------------
     def _join_through_units(self) -> None:
@@ -479,6 +531,8 @@ class _Descender:
                 if cap is not None:  # the leaf's reason: it has a graph per mode
                     leaves[:] = [leaf for leaf in leaves if leaf.path != path]
                     leaves.append(LeafInfo(path, kind, "per_mode", cap.reason))
+                else:
+                    self.kept_untraced.append(path)
                 self.frontier.extend(_children(path, m))
                 return
             self.untraced.discard(path)

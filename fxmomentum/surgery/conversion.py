@@ -27,6 +27,7 @@ from ..capture import (
     no_side_effects,
     undo_tracing,
 )
+from ..capture.leaf_outputs import compute_leaf_outputs, leaf_output_of
 from ..capture.records import FIXED_TYPES
 from ..engine import validate_gamma
 from ..errors import one_line
@@ -138,7 +139,7 @@ def prepare(
     conversion.notes = list(descent.notes)
     index = 0
     for unit in conversion.units:
-        _match(unit, options)
+        conversion.notes += _match(unit, options, root, example_inputs)
         index = _choose(conversion, unit, index)
         if unit.path:
             blocks = sum(len(c.blocks) for c in unit.match.chains)
@@ -181,10 +182,14 @@ def check_model(model: object) -> None:
         )
 
 
-def _match(unit: UnitChoice, options: ConvertOptions) -> None:
-    """The unit's chains, selected, with their report entries (full module paths)."""
+def _match(
+    unit: UnitChoice, options: ConvertOptions, root: nn.Module, example_inputs: Any
+) -> list[Note]:
+    """The unit's chains, selected, with their report entries (full module paths); returns
+    what the report should say of how they were found."""
     modules = dict(unit.module.named_modules())
     result = find_chains(unit.capture.graph, modules)
+    result, notes = _with_leaf_outputs(unit, result, modules, root, example_inputs)
     result.chains = select_chains(
         result.chains,
         prefix=unit.path,
@@ -198,6 +203,41 @@ def _match(unit: UnitChoice, options: ConvertOptions) -> None:
         ]
     unit.match = result
     unit.infos = [_prefixed(chain_info(c, modules), unit.path) for c in result.chains]
+    return notes
+
+
+def _with_leaf_outputs(
+    unit: UnitChoice,
+    result: MatchResult,
+    modules: dict[str, nn.Module],
+    root: nn.Module,
+    example_inputs: Any,
+) -> tuple[MatchResult, list[Note]]:
+    """Where blocks are refused because later code reads an output of an opaque submodule
+    they call, have the graph compute that output itself where it can
+    (:mod:`fxmomentum.capture.leaf_outputs`), and keep that graph if it chains more blocks
+    (or the same in fewer chains). An output that only the graph returns is left: that
+    would convert a single block at most, for a run of the whole model."""
+    outputs = [
+        n
+        for n in result.escaping
+        if leaf_output_of(n) is not None and any(u.op != "output" for u in n.users)
+    ]
+    if not outputs or example_inputs is None:
+        return result, []
+    found = compute_leaf_outputs(unit.capture, root, example_inputs, outputs)
+    notes = [Note(join_path(unit.path, path), text) for path, text in found.notes]
+    if not found.computed:
+        return result, notes
+    trial = find_chains(found.graph, modules)
+    before = [len(c.blocks) for c in result.chains]
+    after = [len(c.blocks) for c in trial.chains]
+    if sum(after) < sum(before) or (sum(after) == sum(before) and len(after) >= len(before)):
+        return result, []
+    cap = unit.capture
+    cap.graph = found.graph
+    cap.graph_module = fx.GraphModule(cap.root, found.graph, class_name=type(cap.root).__name__)
+    return trial, notes
 
 
 def _prefixed(info: ChainInfo, prefix: str) -> ChainInfo:

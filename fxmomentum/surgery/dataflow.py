@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture import TrainingFlag
+from ..capture.effects import is_inplace
 
 __all__ = [
     "LAYOUT_FUNCTIONS",
@@ -34,6 +35,7 @@ __all__ = [
     "is_identity_cast",
     "is_inplace",
     "is_layout",
+    "is_metadata_read",
     "module_path",
     "tensor_meta",
 ]
@@ -159,6 +161,25 @@ def is_layout(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
 
 
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
+_META_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    """Whether ``node`` reads a value's shape, dtype or device, not its elements
+    (``x.shape``, ``x.size(1)``, ``x.device``).
+
+    Examples
+    --------
+    >>> gm = fx.symbolic_trace(lambda x: x.new_zeros(x.shape[0]))
+    >>> [is_metadata_read(n) for n in gm.graph.nodes]
+    [False, True, False, False, False]
+    """
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _META_ATTRS
+    return node.op == "call_method" and node.target in _META_METHODS
+
+
 def is_cast(node: fx.Node) -> bool:
     """Whether ``node`` is a dtype cast or copy of a tensor (``x.to(torch.float32)``,
     ``x.float()``, ``x.clone()``), not a move to another device."""
@@ -187,20 +208,6 @@ def is_identity_cast(node: fx.Node) -> bool:
         return False
     a, b = tensor_meta(node.args[0]), tensor_meta(node)
     return a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
-
-
-def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_")):
-            return True
-        return node.target in (operator.iadd, operator.imul, operator.isub, operator.itruediv)
-    if node.op == "call_module":
-        return getattr(modules.get(str(node.target)), "inplace", False) is True
-    return False
 
 
 class DataFlow:

@@ -52,9 +52,11 @@ from .dataflow import (
     is_cast,
     is_inplace,
     is_layout,
+    is_metadata_read,
     module_path,
     tensor_meta,
 )
+from .hoist import Hoist, hoist, valued
 from .layout import Link, follow, reaches
 
 __all__ = [
@@ -102,6 +104,14 @@ class Block:
     layout : list of Link
         In a chain, every layout change from the chain's first block to this one: the block
         runs on the chain's state with them replayed, and maps its result back.
+    hoisted : list of torch.fx.Node
+        What the block computes for code outside it without its input's values (T5's
+        position bias), in graph order: computed ahead of the chain, read as context (see
+        :mod:`fxmomentum.surgery.hoist`).
+    reads : dict of torch.fx.Node to torch.fx.Node
+        Among ``hoisted``, each read of the shape, dtype or device of the block's input or
+        of a value it computes from it, and that value: ahead of the chain it reads the
+        chain's input, and the block checks that the value agrees.
     """
 
     entry: fx.Node
@@ -116,6 +126,8 @@ class Block:
     source: fx.Node | None = None
     link: Link | None = None
     layout: list[Link] = field(default_factory=list)
+    hoisted: list[fx.Node] = field(default_factory=list)
+    reads: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -170,6 +182,12 @@ class Chain:
         return list(seen)
 
     @property
+    def reads(self) -> dict[fx.Node, fx.Node]:
+        """The shape, dtype and device reads its blocks move ahead of it
+        (:attr:`Block.reads`): there they read :attr:`entry`."""
+        return {r: v for b in self.blocks for r, v in b.reads.items()}
+
+    @property
     def nodes(self) -> list[fx.Node]:
         """All nodes of the chain's blocks, and of the layout changes between them, in
         graph order."""
@@ -211,10 +229,14 @@ class MatchResult:
     chains : list of Chain
         In graph order; not-selected chains included.
     skipped : list of SkippedAdd
+    escaping : list of torch.fx.Node
+        Why some adds were skipped: a value their block computes from its input's values
+        that code outside the block reads.
     """
 
     chains: list[Chain] = field(default_factory=list)
     skipped: list[SkippedAdd] = field(default_factory=list)
+    escaping: list[fx.Node] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[Block]:
@@ -237,6 +259,10 @@ class _Candidate:
     #: Every node computed from the input before the add (``inner`` keeps those the add
     #: needs): an in-place change of the input among them is refused.
     around: set[fx.Node] = field(default_factory=set)
+    #: What the block computes for code outside it, moved ahead of the chain.
+    hoisted: Hoist = field(default_factory=Hoist)
+    #: A value computed from the input's values that code outside the block reads (refused).
+    escaping: fx.Node | None = None
 
     @property
     def inputs(self) -> tuple[fx.Node, ...]:
@@ -310,7 +336,7 @@ def _own(g: DataFlow, add: fx.Node, computed: set[fx.Node]) -> set[fx.Node]:
     beside: set[fx.Node] = set()
     for n in sorted(computed, key=g.index.__getitem__):
         inputs = [i for i in n.all_input_nodes if i in computed]
-        if _metadata_read(n) or (inputs and all(i in shapes for i in inputs)):
+        if is_metadata_read(n) or (inputs and all(i in shapes for i in inputs)):
             shapes.add(n)
         elif n not in needed and tensor_meta(n) is not None and all(i in beside for i in inputs):
             beside.add(n)
@@ -387,16 +413,6 @@ def _op_name(node: fx.Node) -> str:
     return str(getattr(node.target, "__name__", node.target))
 
 
-_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
-_META_METHODS = frozenset({"size", "dim", "numel"})
-
-
-def _metadata_read(n: fx.Node) -> bool:
-    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
-        return n.args[1] in _META_ATTRS
-    return n.op == "call_method" and n.target in _META_METHODS
-
-
 def _release_metadata(g: DataFlow, c: _Candidate) -> None:
     """Leave outside the block the shape metadata of ``x`` that code after the block reads.
 
@@ -413,7 +429,7 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
             continue
         # A read of x's shape or dtype, or a value built from them only (a mask expanded to
         # the batch size of x).
-        if _metadata_read(n) or (inputs and not set(c.inputs) & set(n.all_input_nodes)):
+        if is_metadata_read(n) or (inputs and not set(c.inputs) & set(n.all_input_nodes)):
             meta.add(n)
     c.meta = meta
     escaping = [n for n in meta if any(u not in inner and u is not c.add for u in n.users)]
@@ -433,11 +449,32 @@ def _release_metadata(g: DataFlow, c: _Candidate) -> None:
 def _reads_values(g: DataFlow, c: _Candidate) -> bool:
     """Whether F's output depends on the values of ``x``, not only on its shape, dtype or
     device (``x[:, :, -1]`` read only for its shape does not count)."""
-    valued = set(c.inputs)
-    for n in sorted(c.inner, key=g.index.__getitem__):
-        if not _metadata_read(n) and any(i in valued for i in n.all_input_nodes):
-            valued.add(n)
-    return c.branch in valued
+    return c.branch in valued(g, c.inputs, c.inner)
+
+
+def _hoist(g: DataFlow, c: _Candidate) -> str | None:
+    """Move ahead of the chain what the block computes for code outside it without its
+    input's values (see :mod:`fxmomentum.surgery.hoist`); why not, where it reads them."""
+    inner = c.inner
+    escaping = [
+        n
+        for n in sorted(inner, key=g.index.__getitem__)
+        if any(u not in inner and u is not c.add for u in n.users)
+    ]
+    if not escaping:
+        return None
+    computed = valued(g, c.inputs, inner)
+    for n in escaping:
+        if n in computed:
+            c.escaping = n
+            u = next(u for u in n.users if u not in inner and u is not c.add)
+            return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
+    found = hoist(g, inner, c.entry, escaping, computed)
+    if isinstance(found, str):
+        return found
+    c.inner = inner - found.nodes
+    c.hoisted = found
+    return None
 
 
 def _check(g: DataFlow, c: _Candidate) -> str | None:
@@ -470,11 +507,10 @@ def _check(g: DataFlow, c: _Candidate) -> str | None:
             f"x + F(x) with F constant in x is no residual block"
         )
     _release_metadata(g, c)
+    why = _hoist(g, c)
+    if why is not None:
+        return why
     inner = c.inner
-    for n in sorted(inner, key=g.index.__getitem__):
-        for u in n.users:
-            if u not in inner and u is not c.add:
-                return f"`{n.name}` is computed inside the block and read by `{u.name}` outside it"
     for i in c.inputs:
         for u in i.users:
             if u in c.around and u.args and u.args[0] is i and is_inplace(u, g.modules):
@@ -502,7 +538,10 @@ def _make_block(g: DataFlow, c: _Candidate, tail: list[fx.Node]) -> Block:
         path = common_path(module_path(n) for n in c.inner if n is not c.skip)
     kind = "generalized" if tail else "pure"
     exit_ = tail[-1] if tail else c.add
-    return Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha, c.source)
+    block = Block(c.entry, c.add, c.branch, exit_, nodes, ordered, kind, path, c.alpha, c.source)
+    block.hoisted = sorted(c.hoisted.nodes, key=g.index.__getitem__)
+    block.reads = dict(c.hoisted.reads)
+    return block
 
 
 def _tails(g: DataFlow, cands: list[_Candidate]) -> dict[_Candidate, list[fx.Node]]:
@@ -564,6 +603,7 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
     """
     g = DataFlow(graph, modules)
     skipped: dict[fx.Node, str] = {}
+    escaping: list[fx.Node] = []
     cands: list[_Candidate] = []
     for node in g.nodes:
         found = _candidate(g, node)
@@ -572,6 +612,8 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
         why = found if isinstance(found, str) else _check(g, found)
         if why is not None:
             skipped[node] = why
+            if isinstance(found, _Candidate) and found.escaping is not None:
+                escaping.append(found.escaping)
             continue
         cands.append(found)
     cands = _resolve_nesting(g, cands, skipped)
@@ -580,7 +622,7 @@ def find_chains(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> MatchResul
         SkippedAdd(n.name, module_path(n), why)
         for n, why in sorted(skipped.items(), key=lambda item: g.index[item[0]])
     ]
-    return MatchResult(chains, left_out)
+    return MatchResult(chains, left_out, escaping)
 
 
 def _blocks(g: DataFlow, cands: list[_Candidate]) -> list[Block]:
@@ -636,7 +678,8 @@ def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
     for b in blocks:
         by_entry.setdefault(b.entry, []).append(b)
     entries = {e: found[0] for e, found in by_entry.items() if len(found) == 1}
-    regions = {b: set(b.nodes) for b in blocks}
+    # The shape reads of a block's input that are moved ahead of the chain are the block's.
+    regions = {b: {*b.nodes, *b.reads} for b in blocks}
     edges: dict[Block, tuple[Block, Link | None]] = {}
     for b in blocks:
         found = follow(b.exit, entries, regions, g.modules)
@@ -653,6 +696,7 @@ def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
         # A layout change's shape reads serve the chain, or what comes after it (the graph
         # computes them again there): the chain computes them.
         bad = [b for group in groups for b in _outside_readers(g, group, edges)]
+        bad += [b for group in groups for b in _relaid_before_reads(group, edges)]
         if not bad:
             break
         for b in bad:
@@ -665,6 +709,21 @@ def _link(g: DataFlow, blocks: list[Block]) -> list[Chain]:
         chains.append(Chain(group))
     chains.sort(key=lambda c: g.index[c.blocks[0].add])
     return chains
+
+
+def _relaid_before_reads(
+    group: list[Block], edges: dict[Block, tuple[Block, Link | None]]
+) -> list[Block]:
+    """The blocks of ``group`` whose link to the next block changes the state's layout where a
+    block after it has a shape read moved ahead of the chain (which reads the chain's input,
+    whose layout is then not that block's)."""
+    bad, reads_later = [], False
+    for b in reversed(group):
+        link = edges[b][1] if b in edges else None
+        if reads_later and link is not None and link.ops:
+            bad.append(b)
+        reads_later = reads_later or bool(b.reads)
+    return bad
 
 
 def _outside_readers(

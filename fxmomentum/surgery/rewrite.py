@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from ..engine import MomentumChain
 from .blocks import ChainBlock, ConvertedModule, named
+from .hoist import check_reads
 from .layout import map_back, replay
 from .match import Block, Chain
 from .segments import SEGMENT_PREFIX, cut_segment
@@ -100,6 +101,7 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
     if block.source is not None:
         # The skip widened h; F reads h, which the (wider) state gives back bit for bit.
         env[block.source] = g.call_method("to", (env[block.entry], _dtype(block.source)))
+        check_reads(g, block.reads, block.source, env, block.entry)
     for n in block.nodes:
         if n is block.add:
             if block.kind == "pure":
@@ -108,6 +110,7 @@ def block_graph(block: Block, context: Sequence[fx.Node] | Mapping[fx.Node, int]
             continue
         env[n] = g.node_copy(n, env.__getitem__)
         env[n].meta = dict(n.meta)
+        check_reads(g, block.reads, n, env, block.entry)
     if block.kind == "pure":
         out = env[block.branch]
         if _dtype(block.branch) != _dtype(block.entry):
@@ -194,6 +197,8 @@ def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) ->
     """
     removed = {n for c in chains for n in c.nodes}
     at_exit = {c.exit: (c, name) for c, name in zip(chains, names, strict=True)}
+    # Shape reads a chain's blocks moved ahead of it read the chain's input.
+    moved = {r: (v, c.entry) for c in chains for r, v in c.reads.items()}
     new = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
     env: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
@@ -208,6 +213,9 @@ def top_graph(graph: fx.Graph, chains: Sequence[Chain], names: Sequence[str]) ->
                     node.meta[key] = meta[key]
             # The state, in the chain's first layout, as the last block left it.
             env[n] = replay(new, node, layout, env)
+        elif n in moved:
+            value, entry = moved[n]
+            env[n] = new.node_copy(n, lambda a, v=value, e=entry: env[e] if a is v else env[a])
         elif n not in removed:
             env[n] = new.node_copy(n, env.__getitem__)
     return new
