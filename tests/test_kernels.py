@@ -46,6 +46,8 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
     nan_f = torch.where(f > 30, math.nan, f)
     inf_f = torch.where(f > 30, math.inf, f)
     shift31 = torch.tensor(31, device=device)
+    zeros_x = x.clone()  # -0 and small negatives round to -0 in floating point, to 0 in int64
+    zeros_x[::3], zeros_x[1::3] = -0.0, -1e-12
     huge_f = f * 1e12
     huge_f[1::5] = math.nan
     huge_f[2::5] = -math.inf
@@ -93,6 +95,7 @@ def _cases(n_el: int, device: str) -> list[tuple[kernels._Kernel, Callable[[], t
         (kernels.forward_step_, step(huge_f, x, 58982)),
         (kernels.backward_step_, lambda: (*unstep_huge(), None, None, scale, inv)),
         (kernels.on_grid, lambda: (x, scale, inv)),
+        (kernels.on_grid, lambda: (zeros_x, scale, inv)),
         (kernels.coarsen_, lambda: (xw, r.clone(), V48.clone(), shift, scale, inv * 8)),
         (kernels.coarsen_, lambda: (xw, r.clone(), V48.clone(), shift31, scale, inv * 2**31)),
         (kernels.unadd_unshift_, lambda: (xw, r.clone(), V48, head, shift, scale, inv / 8)),
@@ -131,6 +134,7 @@ def _same(a: object, b: object) -> bool:
             return False
         same = a == b
         if a.is_floating_point():
+            same &= torch.signbit(a) == torch.signbit(b)  # -0 is not +0
             same |= a.isnan() & b.isnan()
         return bool(same.all())
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a):

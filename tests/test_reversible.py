@@ -592,3 +592,18 @@ def test_state_is_dropped_once_the_chain_has_gone_backward():
     assert run.velocity is None and run.x_residual is None and run.grad_f is None
     assert run.bit_stack is None
     assert not run.records
+
+
+def test_a_chain_whose_input_holds_negative_zeros_trains():
+    # Dropout's zeros of negative inputs are -0.0: the input put on the grid must count them
+    # as the rebuilt input does (+0), or backward reports it could not rebuild the input.
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(4)]
+    chain = MomentumChain(blocks, 0.9)
+    x = torch.nn.functional.dropout(torch.randn(8, 16), 0.5).requires_grad_()
+    x.data[0, :4] = -0.0
+    assert torch.signbit(x[x == 0]).any()
+    grads = torch.autograd.grad(chain(x).square().sum(), [x, *chain.parameters()])
+    reference = MomentumChain(blocks, 0.9, use_backprop=True)
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *chain.parameters()])
+    assert max(rel_err(a, b) for a, b in zip(grads, expected, strict=True)) < 1e-4

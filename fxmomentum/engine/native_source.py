@@ -117,7 +117,9 @@ static inline double join(const float* RS xw, const i16* RS r, i64 i, float scal
 
 /* xw and r of an exact X: X rounded to float32 once, and what that rounding left. */
 static inline float split(double X, float inv_scale, i16* RS r, i64 i) {
-  float Xf = (float)X;
+  /* X is an integer; + 0.0 makes a zero +0, as the eager kernels' int64 path does (rintf
+     gives -0 for -0 and for small negatives, whose bits the checksums would count). */
+  float Xf = (float)(X + 0.0);
   r[i] = (i16)(X - (double)Xf);
   return Xf * inv_scale;
 }
