@@ -36,7 +36,7 @@ def test_the_native_update_gives_the_eager_bits(n_el, has_v, subtract):
     for grad_x, grad_v in [(gx, gv), (None, gv), (gx, None), (gx.expand(3, -1)[0], gv)]:
         ref = grad_x if grad_x is not None else grad_v
         want = update._momentum_update_grad(ref, grad_x, grad_v, GAMMA, has_v, subtract)
-        got = native.momentum_update_grad(grad_x, grad_v, GAMMA, has_v, subtract)
+        got = native.momentum_update_grad(ref, grad_x, grad_v, GAMMA, has_v, subtract)
         for a, b in zip(got, want, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
 

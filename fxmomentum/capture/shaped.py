@@ -443,9 +443,12 @@ def _range(*args: Any) -> range:
     return range(*(int(a) if isinstance(a, fx.Proxy) else a for a in args))
 
 
-def _computed_from(node: fx.Node, found: Callable[[fx.Node], bool]) -> bool:
+def _computed_from(
+    node: fx.Node, found: Callable[[fx.Node], bool], through_tensors: bool = False
+) -> bool:
     """Whether ``found`` holds for ``node`` or a node its value is computed from through
-    values that are not tensors (a tensor ends the search: its sizes are not its data)."""
+    values that are not tensors (a tensor ends the search: its sizes are not its data), or
+    through every value with ``through_tensors``."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
@@ -454,23 +457,14 @@ def _computed_from(node: fx.Node, found: Callable[[fx.Node], bool]) -> bool:
         seen.add(n)
         if found(n):
             return True
-        if not isinstance(n.meta.get(EXAMPLE), torch.Tensor):
+        if through_tensors or not isinstance(n.meta.get(EXAMPLE), torch.Tensor):
             todo.extend(n.all_input_nodes)
     return False
 
 
 def _drawn(node: fx.Node) -> bool:
     """Whether ``node`` is computed from a random draw made at run time."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_random_draw(n):
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
+    return _computed_from(node, is_random_draw, through_tensors=True)
 
 
 def _reads_requires_grad(node: fx.Node) -> bool:

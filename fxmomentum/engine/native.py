@@ -447,9 +447,8 @@ def momentum_update(x, y, v, gamma, subtract):
     return x_new, v_new
 
 
-def momentum_update_grad(grad_x_new, grad_v_new, gamma, has_v, subtract):
+def momentum_update_grad(ref, grad_x_new, grad_v_new, gamma, has_v, subtract):
     """Native :func:`fxmomentum.engine.update._momentum_update_grad`."""
-    ref = grad_x_new if grad_x_new is not None else grad_v_new
     grad_v_new = _laid_out_like(ref, grad_v_new)
     grad_x_new = _laid_out_like(ref, grad_x_new)
     if any(g is not None and g.dtype != _F for g in (grad_x_new, grad_v_new)):

@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -29,23 +30,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .fsdp import in_units
 from .spec import BlockArguments, ChainSpec, block_buffers
+from .update import needs_grad
 
 __all__ = ["needs_backward", "recomputed", "recomputed_chain"]
 
 
 def needs_backward(tensors: Iterable[object], parameters: Iterable[torch.Tensor]) -> bool:
     """Whether autograd will differentiate through something that reads ``tensors`` and
-    ``parameters``: grad is enabled and one of them requires grad.
-
-    Under ``torch.export`` (and ``torch.onnx.export(dynamo=True)``) it is never: the exported
-    program is for inference, and the engine's state checks depend on the data, which export
-    cannot trace.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_exporting():
-        return False
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return True
-    return any(p.requires_grad for p in parameters)
+    ``parameters`` (:func:`~.update.needs_grad`: never under ``torch.export``)."""
+    return needs_grad(itertools.chain(tensors, parameters))
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,12 +71,8 @@ def _momentum_update_grad(
     return grad_x, grad_y, grad_v
 
 
-def _native_grad(ref, grad_x_new, grad_v_new, gamma, has_v, subtract):
-    return native.momentum_update_grad(grad_x_new, grad_v_new, gamma, has_v, subtract)
-
-
 _kernel = Kernel(_momentum_update, native.momentum_update)
-_grad_kernel = Kernel(_momentum_update_grad, _native_grad)
+_grad_kernel = Kernel(_momentum_update_grad, native.momentum_update_grad)
 
 
 def _traced() -> bool:
@@ -143,15 +140,19 @@ def momentum_update(
     tuple of Tensor
         The next state ``x + v'`` and the velocity ``v'``.
     """
-    tensors = (x, y) if v is None else (x, y, v)
-    if needs_grad(tensors):
+    if needs_grad((x, y, v)):
         return _MomentumUpdate.apply(x, y, v, gamma, subtract)
     return _update(x, y, v, gamma, subtract)
 
 
-def needs_grad(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Whether autograd records an operation on ``tensors`` (never under ``torch.export``,
-    which traces the plain operators)."""
+def needs_grad(tensors: Iterable[object]) -> bool:
+    """Whether autograd records an operation on ``tensors`` (non-tensors aside): grad is
+    enabled and one of them requires grad.
+
+    Under ``torch.export`` (and ``torch.onnx.export(dynamo=True)``) it is never: the exported
+    program is for inference, and the engine's state checks depend on the data, which export
+    cannot trace.
+    """
     if not torch.is_grad_enabled() or torch.compiler.is_exporting():
         return False
-    return any(t.requires_grad for t in tensors)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
