@@ -61,6 +61,8 @@ def model_and_input(bench: str, sizes: dict[str, Any]) -> tuple[nn.Module, torch
     for m in stack.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        if isinstance(m, nn.MultiheadAttention):  # its own attention dropout, a float
+            m.dropout = 0.0
     return stack, torch.randn(s["batch"], s["seq"], s["width"])
 
 

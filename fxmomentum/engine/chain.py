@@ -11,6 +11,7 @@ from .exact import GAMMA_DENOM, validate_gamma
 from .fsdp import in_units
 from .function import reversible_chain
 from .recompute import needs_backward, recomputed_chain
+from .saved_ops import SavedOps
 from .spec import BlockArguments, ChainSpec
 
 __all__ = ["STRATEGIES", "GammaSetting", "MomentumChain"]
@@ -89,6 +90,11 @@ class MomentumChain(GammaSetting, nn.Module):
         modules keep tensors between calls in those modes (timm's LeViT caches its attention
         biases in eval mode), which a recomputation in backward would read instead of
         computing them again (:mod:`fxmomentum.engine.state`).
+    saved_ops : sequence of (SavedOps or None), optional
+        Per block, outputs of its heavy operators that its forward keeps so that its
+        recomputation (``"reversible"`` and ``"recompute"``) skips those operators
+        (:mod:`fxmomentum.engine.saved_ops`; the memory planner chooses them). The chain
+        computes the same bits with or without them.
 
     Examples
     --------
@@ -110,6 +116,7 @@ class MomentumChain(GammaSetting, nn.Module):
         names: Sequence[str] | None = None,
         reads: Sequence[Sequence[int]] | None = None,
         plain_modes: Sequence[str] = (),
+        saved_ops: Sequence[SavedOps | None] | None = None,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -134,6 +141,9 @@ class MomentumChain(GammaSetting, nn.Module):
         if unknown:
             raise ValueError(f"plain_modes are 'train' and 'eval', got {sorted(unknown)}")
         self.plain_modes = tuple(sorted(plain_modes))
+        if saved_ops is not None and len(saved_ops) != len(blocks):
+            raise ValueError(f"{len(saved_ops)} saved_ops for {len(blocks)} blocks")
+        self.saved_ops = list(saved_ops) if saved_ops is not None and any(saved_ops) else None
         if register_blocks:
             self.blocks = nn.ModuleList(blocks)
         else:
@@ -155,6 +165,9 @@ class MomentumChain(GammaSetting, nn.Module):
         text = f"num_blocks={len(self.residual)}, gamma={self._gamma}, strategy={self.strategy}"
         if self.__dict__.get("plain_modes"):
             text += f", plain_modes={self.plain_modes}"
+        saved = self.__dict__.get("saved_ops")
+        if saved:
+            text += f", saved_ops={sum(len(s) for s in saved if s)}"
         return text
 
     # -- forward ------------------------------------------------------------------------------
@@ -162,7 +175,10 @@ class MomentumChain(GammaSetting, nn.Module):
         self, x: torch.Tensor, *args: object, v0: torch.Tensor | None = None
     ) -> torch.Tensor:
         reads = self.reads or ()
-        spec = ChainSpec(self.block_list(), self.residual, self._gamma_num, self.names, reads)
+        saved = self.__dict__.get("saved_ops") or ()
+        spec = ChainSpec(
+            self.block_list(), self.residual, self._gamma_num, self.names, reads, saved
+        )
         plain = ("train" if self.training else "eval") in self.__dict__.get("plain_modes", ())
         if self.strategy == "keep" or plain or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0, args)

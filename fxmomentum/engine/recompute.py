@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .fsdp import in_units
+from .saved_ops import SavedOps, combined
 from .spec import BlockArguments, ChainSpec, block_buffers
 from .update import needs_grad
 
@@ -52,7 +53,9 @@ def _restoring(buffers: Sequence[torch.Tensor]) -> Iterator[None]:
                 b.copy_(old)
 
 
-def recomputed(fn: Callable[..., Any], owners: Iterable[object], *args: Any) -> Any:
+def recomputed(
+    fn: Callable[..., Any], owners: Iterable[object], *args: Any, saved: SavedOps | None = None
+) -> Any:
     """``fn(*args)`` keeping only its inputs; recomputed in backward, buffers restored after.
 
     Parameters
@@ -63,11 +66,16 @@ def recomputed(fn: Callable[..., Any], owners: Iterable[object], *args: Any) -> 
         What holds the buffers ``fn`` may change (modules, blocks with a ``buffers()``).
     *args
         Its arguments.
+    saved : SavedOps, optional
+        Operator outputs the forward keeps and the recomputation takes (:mod:`~.saved_ops`).
     """
     buffers = [b for owner in owners for b in block_buffers(owner)]
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _restoring(buffers)
+        if saved is None:
+            return contextlib.nullcontext(), _restoring(buffers)
+        forward, recompute = saved.contexts()
+        return forward, combined(_restoring(buffers), recompute)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
@@ -93,7 +101,7 @@ def recomputed_chain(
     def step(t: int, state: tuple) -> tuple:
         x, v = state
         block_args, _ = arguments.build(arguments.tensors)
-        out = recomputed(output, [spec.blocks[t]], t, x, *block_args)
+        out = recomputed(output, [spec.blocks[t]], t, x, *block_args, saved=spec.saved_ops(t))
         return spec.advance(t, x, v, out)
 
     reads = spec.tensor_reads(arguments)

@@ -21,10 +21,12 @@ This module knows nothing about torch.fx or autograd Functions;
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,6 +88,8 @@ class BlockRecord:
     reads: tuple[int, ...]
     #: RNG and autocast states and changed buffers, to recompute the block as it ran.
     forward: ForwardRun
+    #: Hands the recomputation the operator outputs the forward kept (None: none kept).
+    saved_outputs: Any = None
 
 
 def _too_large(spec: ChainSpec, t: int, what: str, value: float) -> NumericalError:
@@ -203,7 +207,9 @@ class ChainRun:
         spec, stack, grid = self.spec, self.bit_stack, self.grid
         args, kwargs = arguments.build(arguments.tensors)
         version = x._version
-        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran:
+        saved = spec.saved_ops(t)
+        keeping, saved_outputs = saved.contexts() if saved else (contextlib.nullcontext(), None)
+        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran, keeping:
             out = spec.output(t, x, args, kwargs)
         if x._version != version:
             raise RuntimeError(
@@ -241,7 +247,9 @@ class ChainRun:
         if shift > 0:
             stack.push(low_x, 1 << shift)
         self.records.append(
-            BlockRecord(shift, grid.exponent, int(v_sum), arguments, tuple(reads), ran)
+            BlockRecord(
+                shift, grid.exponent, int(v_sum), arguments, tuple(reads), ran, saved_outputs
+            )
         )
         if t == len(spec.blocks) - 1:
             self._finish(x_next)
@@ -572,8 +580,9 @@ class ChainRun:
         if grad_out is None:
             grad_out = torch.zeros_like(x, dtype=self.grad_dtype)
         # Buffers are restored after the block's backward, which may read them.
+        taking = record.saved_outputs or contextlib.nullcontext()
         with record.forward.replay(x.device):
-            with torch.enable_grad(), forward_attention_kernels():
+            with torch.enable_grad(), forward_attention_kernels(), taking:
                 out = spec.output(t, x, args, kwargs)
             self._take_grad_f(grad_out)
             grads = self._block_gradients(out, [x, *wanted], params)

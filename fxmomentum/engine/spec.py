@@ -9,6 +9,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .exact import GAMMA_DENOM
+from .saved_ops import SavedOps
 from .update import momentum_update
 
 __all__ = ["BlockArguments", "ChainSpec", "block_buffers", "block_parameters"]
@@ -34,6 +35,9 @@ class ChainSpec:
         autograd node: a parameter handed to every block would otherwise have its gradient
         held until the whole chain has gone backward (autograd waits for every node that
         takes it).
+    saved : sequence of (SavedOps or None)
+        Per block, the outputs of its heavy operators its forward keeps so that its
+        recomputation skips them (:mod:`~.saved_ops`); empty or None: none.
 
     Examples
     --------
@@ -48,6 +52,7 @@ class ChainSpec:
     gamma_num: int
     names: Sequence[str] = ()
     reads: Sequence[Sequence[int] | None] = ()
+    saved: Sequence[SavedOps | None] = ()
     # A spec lives for one call of the chain: modules are listed once per call, not once per
     # use (a block's forward, its backward, the chain's checks each wanted them). A block's
     # list is made when first asked for, which for a block in an FSDP unit must be while the
@@ -78,6 +83,10 @@ class ChainSpec:
             arguments.tensor_indices(self.reads[t] if self.reads else None)
             for t in range(len(self.blocks))
         ]
+
+    def saved_ops(self, t: int) -> SavedOps | None:
+        """What block ``t``'s forward keeps for its recomputation (None: nothing)."""
+        return self.saved[t] if t < len(self.saved) and self.saved[t] else None
 
     def name(self, t: int) -> str:
         """Block ``t``'s name for messages."""

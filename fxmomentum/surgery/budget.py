@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 from torch import fx, nn
 
 from ..engine import quantize_gamma
+from ..engine.saved_ops import SavedOps
 from ..paths import join_path
 from .estimate import GraphMeasurement, measure_graph
 from .planner import Choice, Solution, evaluate, solve
-from .regions import MAX_SEGMENT_ATOMS, Gap, atoms_of, chain_costs, segment_cost
+from .regions import MAX_SEGMENT_ATOMS, Gap, Pick, atoms_of, chain_costs, segment_cost
 from .rewrite import top_graph
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ class PlannedRegion:
         Bytes it keeps from its forward to its backward (estimated).
     time_added : float
         Seconds it adds to a training step (estimated).
+    saved_outputs : int
+        Operator outputs (of convolutions, matrix products, attention) its blocks keep from
+        the forward so that their recomputation skips those operators; their bytes are in
+        ``kept_bytes``.
     """
 
     name: str
@@ -60,6 +65,7 @@ class PlannedRegion:
     modules: list[str]
     kept_bytes: int
     time_added: float
+    saved_outputs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,6 +130,8 @@ class _Region:
     chain: int | None = None
     gap: int | None = None
     atoms: tuple[int, int] = (0, 0)
+    #: Operator outputs the chain's blocks keep for their recomputation.
+    picks: tuple[Pick, ...] = ()
 
 
 def _param_bytes(modules: dict[str, nn.Module], names: Sequence[str]) -> int:
@@ -187,12 +195,15 @@ class _Sequence:
         # The original model's chain (gamma 0, kept): the reference the budget is a part of.
         original = chain_costs(measured, chain, 0.0, params, ["keep"], 0).strategies["keep"]
         self.originals[len(self.steps)] = Choice(key_base, "keep", original, len(self.steps) + 1)
-        self.steps.append(
-            [
-                self.add(f"{key_base}:{s}", _Region(index, chain=k), s, cost, 1)
-                for s, cost in costs.strategies.items()
-            ]
-        )
+        choices = [
+            self.add(f"{key_base}:{s}", _Region(index, chain=k), s, cost, 1)
+            for s, cost in costs.strategies.items()
+        ]
+        for j, variant in enumerate(costs.saving):
+            region = _Region(index, chain=k, picks=variant.picks)
+            key = f"{key_base}:{variant.strategy}:saving{j}"
+            choices.append(self.add(key, region, variant.strategy, variant.cost, 1))
+        self.steps.append(choices)
 
     def _gap(self, index, gap_index, gap: Gap, graph: fx.Graph, modules, exits, measured):
         by_name = {n.name: n for n in graph.nodes}
@@ -325,6 +336,7 @@ def _record(
     units = conversion.units
     for unit in units:
         unit.strategies = ["keep"] * len(unit.chosen)
+        unit.saved_ops = [None] * len(unit.chosen)
         unit.segments = []
     for choice in solution.choices:
         region = sequence.where[choice.region]
@@ -332,6 +344,8 @@ def _record(
         if region.chain is not None:
             unit.strategies[region.chain] = choice.strategy
             chain = unit.chosen[region.chain]
+            if region.picks:
+                unit.saved_ops[region.chain] = _saved_ops(region.picks, len(chain.blocks))
             name = join_path(unit.path, unit.names[region.chain])
             modules = sorted({join_path(unit.path, b.path) for b in chain.blocks})
             kind = "chain"
@@ -346,6 +360,20 @@ def _record(
             kind = "segment"
         plan.regions.append(
             PlannedRegion(
-                name, kind, choice.strategy, modules, choice.cost.kept, choice.cost.seconds
+                name,
+                kind,
+                choice.strategy,
+                modules,
+                choice.cost.kept,
+                choice.cost.seconds,
+                len(region.picks),
             )
         )
+
+
+def _saved_ops(picks: Sequence[Pick], blocks: int) -> list[SavedOps | None]:
+    """Per block of a chain, the operator outputs it keeps (None: none)."""
+    per_block: list[set[tuple[str, int]]] = [set() for _ in range(blocks)]
+    for t, op, k in picks:
+        per_block[t].add((op, k))
+    return [SavedOps(frozenset(p)) if p else None for p in per_block]

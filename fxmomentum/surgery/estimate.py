@@ -17,14 +17,17 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..capture import no_side_effects
 from ..engine import GAMMA_DENOM, quantize_gamma
+from ..engine.saved_ops import op_key
 from .match import Chain
 
 __all__ = [
     "STATE_BYTES_PER_ELEMENT",
     "GraphMeasurement",
+    "HeavyOp",
     "autograd_saved_bytes",
     "estimate_saved_bytes",
     "measure_graph",
@@ -51,6 +54,38 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
         return None
 
 
+@dataclass(frozen=True)
+class HeavyOp:
+    """One call of a heavy operator: its name, the bytes of its outputs and its CPU time."""
+
+    op: str
+    nbytes: int
+    seconds: float
+
+
+class _OperatorCalls(TorchDispatchMode):
+    """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs."""
+
+    def __init__(self, record: GraphMeasurement) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        node = self.record.current
+        name = op_key(func)
+        start = time.process_time()
+        out = func(*args, **(kwargs or {}))
+        if node is not None:
+            counts = self.record.op_counts
+            counts[node] = counts.get(node, 0) + 1
+            if name is not None:
+                nbytes = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out)
+                             if isinstance(t, torch.Tensor))  # fmt: skip
+                call = HeavyOp(name, nbytes, time.process_time() - start)
+                self.record.heavy_ops.setdefault(node, []).append(call)
+        return out
+
+
 @dataclass
 class GraphMeasurement:
     """One run of a graph with grad on its example inputs, node by node (by node name; no
@@ -69,6 +104,11 @@ class GraphMeasurement:
         Storages of parameters and buffers (never activation memory).
     inputs : set of int
         Storages of the graph's inputs (held by the caller, not by the step).
+    heavy_ops : dict of str to list of HeavyOp
+        Per node, the calls of operators whose outputs a recomputation may take from the
+        forward (:data:`fxmomentum.engine.saved_ops.HEAVY_OPS`), in call order.
+    op_counts : dict of str to int
+        Per node, how many operators it dispatched.
     """
 
     saved: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -76,6 +116,8 @@ class GraphMeasurement:
     seconds: dict[str, float] = field(default_factory=dict)
     fixed: set[int] = field(default_factory=set)
     inputs: set[int] = field(default_factory=set)
+    heavy_ops: dict[str, list[HeavyOp]] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
     timed: bool = False
     current: str | None = None
 
@@ -186,6 +228,7 @@ def measure_graph(
         if graph.owning_module is not None and example_inputs is not None:
             # Measured already: one more run for the times.
             _run_once(graph.owning_module, example_inputs, found, True)
+            _note_operators(graph.owning_module, example_inputs, found)
             found.timed = True
             return found
     gm = graph.owning_module
@@ -207,6 +250,8 @@ def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], timed: bool) -> GraphMeasu
     for timing in [False, True] if timed else [False]:
         if not _run_once(gm, inputs, record, timing):
             return None
+    if timed:
+        _note_operators(gm, inputs, record)
     record.timed = timed
     record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
                     if (k := _storage(t)) is not None}  # fmt: skip
@@ -231,6 +276,32 @@ def _run_once(
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
     return True
+
+
+def _note_operators(gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement) -> None:
+    """One more run noting each node's operators (a run of its own: the dispatch mode's
+    Python work would count in the nodes' times). Where that fails, no operator's output is
+    offered for saving, and nothing else changes."""
+    run = _SavedTensors(gm, GraphMeasurement(), timed=True)
+    calls = _OperatorCalls(record)
+
+    def noted(n: fx.Node) -> Any:
+        record.current = n.name
+        try:
+            return fx.Interpreter.run_node(run, n)
+        finally:
+            record.current = None
+
+    run.run_node = noted  # type: ignore[method-assign]
+    try:
+        with no_side_effects(gm, inputs, grad=True), calls:
+            run.run(*inputs)
+    except Exception:
+        record.heavy_ops.clear()
+        record.op_counts.clear()
+    finally:
+        run.env.clear()
+        record.current = None
 
 
 def autograd_saved_bytes(chain: Chain, example_inputs: Any = None) -> int | None:

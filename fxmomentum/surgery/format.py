@@ -134,7 +134,10 @@ def _plan_table(plan: MemoryPlan, tablefmt: str) -> str:
         shown = ", ".join(r.modules[:2]) + (
             f", ... ({len(r.modules)})" if len(r.modules) > 2 else ""
         )
-        rows.append([r.name, r.kind, r.strategy, format_bytes(r.kept_bytes),
+        strategy = r.strategy
+        if r.saved_outputs:  # operator outputs kept so that the recomputation skips them
+            strategy += f" (keeps {r.saved_outputs} op outputs)"
+        rows.append([r.name, r.kind, strategy, format_bytes(r.kept_bytes),
                      f"{1000 * r.time_added:.1f} ms", shown])  # fmt: skip
     head = ["region", "kind", "strategy", "kept (est.)", "time added (est.)", "modules"]
     totals = (

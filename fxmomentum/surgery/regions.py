@@ -45,7 +45,17 @@ from .dataflow import module_path, tensor_meta
 from .estimate import STATE_BYTES_PER_ELEMENT, GraphMeasurement
 from .match import Chain
 
-__all__ = ["Atom", "Cost", "Gap", "RegionCosts", "atoms_of", "chain_costs", "segment_cost"]
+__all__ = [
+    "Atom",
+    "Cost",
+    "Gap",
+    "Pick",
+    "RegionCosts",
+    "SavingVariant",
+    "atoms_of",
+    "chain_costs",
+    "segment_cost",
+]
 
 #: Time a recomputed region adds beyond its forward, as a share of that forward: saving and
 #: restoring its inputs, RNG and buffers, autograd's second graph (torch's checkpoint on
@@ -62,6 +72,12 @@ REVERSIBLE_OVERHEAD = 0.7
 WORKING_STATE_BYTES = 14
 #: Longest run of atoms recomputed as one segment (bounds the planner's work on large gaps).
 MAX_SEGMENT_ATOMS = 32
+#: Most operator outputs a chain's plans may keep for its recomputation (the best ones by time
+#: per byte; bounds the planner's choices per chain).
+MAX_SAVED_OUTPUTS = 64
+#: CPU time torch's dispatch to Python takes per operator of a block whose operator outputs
+#: are kept (selective checkpointing's dispatch modes run in its forward and recomputation).
+DISPATCH_SECONDS = 8e-6
 
 
 @dataclass(frozen=True)
@@ -101,11 +117,27 @@ class Gap:
     atoms: list[Atom] = field(default_factory=list)
 
 
+#: ``(block, operator, k)``: the output of the ``k``-th call of ``operator`` in the block.
+Pick = tuple[int, str, int]
+
+
+@dataclass(frozen=True)
+class SavingVariant:
+    """A recomputing strategy of a chain whose blocks keep some operator outputs from the
+    forward, so that their recomputation skips those operators."""
+
+    strategy: str
+    cost: Cost
+    picks: tuple[Pick, ...]
+
+
 @dataclass
 class RegionCosts:
-    """What each strategy of a chain costs (``strategies`` maps a name to its cost)."""
+    """What each strategy of a chain costs (``strategies`` maps a name to its cost), and the
+    recomputing strategies with operator outputs kept (``saving``)."""
 
     strategies: dict[str, Cost]
+    saving: list[SavingVariant] = field(default_factory=list)
 
 
 def _computes(node: fx.Node) -> bool:
@@ -255,7 +287,45 @@ def chain_costs(
             keys = frozenset({*exit_storages, synthetic})
             cost = seconds * (1 + REVERSIBLE_OVERHEAD)
             out[strategy] = Cost(kept, per_block + working + grads, cost, keys)
-    return RegionCosts(out)
+    return RegionCosts(out, _saving_variants(measured, chain, out, seconds))
+
+
+def _saving_variants(
+    measured: GraphMeasurement, chain: Chain, costs: Mapping[str, Cost], forward: float
+) -> list[SavingVariant]:
+    """The recomputing strategies of ``chain`` with the best ``j`` operator outputs kept, for
+    every ``j``: the outputs ranked by the time their operator takes per byte they hold
+    (``forward``: the chain's forward time)."""
+    candidates: list[tuple[float, int, Pick, float]] = []
+    operators_per_block = []
+    for t, block in enumerate(chain.blocks):
+        calls: dict[str, int] = {}
+        operators_per_block.append(sum(measured.op_counts.get(n.name, 0) for n in block.nodes))
+        for node in block.nodes:
+            for call in measured.heavy_ops.get(node.name, ()):
+                k = calls[call.op] = calls.get(call.op, -1) + 1
+                if call.nbytes > 0:
+                    rate = call.seconds / call.nbytes
+                    candidates.append((rate, call.nbytes, (t, call.op, k), call.seconds))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    candidates = candidates[:MAX_SAVED_OUTPUTS]
+    variants = []
+    for strategy in ("recompute", "reversible"):
+        base = costs.get(strategy)
+        if base is None:
+            continue
+        kept, skipped, blocks, picks = 0, 0.0, set(), []
+        for _, nbytes, pick, seconds in candidates:
+            # The operators' times come from a run of their own: never more than the forward.
+            kept, skipped = kept + nbytes, min(skipped + seconds, forward)
+            blocks.add(pick[0])
+            picks.append(pick)
+            dispatch = 2 * DISPATCH_SECONDS * sum(operators_per_block[t] for t in blocks)
+            if skipped > dispatch:
+                cost = Cost(base.kept + kept, base.transient, base.seconds - skipped + dispatch,
+                            base.storages)  # fmt: skip
+                variants.append(SavingVariant(strategy, cost, tuple(picks)))
+    return variants
 
 
 def _numel(chain: Chain) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..engine import MomentumChain
+from ..engine.saved_ops import SavedOps
 from .blocks import ChainBlock, ConvertedModule, named
 from .hoist import check_reads
 from .layout import map_back, replay
@@ -302,6 +303,7 @@ def rewrite(
     strategies: Sequence[str] | None = None,
     segments: Sequence[Sequence[str]] = (),
     plain_modes: Sequence[Sequence[str]] = (),
+    saved_ops: Sequence[Sequence[SavedOps | None] | None] | None = None,
 ) -> fx.GraphModule:
     """Build the converted GraphModule.
 
@@ -327,6 +329,9 @@ def rewrite(
     plain_modes : sequence of sequences of str
         Per chain, the modes in which it runs with plain autograd (``MomentumChain``'s
         ``plain_modes``); by default none.
+    saved_ops : sequence, optional
+        Per chain, per block, the operator outputs its forward keeps for its recomputation
+        (``MomentumChain``'s ``saved_ops``), from the memory planner; by default none.
 
     Returns
     -------
@@ -356,11 +361,12 @@ def rewrite(
     names = chain_names(root, len(chains))
     strategies = list(strategies or [None] * len(chains))
     modes = list(plain_modes or [()] * len(chains))
+    saving = list(saved_ops or [None] * len(chains))
     # The converted module's ``_modules``: the blocks look their modules up in it.
     namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
-    for chain, name, gamma, strategy, plain in zip(
-        chains, names, gammas, strategies, modes, strict=True
+    for chain, name, gamma, strategy, plain, saved in zip(
+        chains, names, gammas, strategies, modes, saving, strict=True
     ):
         positions = _positions(chain.context)
         blocks = [named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
@@ -375,6 +381,7 @@ def rewrite(
             names=_block_names(chain.blocks),
             reads=[[positions[c] for c in block_reads(b) if c in positions] for b in chain.blocks],
             plain_modes=plain,
+            saved_ops=saved,
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)
