@@ -33,6 +33,8 @@ __all__ = [
     "measure_graph",
 ]
 
+#: Runs of a graph timed for the memory planner, besides the first (the least time counts).
+TIMED_RUNS = 2
 #: Bytes per element of the chain's activation that a reversible chain keeps until backward
 #: besides the lost bits (its exact state; see ARCHITECTURE.md, "The engine").
 STATE_BYTES_PER_ELEMENT = 12
@@ -109,6 +111,8 @@ class GraphMeasurement:
         forward (:data:`fxmomentum.engine.saved_ops.HEAVY_OPS`), in call order.
     op_counts : dict of str to int
         Per node, how many operators it dispatched.
+    device : str
+        Where the graph ran.
     """
 
     saved: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -118,6 +122,7 @@ class GraphMeasurement:
     inputs: set[int] = field(default_factory=set)
     heavy_ops: dict[str, list[HeavyOp]] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"
     timed: bool = False
     current: str | None = None
 
@@ -136,10 +141,10 @@ class _SavedTensors(fx.Interpreter):
     storage's address identifies it.
     """
 
-    def __init__(self, gm: fx.GraphModule, record: GraphMeasurement, timed: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, record: GraphMeasurement, what: str = "saved") -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.record = record
-        self.timed = timed
+        self.what = what
 
     def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
         # A ``**kwargs`` placeholder takes its dict as one positional input here (torch.fx's
@@ -160,8 +165,9 @@ class _SavedTensors(fx.Interpreter):
         finally:
             self.record.current = None
         seconds = time.process_time() - start
-        self.record.seconds[n.name] = min(seconds, self.record.seconds.get(n.name, seconds))
-        if not self.timed:
+        if self.what != "operators":  # the dispatch mode's Python work would count
+            self.record.seconds[n.name] = min(seconds, self.record.seconds.get(n.name, seconds))
+        if self.what == "saved":
             self.record.outputs[n.name] = _storages(result)
         return result
 
@@ -210,7 +216,8 @@ def measure_graph(
 
     The graph's owning module runs with grad on ``example_inputs`` (or, without them, on
     inputs of the shapes shape propagation recorded), without side effects. With ``timed``,
-    it runs twice more and each node's time is the faster of the two.
+    it runs :data:`TIMED_RUNS` times more (each node's time is the least of all runs) and
+    once noting each node's operators.
     """
     if example_inputs is None:
         key: tuple[Any, ...] = ()
@@ -226,10 +233,7 @@ def measure_graph(
         if found is None or not timed or found.timed:
             return found
         if graph.owning_module is not None and example_inputs is not None:
-            # Measured already: one more run for the times.
-            _run_once(graph.owning_module, example_inputs, found, True)
-            _note_operators(graph.owning_module, example_inputs, found)
-            found.timed = True
+            _timed_runs(graph.owning_module, example_inputs, found)  # measured already
             return found
     gm = graph.owning_module
     measured = None
@@ -239,69 +243,62 @@ def measure_graph(
         inputs = _synthesized_inputs(graph, device) if example_inputs is None else example_inputs
         if inputs is not None:
             measured = _run(gm, inputs, timed)
+            if measured is not None:
+                measured.device = str(device)
     _MEASURED[graph] = (key, measured)
     return measured
 
 
 def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], timed: bool) -> GraphMeasurement | None:
-    """One run recording saved tensors and outputs (and times), and with ``timed`` one more
-    recording times only: each node's time is the faster of the two."""
+    """One run recording saved tensors and outputs (and times), and with ``timed`` the runs
+    of :func:`_timed_runs`."""
     record = GraphMeasurement()
-    for timing in [False, True] if timed else [False]:
-        if not _run_once(gm, inputs, record, timing):
-            return None
-    if timed:
-        _note_operators(gm, inputs, record)
-    record.timed = timed
+    if not _run_once(gm, inputs, record, "saved"):
+        return None
+    if timed and not _timed_runs(gm, inputs, record):
+        return None
     record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
                     if (k := _storage(t)) is not None}  # fmt: skip
     return record
 
 
+def _timed_runs(gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement) -> bool:
+    """:data:`TIMED_RUNS` runs for the times (the first node of a run also takes what a run
+    sets up, which varies: the least of several is each node's own), then one noting each
+    node's operators."""
+    for _ in range(TIMED_RUNS):
+        if not _run_once(gm, inputs, record, "times"):
+            return False
+    _run_once(gm, inputs, record, "operators")
+    record.timed = True
+    return True
+
+
 def _run_once(
-    gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement, timing_only: bool
+    gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement, what: str
 ) -> bool:
-    run = _SavedTensors(gm, record, timing_only)
-    hooks = (
-        contextlib.nullcontext()
-        if timing_only
-        else torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack)
-    )
+    """One run of ``gm`` recording ``what``: ``"saved"`` (what autograd saves, the outputs,
+    the times), ``"times"`` (the times), or ``"operators"`` (each node's operators, in a run
+    of its own; where it fails, no operator output is offered for saving)."""
+    run = _SavedTensors(gm, record, what)
+    if what == "saved":
+        context: Any = torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack)
+    elif what == "operators":
+        context = _OperatorCalls(record)
+    else:
+        context = contextlib.nullcontext()
     try:
-        with no_side_effects(gm, inputs, grad=True), hooks:
+        with no_side_effects(gm, inputs, grad=True), context:
             run.run(*inputs)
     except Exception:  # the estimate is unavailable, nothing else is at stake
+        if what == "operators":
+            record.heavy_ops.clear()
+            record.op_counts.clear()
         return False
     finally:
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
     return True
-
-
-def _note_operators(gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement) -> None:
-    """One more run noting each node's operators (a run of its own: the dispatch mode's
-    Python work would count in the nodes' times). Where that fails, no operator's output is
-    offered for saving, and nothing else changes."""
-    run = _SavedTensors(gm, GraphMeasurement(), timed=True)
-    calls = _OperatorCalls(record)
-
-    def noted(n: fx.Node) -> Any:
-        record.current = n.name
-        try:
-            return fx.Interpreter.run_node(run, n)
-        finally:
-            record.current = None
-
-    run.run_node = noted  # type: ignore[method-assign]
-    try:
-        with no_side_effects(gm, inputs, grad=True), calls:
-            run.run(*inputs)
-    except Exception:
-        record.heavy_ops.clear()
-        record.op_counts.clear()
-    finally:
-        run.env.clear()
-        record.current = None
 
 
 def autograd_saved_bytes(chain: Chain, example_inputs: Any = None) -> int | None:

@@ -34,13 +34,17 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from ..engine import GAMMA_DENOM, quantize_gamma
+from ..engine.update import momentum_update
 from .dataflow import module_path, tensor_meta
 from .estimate import STATE_BYTES_PER_ELEMENT, GraphMeasurement
 from .match import Chain
@@ -264,6 +268,12 @@ def chain_costs(
     exit_storages = dict(measured.outputs.get(chain.exit.name, {}))
     state_bytes = _state_bytes(chain, gamma)
     numel = _numel(chain)
+    # At gamma > 0 the floating-point strategies run the momentum update after every block,
+    # forward and backward, which the original does not (the reversible engine's own passes
+    # are in REVERSIBLE_OVERHEAD).
+    update = 0.0
+    if quantize_gamma(gamma):
+        update = len(blocks) * _update_seconds(tensor_meta(chain.entry), measured.device)
     out: dict[str, Cost] = {}
     for strategy in strategies:
         if strategy == "keep":
@@ -273,13 +283,13 @@ def chain_costs(
             if quantize_gamma(gamma):
                 extra = sum(_bytes(measured.outputs.get(b.exit.name, {}))
                             for b in chain.blocks if b.kind != "pure")  # fmt: skip
-            out[strategy] = Cost(_bytes(saved) + extra, grads, 0.0, frozenset(saved))
+            out[strategy] = Cost(_bytes(saved) + extra, grads, update, frozenset(saved))
         elif strategy == "recompute":
             # Each block keeps its input x (the momentum update around it keeps nothing).
             entry = dict(measured.outputs.get(chain.entry.name, {}))
             x_bytes = _bytes(entry) or _bytes(exit_storages)
             keys = frozenset({*entry, synthetic})
-            cost = seconds * (1 + RECOMPUTE_OVERHEAD)
+            cost = seconds * (1 + RECOMPUTE_OVERHEAD) + update
             out[strategy] = Cost(x_bytes * len(blocks), per_block + grads, cost, keys)
         else:
             working = WORKING_STATE_BYTES * numel
@@ -326,6 +336,31 @@ def _saving_variants(
                             base.storages)  # fmt: skip
                 variants.append(SavingVariant(strategy, cost, tuple(picks)))
     return variants
+
+
+def _update_seconds(meta: object, device: str) -> float:
+    """CPU time of one momentum update and its backward on a chain's state (the less of
+    three runs), measured on tensors of its shape and dtype on ``device``; 0 where unknown."""
+    if meta is None or not getattr(meta, "dtype", torch.float32).is_floating_point:
+        return 0.0
+    return _timed_update(tuple(meta.shape), meta.dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+@torch.enable_grad()
+def _timed_update(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> float:
+    try:
+        x, y, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+                   for _ in range(3))  # fmt: skip
+    except (RuntimeError, TypeError):
+        return 0.0
+    best = math.inf
+    for _ in range(3):
+        start = time.process_time()
+        x_new, v_new = momentum_update(x, y, v, 0.9, subtract=True)
+        torch.autograd.backward([x_new, v_new], [torch.ones_like(x_new), torch.ones_like(v_new)])
+        best = min(best, time.process_time() - start)
+    return best
 
 
 def _numel(chain: Chain) -> int:
