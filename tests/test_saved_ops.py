@@ -247,3 +247,58 @@ def test_a_plan_keeping_operator_outputs_changes_costs_not_gradients(model, stra
     assert f"keeps {kept} op outputs" in str(report)
     expected, got = _step(reference.train(), x), _step(planned.train(), x)
     assert grad_err(got, expected) < 1e-6  # reversible chains: exact to their grid
+
+
+# -- recomputation in segments -------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [0.0, 0.9])
+def test_segments_of_blocks_keep_one_state_per_segment(gamma):
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(6)]
+    x = torch.randn(4, 16, requires_grad=True)
+    reference = MomentumChain(blocks, gamma, strategy="keep")
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *reference.parameters()])
+    kept = {}
+    for span in (1, 2, 3):
+        chain = MomentumChain(blocks, gamma, strategy="recompute", recompute_span=span)
+        kept[span] = _alive_after(chain, x)[0]
+        got = torch.autograd.grad(chain(x).square().sum(), [x, *chain.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # x given, then each block's input x (its update saves nothing); in segments, each
+    # segment's input x and, at gamma > 0, its v (none before the first).
+    assert kept[1] == 5
+    assert kept[2] == 2 * (2 if gamma else 1)
+    assert kept[3] == 1 * (2 if gamma else 1)
+
+
+def test_a_recompute_span_is_checked():
+    with pytest.raises(ValueError, match="recompute_span must be a positive int"):
+        MomentumChain(_mlp_blocks(2), 0.9, strategy="recompute", recompute_span=0)
+    with pytest.raises(ValueError, match="1 with saved_ops"):
+        MomentumChain(_mlp_blocks(2), 0.9, strategy="recompute", recompute_span=2,
+                      saved_ops=[SavedOps(frozenset({(ADDMM, 0)}))] * 2)  # fmt: skip
+
+
+def _spans(self, budget):
+    """A plan that recomputes every chain ``self.span`` blocks at a time and keeps every
+    segment (independent of timings)."""
+    steps, where = self.sequence.steps, self.sequence.where
+    choices = []
+    for options in steps:
+        single = [c for c in options if c.next == options[0].next]
+        spanned = [c for c in single if where[c.region].span == self.span]
+        choices.append(spanned[0] if spanned else next(c for c in single if c.strategy == "keep"))
+    found = evaluate(choices, self.sequence.sizes)
+    return Solution(choices, found.peak, found.seconds)
+
+
+def test_a_plan_recomputing_layers_as_segments_is_the_original_at_gamma_zero(monkeypatch):
+    net, x = _encoder_model(), torch.randn(2, 5, 8)
+    monkeypatch.setattr(budget_module.MemoryPlanner, "span", 2, raising=False)
+    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", _spans)
+    planned, report = fxmomentum.convert(net, 0.0, example_inputs=x, memory_budget=0.5,
+                                         return_report=True)  # fmt: skip
+    chain = next(m for m in planned.modules() if isinstance(m, MomentumChain))
+    assert (chain.strategy, chain.recompute_span, len(chain.residual)) == ("recompute", 2, 6)
+    assert "recompute (2 blocks a segment)" in str(report)
+    expected, got = _step(net.train(), x), _step(planned.train(), x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -95,6 +95,11 @@ class MomentumChain(GammaSetting, nn.Module):
         recomputation (``"reversible"`` and ``"recompute"``) skips those operators
         (:mod:`fxmomentum.engine.saved_ops`; the memory planner chooses them). The chain
         computes the same bits with or without them.
+    recompute_span : int
+        With ``strategy="recompute"``: blocks recomputed as one segment, which keeps its input
+        ``x`` (and ``v`` at gamma > 0) where each block on its own keeps its ``x``; the memory
+        planner chooses it (2 for a transformer layer's two residual blocks checkpointed as
+        one). Not with ``saved_ops``.
 
     Examples
     --------
@@ -117,6 +122,7 @@ class MomentumChain(GammaSetting, nn.Module):
         reads: Sequence[Sequence[int]] | None = None,
         plain_modes: Sequence[str] = (),
         saved_ops: Sequence[SavedOps | None] | None = None,
+        recompute_span: int = 1,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -144,6 +150,12 @@ class MomentumChain(GammaSetting, nn.Module):
         if saved_ops is not None and len(saved_ops) != len(blocks):
             raise ValueError(f"{len(saved_ops)} saved_ops for {len(blocks)} blocks")
         self.saved_ops = list(saved_ops) if saved_ops is not None and any(saved_ops) else None
+        if int(recompute_span) < 1 or (recompute_span > 1 and self.saved_ops):
+            raise ValueError(
+                f"recompute_span must be a positive int, and 1 with saved_ops; got "
+                f"{recompute_span!r}"
+            )
+        self.recompute_span = int(recompute_span)
         if register_blocks:
             self.blocks = nn.ModuleList(blocks)
         else:
@@ -168,6 +180,8 @@ class MomentumChain(GammaSetting, nn.Module):
         saved = self.__dict__.get("saved_ops")
         if saved:
             text += f", saved_ops={sum(len(s) for s in saved if s)}"
+        if self.__dict__.get("recompute_span", 1) > 1:
+            text += f", recompute_span={self.recompute_span}"
         return text
 
     # -- forward ------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ class MomentumChain(GammaSetting, nn.Module):
         if self.strategy == "keep" or plain or not self._needs_backward(x, v0, args):
             return self._forward_plain(spec, x, v0, args)
         if self.strategy == "recompute":
-            return recomputed_chain(spec, x, v0, args)
+            return recomputed_chain(spec, x, v0, args, self.__dict__.get("recompute_span", 1))
         return reversible_chain(spec, x, v0, args)
 
     def _needs_backward(self, x: torch.Tensor, v0: torch.Tensor | None, args: tuple) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .fsdp import in_units
+from .fsdp import in_units, sharded_units
 from .saved_ops import SavedOps, combined
 from .spec import BlockArguments, ChainSpec, block_buffers
 from .update import needs_grad
@@ -81,19 +81,24 @@ def recomputed(
 
 
 def recomputed_chain(
-    spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple
+    spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, args: tuple, span: int = 1
 ) -> torch.Tensor:
     """A momentum chain whose blocks keep only their input ``x`` and are recomputed in
-    backward, one at a time.
+    backward, one at a time, or ``span`` at a time.
 
     Only the block is recomputed; the momentum update after it (:meth:`ChainSpec.advance`)
     saves nothing for backward, so a block keeps one tensor as
     checkpointing the original block does, at any gamma. The arithmetic is the plain
     chain's (:meth:`ChainSpec.plain_step`): the same function, in floating point, as
-    ``use_backprop=True``.
+    ``use_backprop=True``. With ``span > 1`` each run of ``span`` blocks is recomputed as one
+    segment that keeps its input ``x`` (and ``v`` at gamma > 0), as checkpointing a layer of
+    two residual blocks does; blocks in FSDP units are recomputed one at a time.
     """
 
     arguments = BlockArguments(args, {})
+    reads = spec.tensor_reads(arguments)
+    if span > 1 and sharded_units(spec.blocks, arguments.tensors, reads) is None:
+        return _recomputed_segments(spec, x, v, arguments, span)
 
     def output(t: int, x: torch.Tensor, *args: Any) -> torch.Tensor:
         return spec.output(t, x, args, {})
@@ -104,5 +109,23 @@ def recomputed_chain(
         out = recomputed(output, [spec.blocks[t]], t, x, *block_args, saved=spec.saved_ops(t))
         return spec.advance(t, x, v, out)
 
-    reads = spec.tensor_reads(arguments)
     return in_units(spec.blocks, arguments.tensors, reads, (x, v), step)[0]
+
+
+def _recomputed_segments(
+    spec: ChainSpec, x: torch.Tensor, v: torch.Tensor | None, arguments: BlockArguments, span: int
+) -> torch.Tensor:
+    block_args, _ = arguments.build(arguments.tensors)
+
+    def segment(first: int, last: int, x: torch.Tensor, v: torch.Tensor | None, *args: Any):
+        for t in range(first, last):
+            x, v = spec.plain_step(t, x, v, args, {})
+        return x, v
+
+    for first in range(0, len(spec.blocks), span):
+        last = min(first + span, len(spec.blocks))
+        owners = spec.blocks[first:last]
+        x, v = recomputed(segment, owners, first, last, x, v, *block_args)
+        if spec.gamma_num == 0:
+            v = None  # the next block does not read it: not kept by the next segment
+    return x

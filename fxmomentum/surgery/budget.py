@@ -57,6 +57,8 @@ class PlannedRegion:
         Operator outputs (of convolutions, matrix products, attention) its blocks keep from
         the forward so that their recomputation skips those operators; their bytes are in
         ``kept_bytes``.
+    span : int
+        Blocks of a recomputed chain recomputed as one segment.
     """
 
     name: str
@@ -66,6 +68,7 @@ class PlannedRegion:
     kept_bytes: int
     time_added: float
     saved_outputs: int = 0
+    span: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -132,6 +135,8 @@ class _Region:
     atoms: tuple[int, int] = (0, 0)
     #: Operator outputs the chain's blocks keep for their recomputation.
     picks: tuple[Pick, ...] = ()
+    #: Blocks of the chain recomputed as one segment.
+    span: int = 1
 
 
 def _param_bytes(modules: dict[str, nn.Module], names: Sequence[str]) -> int:
@@ -199,9 +204,9 @@ class _Sequence:
             self.add(f"{key_base}:{s}", _Region(index, chain=k), s, cost, 1)
             for s, cost in costs.strategies.items()
         ]
-        for j, variant in enumerate(costs.saving):
-            region = _Region(index, chain=k, picks=variant.picks)
-            key = f"{key_base}:{variant.strategy}:saving{j}"
+        for j, variant in enumerate(costs.variants):
+            region = _Region(index, chain=k, picks=variant.picks, span=variant.span)
+            key = f"{key_base}:{variant.strategy}:variant{j}"
             choices.append(self.add(key, region, variant.strategy, variant.cost, 1))
         self.steps.append(choices)
 
@@ -336,7 +341,7 @@ def _record(
     units = conversion.units
     for unit in units:
         unit.strategies = ["keep"] * len(unit.chosen)
-        unit.saved_ops = [None] * len(unit.chosen)
+        unit.chain_options = [{} for _ in unit.chosen]
         unit.segments = []
     for choice in solution.choices:
         region = sequence.where[choice.region]
@@ -345,7 +350,10 @@ def _record(
             unit.strategies[region.chain] = choice.strategy
             chain = unit.chosen[region.chain]
             if region.picks:
-                unit.saved_ops[region.chain] = _saved_ops(region.picks, len(chain.blocks))
+                saved_ops = _saved_ops(region.picks, len(chain.blocks))
+                unit.chain_options[region.chain]["saved_ops"] = saved_ops
+            if region.span > 1:
+                unit.chain_options[region.chain]["recompute_span"] = region.span
             name = join_path(unit.path, unit.names[region.chain])
             modules = sorted({join_path(unit.path, b.path) for b in chain.blocks})
             kind = "chain"
@@ -367,6 +375,7 @@ def _record(
                 choice.cost.kept,
                 choice.cost.seconds,
                 len(region.picks),
+                region.span,
             )
         )
 

@@ -30,7 +30,6 @@ from ..capture import (
 from ..capture.leaf_outputs import compute_leaf_outputs, leaf_output_of
 from ..capture.records import FIXED_TYPES
 from ..engine import validate_gamma
-from ..engine.saved_ops import SavedOps
 from ..errors import one_line
 from ..paths import join_path
 from .budget import MemoryPlan, plan_memory
@@ -73,9 +72,9 @@ class UnitChoice:
     names: list[str] = field(default_factory=list)
     #: Per chosen chain, its strategy (None: as ``use_backprop`` says); from the planner.
     strategies: list[str] | None = None
-    #: Per chosen chain, per block, the operator outputs its forward keeps for its
-    #: recomputation (None: none); from the planner.
-    saved_ops: list[list[SavedOps | None] | None] | None = None
+    #: Per chosen chain, ``MomentumChain`` options from the planner (``saved_ops``,
+    #: ``recompute_span``).
+    chain_options: list[dict[str, Any]] | None = None
     #: Runs of nodes of the rewritten graph to recompute in backward; from the planner.
     segments: list[list[str]] = field(default_factory=list)
     #: Per chosen chain, the modes in which it runs with plain autograd (see
@@ -382,7 +381,7 @@ def build(conversion: Conversion) -> tuple[nn.Module, list[fx.Graph]]:
             unit.gammas,
             use_backprop=use_backprop,
             strategies=unit.strategies,
-            saved_ops=unit.saved_ops,
+            chain_options=unit.chain_options,
             segments=unit.segments,
             plain_modes=unit.plain_modes,
         )

@@ -137,6 +137,8 @@ def _plan_table(plan: MemoryPlan, tablefmt: str) -> str:
         strategy = r.strategy
         if r.saved_outputs:  # operator outputs kept so that the recomputation skips them
             strategy += f" (keeps {r.saved_outputs} op outputs)"
+        if r.span > 1:
+            strategy += f" ({r.span} blocks a segment)"
         rows.append([r.name, r.kind, strategy, format_bytes(r.kept_bytes),
                      f"{1000 * r.time_added:.1f} ms", shown])  # fmt: skip
     head = ["region", "kind", "strategy", "kept (est.)", "time added (est.)", "modules"]

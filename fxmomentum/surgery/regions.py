@@ -51,11 +51,11 @@ from .match import Chain
 
 __all__ = [
     "Atom",
+    "ChainVariant",
     "Cost",
     "Gap",
     "Pick",
     "RegionCosts",
-    "SavingVariant",
     "atoms_of",
     "chain_costs",
     "segment_cost",
@@ -79,6 +79,8 @@ MAX_SEGMENT_ATOMS = 32
 #: Most operator outputs a chain's plans may keep for its recomputation (the best ones by time
 #: per byte; bounds the planner's choices per chain).
 MAX_SAVED_OUTPUTS = 64
+#: Most blocks of a chain recomputed as one segment (a transformer layer is two blocks).
+MAX_SPAN = 4
 #: CPU time torch's dispatch to Python takes per operator of a block whose operator outputs
 #: are kept (selective checkpointing's dispatch modes run in its forward and recomputation).
 DISPATCH_SECONDS = 8e-6
@@ -126,22 +128,24 @@ Pick = tuple[int, str, int]
 
 
 @dataclass(frozen=True)
-class SavingVariant:
-    """A recomputing strategy of a chain whose blocks keep some operator outputs from the
-    forward, so that their recomputation skips those operators."""
+class ChainVariant:
+    """A recomputing strategy of a chain with options: blocks that keep some operator
+    outputs from the forward, so that their recomputation skips those operators (``picks``),
+    or blocks recomputed ``span`` at a time."""
 
     strategy: str
     cost: Cost
-    picks: tuple[Pick, ...]
+    picks: tuple[Pick, ...] = ()
+    span: int = 1
 
 
 @dataclass
 class RegionCosts:
-    """What each strategy of a chain costs (``strategies`` maps a name to its cost), and the
-    recomputing strategies with operator outputs kept (``saving``)."""
+    """What each strategy of a chain costs (``strategies`` maps a name to its cost), and its
+    recomputing strategies with options (``variants``)."""
 
     strategies: dict[str, Cost]
-    saving: list[SavingVariant] = field(default_factory=list)
+    variants: list[ChainVariant] = field(default_factory=list)
 
 
 def _computes(node: fx.Node) -> bool:
@@ -297,12 +301,23 @@ def chain_costs(
             keys = frozenset({*exit_storages, synthetic})
             cost = seconds * (1 + REVERSIBLE_OVERHEAD)
             out[strategy] = Cost(kept, per_block + working + grads, cost, keys)
-    return RegionCosts(out, _saving_variants(measured, chain, out, seconds))
+    variants = _saving_variants(measured, chain, out, seconds)
+    if "recompute" in out:
+        entry = dict(measured.outputs.get(chain.entry.name, {}))
+        x_bytes = _bytes(entry) or _bytes(exit_storages)
+        for span in range(2, min(MAX_SPAN, len(blocks)) + 1):
+            # Each segment keeps its input x and, at gamma > 0, its v (none before the first).
+            segments = -(-len(blocks) // span)
+            kept = x_bytes * (segments + (segments - 1 if quantize_gamma(gamma) else 0))
+            base = out["recompute"]
+            cost = Cost(kept, span * per_block + grads, base.seconds, base.storages)
+            variants.append(ChainVariant("recompute", cost, span=span))
+    return RegionCosts(out, variants)
 
 
 def _saving_variants(
     measured: GraphMeasurement, chain: Chain, costs: Mapping[str, Cost], forward: float
-) -> list[SavingVariant]:
+) -> list[ChainVariant]:
     """The recomputing strategies of ``chain`` with the best ``j`` operator outputs kept, for
     every ``j``: the outputs ranked by the time their operator takes per byte they hold
     (``forward``: the chain's forward time)."""
@@ -334,7 +349,7 @@ def _saving_variants(
             if skipped > dispatch:
                 cost = Cost(base.kept + kept, base.transient, base.seconds - skipped + dispatch,
                             base.storages)  # fmt: skip
-                variants.append(SavingVariant(strategy, cost, tuple(picks)))
+                variants.append(ChainVariant(strategy, cost, tuple(picks)))
     return variants
 
 

@@ -26,7 +26,6 @@ import torch
 from torch import fx, nn
 
 from ..engine import MomentumChain
-from ..engine.saved_ops import SavedOps
 from .blocks import ChainBlock, ConvertedModule, named
 from .hoist import check_reads
 from .layout import map_back, replay
@@ -303,7 +302,7 @@ def rewrite(
     strategies: Sequence[str] | None = None,
     segments: Sequence[Sequence[str]] = (),
     plain_modes: Sequence[Sequence[str]] = (),
-    saved_ops: Sequence[Sequence[SavedOps | None] | None] | None = None,
+    chain_options: Sequence[Mapping[str, Any]] | None = None,
 ) -> fx.GraphModule:
     """Build the converted GraphModule.
 
@@ -329,9 +328,9 @@ def rewrite(
     plain_modes : sequence of sequences of str
         Per chain, the modes in which it runs with plain autograd (``MomentumChain``'s
         ``plain_modes``); by default none.
-    saved_ops : sequence, optional
-        Per chain, per block, the operator outputs its forward keeps for its recomputation
-        (``MomentumChain``'s ``saved_ops``), from the memory planner; by default none.
+    chain_options : sequence of mappings, optional
+        Per chain, more ``MomentumChain`` arguments from the memory planner (``saved_ops``,
+        ``recompute_span``); by default none.
 
     Returns
     -------
@@ -361,12 +360,12 @@ def rewrite(
     names = chain_names(root, len(chains))
     strategies = list(strategies or [None] * len(chains))
     modes = list(plain_modes or [()] * len(chains))
-    saving = list(saved_ops or [None] * len(chains))
+    options = list(chain_options or [{}] * len(chains))
     # The converted module's ``_modules``: the blocks look their modules up in it.
     namespace: dict[str, Any] = {}
     block_graphs: list[fx.Graph] = []
-    for chain, name, gamma, strategy, plain, saved in zip(
-        chains, names, gammas, strategies, modes, saving, strict=True
+    for chain, name, gamma, strategy, plain, more in zip(
+        chains, names, gammas, strategies, modes, options, strict=True
     ):
         positions = _positions(chain.context)
         blocks = [named(ChainBlock(namespace, block_graph(b, positions))) for b in chain.blocks]
@@ -381,7 +380,7 @@ def rewrite(
             names=_block_names(chain.blocks),
             reads=[[positions[c] for c in block_reads(b) if c in positions] for b in chain.blocks],
             plain_modes=plain,
-            saved_ops=saved,
+            **more,
         )
         root.add_module(name, module)
     new = top_graph(graph, chains, names)

@@ -323,12 +323,14 @@ def _plan_section(plan: Mapping[str, Any]) -> str:
         shown = ", ".join(modules[:3]) + (f", ... ({len(modules)})" if len(modules) > 3 else "")
         strategy = str(r.get("strategy", ""))
         saved = r.get("saved_outputs") or 0
-        kept_outputs = f" (keeps {saved} op outputs)" if saved else ""
+        shown_options = f" (keeps {saved} op outputs)" if saved else ""
+        if (r.get("span") or 1) > 1:
+            shown_options += f" ({r['span']} blocks a segment)"
         added = r.get("time_added")
         rows.append(
             f'<tr class="region" data-region="{_e(r.get("name"))}"><td>{_e(r.get("name"))}</td>'
             f"<td>{_e(r.get('kind'))}</td>"
-            f'<td class="strategy-{_e(strategy)}">{_e(strategy)}{_e(kept_outputs)}</td>'
+            f'<td class="strategy-{_e(strategy)}">{_e(strategy)}{_e(shown_options)}</td>'
             f"<td>{_e(shown)}</td>"
             f'<td class="num">{_e(format_bytes(r.get("kept_bytes")) or "n/a")}</td>'
             f'<td class="num">{"n/a" if added is None else _e(f"{1000 * added:.1f} ms")}</td>'
