@@ -8,8 +8,8 @@ configuration takes one training step in turn, and prints each one's median rati
 original's step, with every round's ratio, as JSON. ``--memory`` also measures each
 configuration's activation memory in a fresh process (``bench_budget._memory``)::
 
-    python benchmarks/budget_cpu_time.py resnet 0,0.42 7 --gammas 0.9,0 --memory
-    python benchmarks/budget_cpu_time.py transformer 0,0.123 4
+    python benchmarks/budget_cpu_time.py resnet 0,0.4,0.42 7 --gammas 0.9,0 --memory
+    python benchmarks/budget_cpu_time.py transformer 0,0.205 5 --gammas 0.9,0 --memory
 
 "every chain kept" at a gamma is the converted model with plain autograd
 (``use_backprop=True``): its own arithmetic (the momentum update per block) and nothing saved,
