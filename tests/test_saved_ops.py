@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import weakref
 from collections import Counter
 
@@ -302,3 +303,21 @@ def test_a_plan_recomputing_layers_as_segments_is_the_original_at_gamma_zero(mon
     assert "recompute (2 blocks a segment)" in str(report)
     expected, got = _step(net.train(), x), _step(planned.train(), x)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_chain_with_options_copies_and_pickles():
+    x = torch.randn(16, 8)
+    for options in ({"saved_ops": [SavedOps(frozenset({(ADDMM, 0)}))] * 4},
+                    {"recompute_span": 2}):  # fmt: skip
+        chain = MomentumChain(_mlp_blocks(4), 0.9, strategy="recompute", **options)
+        buffer = io.BytesIO()
+        torch.save(chain, buffer)
+        buffer.seek(0)
+        expected = _train_step(chain, x, ())
+        for other in (copy.deepcopy(chain), torch.load(buffer, weights_only=False)):
+            assert (other.saved_ops, other.recompute_span) == (
+                chain.saved_ops,
+                chain.recompute_span,
+            )
+            got = _train_step(other, x, ())
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
