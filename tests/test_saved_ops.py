@@ -321,3 +321,54 @@ def test_a_chain_with_options_copies_and_pickles():
             )
             got = _train_step(other, x, ())
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+class _WritesInPlace(nn.Module):
+    """A block that writes its first Linear's output in place (ReLU(inplace=True) on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu_(self.a(x)))
+
+
+@pytest.mark.parametrize("strategy", ["reversible", "recompute"])
+def test_an_output_written_in_place_later_is_computed_again(strategy):
+    torch.manual_seed(0)
+    blocks = [_WritesInPlace() for _ in range(3)]
+    x = torch.randn(16, 8)
+    results = []
+    for saved_ops in (None, [SavedOps(frozenset({(ADDMM, 0)}))] * 3):
+        chain = MomentumChain(copy.deepcopy(blocks), 0.9, strategy=strategy, saved_ops=saved_ops)
+        results.append(_train_step(chain, x, ()))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_the_planner_does_not_offer_outputs_written_in_place_later(monkeypatch):
+    from fxmomentum.surgery.conversion import prepare
+    from fxmomentum.surgery.estimate import measure_graph
+    from fxmomentum.surgery.options import ConvertOptions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), *[_Residual(_WritesInPlace()) for _ in range(3)])
+    x = torch.randn(16, 8)
+    unit = prepare(net, ConvertOptions(gamma=0.9), x).units[0]
+    measured = measure_graph(unit.capture.graph, unit.capture.graph_inputs(), timed=True)
+    calls = [c for per_node in measured.heavy_ops.values() for c in per_node]
+    assert [c.written_later for c in calls] == [False] + [True, False] * 3
+    chain = unit.chosen[0]
+    monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)  # offered whatever the timings
+    costs = regions.chain_costs(measured, chain, 0.9, 0, ["keep", "recompute"], -1)
+    picked = {pick for v in costs.variants for pick in v.picks}
+    assert picked == {(t, ADDMM, 1) for t in range(3)}  # never the first Linear's output
+
+
+class _Residual(nn.Module):
+    def __init__(self, f: nn.Module) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)

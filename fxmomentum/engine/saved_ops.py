@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["HEAVY_OPS", "SavedOps", "op_key"]
 
@@ -131,7 +131,9 @@ class _Keeping(_HeavyCalls):
 class _Taking(_HeavyCalls):
     def call(self, key: tuple[str, int], func: Any, args: tuple, kwargs: dict) -> Any:
         found = self.kept.pop(key, None)  # handed out once: held no longer than needed
-        if found is None:
+        if found is None or not all(_unchanged(v) for v in tree_leaves(found)):
+            # Not kept, or written in place after the operator in the forward (the same write
+            # will follow in the recomputation): computed again, as without keeping.
             return func(*args, **kwargs)
         return tree_map(_thawed, found)
 
@@ -149,17 +151,12 @@ def _frozen(value: Any) -> Any:
     return _Kept(value) if isinstance(value, torch.Tensor) else value
 
 
+def _unchanged(value: Any) -> bool:
+    return not isinstance(value, _Kept) or value.tensor._version == value.version
+
+
 def _thawed(value: Any) -> Any:
-    if not isinstance(value, _Kept):
-        return value
-    tensor = value.tensor
-    if tensor._version != value.version:
-        raise RuntimeError(
-            "An operator output kept for a block's recomputation was modified in place after "
-            "the block's forward, so the recomputation cannot take it. Make the in-place "
-            "operation out of place, or convert without memory_budget."
-        )
-    return tensor
+    return value.tensor if isinstance(value, _Kept) else value
 
 
 def combined(*managers: Any) -> contextlib.AbstractContextManager:

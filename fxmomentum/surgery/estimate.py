@@ -9,6 +9,7 @@ nodes saved, and its reversible state replaces that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -58,19 +59,23 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class HeavyOp:
-    """One call of a heavy operator: its name, the bytes of its outputs and its CPU time."""
+    """One call of a heavy operator: its name, the bytes of its outputs, its CPU time, and
+    whether the graph writes its output in place later (then keeping it saves nothing)."""
 
     op: str
     nbytes: int
     seconds: float
+    written_later: bool = False
 
 
 class _OperatorCalls(TorchDispatchMode):
-    """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs."""
+    """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs
+    (:meth:`finish` once the run is over: which outputs were written in place since)."""
 
     def __init__(self, record: GraphMeasurement) -> None:
         super().__init__()
         self.record = record
+        self.outputs: list[tuple[str, int, list[tuple[torch.Tensor, int]]]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         node = self.record.current
@@ -81,11 +86,21 @@ class _OperatorCalls(TorchDispatchMode):
             counts = self.record.op_counts
             counts[node] = counts.get(node, 0) + 1
             if name is not None:
-                nbytes = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out)
-                             if isinstance(t, torch.Tensor))  # fmt: skip
+                tensors = [t for t in torch.utils._pytree.tree_leaves(out)
+                           if isinstance(t, torch.Tensor)]  # fmt: skip
+                nbytes = sum(t.nbytes for t in tensors)
                 call = HeavyOp(name, nbytes, time.process_time() - start)
-                self.record.heavy_ops.setdefault(node, []).append(call)
+                calls = self.record.heavy_ops.setdefault(node, [])
+                self.outputs.append((node, len(calls), [(t, t._version) for t in tensors]))
+                calls.append(call)
         return out
+
+    def finish(self) -> None:
+        for node, index, tensors in self.outputs:
+            if any(t._version != version for t, version in tensors):
+                calls = self.record.heavy_ops[node]
+                calls[index] = dataclasses.replace(calls[index], written_later=True)
+        self.outputs.clear()
 
 
 @dataclass
@@ -290,6 +305,8 @@ def _run_once(
     try:
         with no_side_effects(gm, inputs, grad=True), context:
             run.run(*inputs)
+        if isinstance(context, _OperatorCalls):
+            context.finish()
     except Exception:  # the estimate is unavailable, nothing else is at stake
         if what == "operators":
             record.heavy_ops.clear()
@@ -298,6 +315,8 @@ def _run_once(
     finally:
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
+        if isinstance(context, _OperatorCalls):
+            context.outputs.clear()
     return True
 
 

@@ -329,7 +329,7 @@ def _saving_variants(
         for node in block.nodes:
             for call in measured.heavy_ops.get(node.name, ()):
                 k = calls[call.op] = calls.get(call.op, -1) + 1
-                if call.nbytes > 0:
+                if call.nbytes > 0 and not call.written_later:
                     rate = call.seconds / call.nbytes
                     candidates.append((rate, call.nbytes, (t, call.op, k), call.seconds))
     candidates.sort(key=lambda c: c[0], reverse=True)
