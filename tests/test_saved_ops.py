@@ -372,3 +372,29 @@ class _Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.f(x)
+
+
+@pytest.mark.parametrize("strategy", ["reversible", "recompute"])
+def test_gpt2_with_its_default_dropouts_keeps_operator_outputs_exactly(strategy, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=50,
+                                     n_positions=16, use_cache=False)  # fmt: skip
+    net = transformers.GPT2Model(config).double().train()
+    ids = torch.randint(0, 50, (2, 8))
+    monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)
+    monkeypatch.setattr(budget_module.MemoryPlanner, "wanted", strategy, raising=False)
+    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", _most_saved)
+    planned = fxmomentum.convert(net, 0.9, example_inputs=(ids,), memory_budget=0.5)
+    reference = fxmomentum.convert(net, 0.9, example_inputs=(ids,), use_backprop=True)
+    chains = [m for m in planned.modules() if isinstance(m, MomentumChain)]
+    assert sum(len(s) for c in chains for s in (c.saved_ops or []) if s) > 0
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # attention, residual and embedding dropout: 0.1 by default
+        out = model(ids).last_hidden_state
+        out.square().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    assert grad_err(step(planned.train()), step(reference.train())) < 1e-6
