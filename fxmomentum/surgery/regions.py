@@ -278,6 +278,8 @@ def chain_costs(
     update = 0.0
     if quantize_gamma(gamma):
         update = len(blocks) * _update_seconds(tensor_meta(chain.entry), measured.device)
+    entry = dict(measured.outputs.get(chain.entry.name, {}))
+    x_bytes = _bytes(entry) or _bytes(exit_storages)
     out: dict[str, Cost] = {}
     for strategy in strategies:
         if strategy == "keep":
@@ -290,8 +292,6 @@ def chain_costs(
             out[strategy] = Cost(_bytes(saved) + extra, grads, update, frozenset(saved))
         elif strategy == "recompute":
             # Each block keeps its input x (the momentum update around it keeps nothing).
-            entry = dict(measured.outputs.get(chain.entry.name, {}))
-            x_bytes = _bytes(entry) or _bytes(exit_storages)
             keys = frozenset({*entry, synthetic})
             cost = seconds * (1 + RECOMPUTE_OVERHEAD) + update
             out[strategy] = Cost(x_bytes * len(blocks), per_block + grads, cost, keys)
@@ -303,16 +303,23 @@ def chain_costs(
             out[strategy] = Cost(kept, per_block + working + grads, cost, keys)
     variants = _saving_variants(measured, chain, out, seconds)
     if "recompute" in out:
-        entry = dict(measured.outputs.get(chain.entry.name, {}))
-        x_bytes = _bytes(entry) or _bytes(exit_storages)
-        for span in range(2, min(MAX_SPAN, len(blocks)) + 1):
-            # Each segment keeps its input x and, at gamma > 0, its v (none before the first).
-            segments = -(-len(blocks) // span)
-            kept = x_bytes * (segments + (segments - 1 if quantize_gamma(gamma) else 0))
-            base = out["recompute"]
-            cost = Cost(kept, span * per_block + grads, base.seconds, base.storages)
-            variants.append(ChainVariant("recompute", cost, span=span))
+        variants += _span_variants(out["recompute"], len(blocks), x_bytes, per_block, grads, gamma)
     return RegionCosts(out, variants)
+
+
+def _span_variants(
+    recompute: Cost, blocks: int, x_bytes: int, per_block: int, grads: int, gamma: float
+) -> list[ChainVariant]:
+    """A chain of ``blocks`` recomputed 2 to :data:`MAX_SPAN` blocks at a time: each segment
+    keeps its input ``x`` and, at gamma > 0, its ``v`` (none before the first); a segment's
+    blocks are all live while it goes backward."""
+    variants = []
+    for span in range(2, min(MAX_SPAN, blocks) + 1):
+        segments = -(-blocks // span)
+        kept = x_bytes * (segments + (segments - 1 if quantize_gamma(gamma) else 0))
+        cost = Cost(kept, span * per_block + grads, recompute.seconds, recompute.storages)
+        variants.append(ChainVariant("recompute", cost, span=span))
+    return variants
 
 
 def _saving_variants(
