@@ -5,8 +5,9 @@ activation memory is at most ``b`` times the original model's (``0``: the least 
 model can reach, ``1``: the fastest, as torch.compile's ``activation_memory_budget``). The
 regions (:mod:`fxmomentum.surgery.regions`) are measured once on the example inputs, the
 solver (:mod:`fxmomentum.surgery.planner`) picks the strategies, and :func:`plan_memory`
-records them on the conversion for the rewrite: a chain's ``MomentumChain.strategy``, and the
-runs of other nodes to recompute (:mod:`fxmomentum.surgery.segments`).
+records them on the conversion for the rewrite: a chain's ``MomentumChain.strategy`` and
+options (``saved_ops``, ``recompute_span``), and the runs of other nodes to recompute
+(:mod:`fxmomentum.surgery.segments`).
 """
 
 from __future__ import annotations

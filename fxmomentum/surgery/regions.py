@@ -12,6 +12,12 @@ each atom kept. What each costs, for each strategy, is measured once on the exam
 * ``reversible`` (chains): the exact state, one block's activations at a time, one more
   forward and the engine's integer passes.
 
+A chain's recomputing strategies also come with options (:class:`ChainVariant`): its blocks
+may keep the outputs of their costliest operators, which the recomputation then skips
+(:mod:`fxmomentum.engine.saved_ops`; the best ``j`` by time per byte, for every ``j``), or a
+recomputed chain may go 2 to :data:`MAX_SPAN` blocks a segment. At gamma > 0 the kept and
+recomputed chains also pay the momentum update, timed on the chain's state.
+
 Examples
 --------
 >>> import torch
