@@ -398,3 +398,17 @@ def test_gpt2_with_its_default_dropouts_keeps_operator_outputs_exactly(strategy,
         return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     assert grad_err(step(planned.train()), step(reference.train())) < 1e-6
+
+
+def test_a_graph_whose_operators_cannot_be_noted_is_still_measured(monkeypatch):
+    from fxmomentum.surgery import estimate
+
+    def refuse(self, func, types, args=(), kwargs=None):
+        raise RuntimeError("no Python dispatch here")
+
+    monkeypatch.setattr(estimate._OperatorCalls, "__torch_dispatch__", refuse)
+    net = nn.Sequential(nn.Linear(8, 8), *[_Residual(_mlp_blocks(1)[0]) for _ in range(3)])
+    x = torch.randn(16, 8)
+    report = fxmomentum.inspect(net, x, gamma=0.9, memory_budget=0.0)
+    assert report.plan is not None and report.chains[0].saved_bytes > 0
+    assert all(r.saved_outputs == 0 for r in report.plan.regions)  # none offered

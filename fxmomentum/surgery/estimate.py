@@ -34,8 +34,6 @@ __all__ = [
     "measure_graph",
 ]
 
-#: Runs of a graph timed for the memory planner, besides the first (the least time counts).
-TIMED_RUNS = 2
 #: Bytes per element of the chain's activation that a reversible chain keeps until backward
 #: besides the lost bits (its exact state; see ARCHITECTURE.md, "The engine").
 STATE_BYTES_PER_ELEMENT = 12
@@ -180,8 +178,7 @@ class _SavedTensors(fx.Interpreter):
         finally:
             self.record.current = None
         seconds = time.process_time() - start
-        if self.what != "operators":  # the dispatch mode's Python work would count
-            self.record.seconds[n.name] = min(seconds, self.record.seconds.get(n.name, seconds))
+        self.record.seconds[n.name] = min(seconds, self.record.seconds.get(n.name, seconds))
         if self.what == "saved":
             self.record.outputs[n.name] = _storages(result)
         return result
@@ -230,9 +227,9 @@ def measure_graph(
     takes; cached per graph. None where the graph cannot be run.
 
     The graph's owning module runs with grad on ``example_inputs`` (or, without them, on
-    inputs of the shapes shape propagation recorded), without side effects. With ``timed``,
-    it runs :data:`TIMED_RUNS` times more (each node's time is the least of all runs) and
-    once noting each node's operators.
+    inputs of the shapes shape propagation recorded), without side effects, noting each
+    node's operators. With ``timed``, it runs once more and each node's time is the faster
+    of the two.
     """
     if example_inputs is None:
         key: tuple[Any, ...] = ()
@@ -248,7 +245,9 @@ def measure_graph(
         if found is None or not timed or found.timed:
             return found
         if graph.owning_module is not None and example_inputs is not None:
-            _timed_runs(graph.owning_module, example_inputs, found)  # measured already
+            # Measured already: one more run for the times.
+            if _run_once(graph.owning_module, example_inputs, found, "times"):
+                found.timed = True
             return found
     gm = graph.owning_module
     measured = None
@@ -265,58 +264,58 @@ def measure_graph(
 
 
 def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], timed: bool) -> GraphMeasurement | None:
-    """One run recording saved tensors and outputs (and times), and with ``timed`` the runs
-    of :func:`_timed_runs`."""
+    """One run recording saved tensors, outputs, operators and times, and with ``timed`` one
+    more recording times only: each node's time is the less of the two."""
     record = GraphMeasurement()
     if not _run_once(gm, inputs, record, "saved"):
         return None
-    if timed and not _timed_runs(gm, inputs, record):
-        return None
+    if timed:
+        if not _run_once(gm, inputs, record, "times"):
+            return None
+        record.timed = True
     record.fixed = {k[0] for t in (*gm.parameters(), *gm.buffers())
                     if (k := _storage(t)) is not None}  # fmt: skip
     return record
 
 
-def _timed_runs(gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement) -> bool:
-    """:data:`TIMED_RUNS` runs for the times (the first node of a run also takes what a run
-    sets up, which varies: the least of several is each node's own), then one noting each
-    node's operators."""
-    for _ in range(TIMED_RUNS):
-        if not _run_once(gm, inputs, record, "times"):
-            return False
-    _run_once(gm, inputs, record, "operators")
-    record.timed = True
-    return True
-
-
 def _run_once(
-    gm: fx.GraphModule, inputs: tuple[Any, ...], record: GraphMeasurement, what: str
+    gm: fx.GraphModule,
+    inputs: tuple[Any, ...],
+    record: GraphMeasurement,
+    what: str,
+    operators: bool = True,
 ) -> bool:
     """One run of ``gm`` recording ``what``: ``"saved"`` (what autograd saves, the outputs,
-    the times), ``"times"`` (the times), or ``"operators"`` (each node's operators, in a run
-    of its own; where it fails, no operator output is offered for saving)."""
+    each node's operators, the times) or ``"times"`` (the times only). Where noting the
+    operators makes the run fail, it runs again without (no operator output is then offered
+    for saving)."""
     run = _SavedTensors(gm, record, what)
+    contexts: list[Any] = []
     if what == "saved":
-        context: Any = torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack)
-    elif what == "operators":
-        context = _OperatorCalls(record)
-    else:
-        context = contextlib.nullcontext()
+        contexts.append(torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack))
+        if operators:
+            contexts.append(_OperatorCalls(record))
     try:
-        with no_side_effects(gm, inputs, grad=True), context:
+        with no_side_effects(gm, inputs, grad=True), contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
             run.run(*inputs)
-        if isinstance(context, _OperatorCalls):
-            context.finish()
+        for context in contexts:
+            if isinstance(context, _OperatorCalls):
+                context.finish()
     except Exception:  # the estimate is unavailable, nothing else is at stake
-        if what == "operators":
+        if what == "saved" and operators:
             record.heavy_ops.clear()
             record.op_counts.clear()
+            record.saved.clear()
+            return _run_once(gm, inputs, record, "saved", operators=False)
         return False
     finally:
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
-        if isinstance(context, _OperatorCalls):
-            context.outputs.clear()
+        for context in contexts:
+            if isinstance(context, _OperatorCalls):
+                context.outputs.clear()
     return True
 
 
