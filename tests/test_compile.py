@@ -18,7 +18,7 @@ from collections.abc import Callable
 import archs
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import grad_err, max_rel_err
 from torch import nn
 
 import fxmomentum
@@ -70,6 +70,14 @@ def conv() -> tuple[nn.Module, torch.Tensor]:
     return fxmomentum.convert(ConvNet(), 0.9, example_inputs=x), x
 
 
+def planned() -> tuple[nn.Module, torch.Tensor]:
+    """The least-memory plan of the original model: every region recomputed (checkpointed),
+    which compiles whole (the partitioner recomputes; buffers are updated once)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    return fxmomentum.convert(ConvNet(), 0.0, example_inputs=x, memory_budget=0.0), x
+
+
 def transformed() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = fxmomentum.transform_to_momentumnet(
@@ -114,7 +122,9 @@ def test_inference_compiled_equals_eager(make: Callable):
         assert max_rel_err([compiled(2 * x)], [model(2 * x)]) < TOL
 
 
-@pytest.mark.parametrize("make", [mlp, conv, transformed], ids=["mlp", "conv", "transform"])
+@pytest.mark.parametrize(
+    "make", [mlp, conv, planned, transformed], ids=["mlp", "conv", "planned", "transform"]
+)
 def test_training_compiled_equals_eager(make: Callable):
     model, x = make()
     eager = copy.deepcopy(model)
@@ -123,9 +133,12 @@ def test_training_compiled_equals_eager(make: Callable):
     outs, grads = train_steps(compiled, x)
     ref_outs, ref_grads = train_steps(eager, x)
     assert max_rel_err(outs, ref_outs) < TOL
-    assert max_rel_err(grads, ref_grads) < TOL
+    # A conv bias before BatchNorm has a zero gradient up to round-off, which compiled and
+    # eager code round differently (about 1e-8 here): a tensor under 1e-3 of the largest is
+    # held to an absolute 1e-7 of the largest, float32 round-off.
+    assert grad_err(grads, ref_grads, floor=1e-3) < TOL
     assert max_rel_err(states(target), states(eager)) < TOL  # parameters and running stats
-    if make is conv:
+    if make in (conv, planned):
         assert target.blocks[0].bn.num_batches_tracked.item() == 2  # once per step
 
 

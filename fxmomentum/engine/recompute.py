@@ -69,6 +69,11 @@ def recomputed(
     saved : SavedOps, optional
         Operator outputs the forward keeps and the recomputation takes (:mod:`~.saved_ops`).
     """
+    if torch.compiler.is_compiling():
+        # Compiled, the recomputation is the partitioner's: it recomputes values, never a
+        # buffer's update (functionalized, applied once in the forward), and keeps what it
+        # chooses; torch.compile takes no context_fn of this kind.
+        return checkpoint(fn, *args, use_reentrant=False)
     buffers = [b for owner in owners for b in block_buffers(owner)]
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
