@@ -204,7 +204,11 @@ class ProfileResult:
         md = fmt == "markdown"
         measured, per_chain = self.tables("github" if md else "simple")
         blocks = sum(c.num_blocks for c in self.chains)
-        mode = "plain autograd" if self.use_backprop else "reversible"
+        plan = self.report.plan if self.report is not None else None
+        if plan is not None:
+            mode = f"memory budget {plan.budget:g} (each region's strategy planned)"
+        else:
+            mode = "plain autograd" if self.use_backprop else "reversible"
         saved = self.saved_bytes
         pct = 100 * saved / max(self.memory["original"], 1)
         est = self.estimated_saved_bytes
