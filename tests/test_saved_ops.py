@@ -360,7 +360,7 @@ def test_the_planner_does_not_offer_outputs_written_in_place_later(monkeypatch):
     assert [c.written_later for c in calls] == [False] + [True, False] * 3
     chain = unit.chosen[0]
     monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)  # offered whatever the timings
-    costs = regions.chain_costs(measured, chain, 0.9, 0, ["keep", "recompute"], -1)
+    costs = regions.chain_costs(measured, chain, 0.9, 0, ["recompute", "reversible"], -1)
     picked = {pick for v in costs.variants for pick in v.picks}
     assert picked == {(t, ADDMM, 1) for t in range(3)}  # never the first Linear's output
 
@@ -412,3 +412,22 @@ def test_a_graph_whose_operators_cannot_be_noted_is_still_measured(monkeypatch):
     report = fxmomentum.inspect(net, x, gamma=0.9, memory_budget=0.0)
     assert report.plan is not None and report.chains[0].saved_bytes > 0
     assert all(r.saved_outputs == 0 for r in report.plan.regions)  # none offered
+
+
+def test_a_checkpointed_chain_is_not_offered_outputs_its_recomputation_never_reaches(monkeypatch):
+    from fxmomentum.surgery.conversion import prepare
+    from fxmomentum.surgery.estimate import measure_graph
+    from fxmomentum.surgery.options import ConvertOptions
+
+    net = nn.Sequential(nn.Linear(8, 8), *[_Residual(b) for b in _mlp_blocks(3)])
+    x = torch.randn(16, 8)
+    unit = prepare(net, ConvertOptions(gamma=0.9), x).units[0]
+    measured = measure_graph(unit.capture.graph, unit.capture.graph_inputs(), timed=True)
+    monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)  # offered whatever the timings
+    costs = regions.chain_costs(measured, unit.chosen[0], 0.9, 0, ["recompute", "reversible"], -1)
+    offered = {s: {p for v in costs.variants if v.strategy == s for p in v.picks}
+               for s in ("recompute", "reversible")}  # fmt: skip
+    # Tanh saves its output, computed from the first Linear's: checkpoint's recomputation
+    # runs that Linear, and stops before the second, whose output no saved tensor needs.
+    assert offered["recompute"] == {(t, ADDMM, 0) for t in range(3)}
+    assert offered["reversible"] == {(t, ADDMM, k) for t in range(3) for k in (0, 1)}

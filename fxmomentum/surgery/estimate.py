@@ -57,47 +57,73 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class HeavyOp:
-    """One call of a heavy operator: its name, the bytes of its outputs, its CPU time, and
-    whether the graph writes its output in place later (then keeping it saves nothing)."""
+    """One call of a heavy operator: its name, the bytes of its outputs, its CPU time,
+    whether the graph writes its output in place later (then keeping it saves nothing), and
+    the nodes that saved, for backward, a tensor computed from its output (a checkpointed
+    region's recomputation stops before an operator none of its saved tensors needs)."""
 
     op: str
     nbytes: int
     seconds: float
     written_later: bool = False
+    needed_by: frozenset[str] = frozenset()
+
+
+def _storage_keys(value: Any) -> list[int]:
+    return [k[0] for t in torch.utils._pytree.tree_leaves(value)
+            if isinstance(t, torch.Tensor) and (k := _storage(t)) is not None]  # fmt: skip
 
 
 class _OperatorCalls(TorchDispatchMode):
-    """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs
-    (:meth:`finish` once the run is over: which outputs were written in place since)."""
+    """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs, and
+    which storages hold values computed from each heavy output (:meth:`saved` is told what
+    autograd saves; :meth:`finish` once the run is over)."""
 
     def __init__(self, record: GraphMeasurement) -> None:
         super().__init__()
         self.record = record
         self.outputs: list[tuple[str, int, list[tuple[torch.Tensor, int]]]] = []
+        self.derived: dict[int, frozenset[int]] = {}  # storage: heavy calls it comes from
+        self.needed: dict[int, set[str]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         node = self.record.current
         name = op_key(func)
         start = time.process_time()
         out = func(*args, **(kwargs or {}))
-        if node is not None:
-            counts = self.record.op_counts
-            counts[node] = counts.get(node, 0) + 1
-            if name is not None:
-                tensors = [t for t in torch.utils._pytree.tree_leaves(out)
-                           if isinstance(t, torch.Tensor)]  # fmt: skip
-                nbytes = sum(t.nbytes for t in tensors)
-                call = HeavyOp(name, nbytes, time.process_time() - start)
-                calls = self.record.heavy_ops.setdefault(node, [])
-                self.outputs.append((node, len(calls), [(t, t._version) for t in tensors]))
-                calls.append(call)
+        if node is None:
+            return out
+        seconds = time.process_time() - start
+        counts = self.record.op_counts
+        counts[node] = counts.get(node, 0) + 1
+        sources = frozenset().union(
+            *(self.derived.get(k, ()) for k in _storage_keys((args, kwargs)))
+        )
+        if name is not None:
+            tensors = [t for t in torch.utils._pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor)]  # fmt: skip
+            calls = self.record.heavy_ops.setdefault(node, [])
+            sources |= {len(self.outputs)}
+            self.outputs.append((node, len(calls), [(t, t._version) for t in tensors]))
+            calls.append(HeavyOp(name, sum(t.nbytes for t in tensors), seconds))
+        if sources:
+            for key in _storage_keys(out):
+                self.derived[key] = self.derived.get(key, frozenset()) | sources
         return out
 
+    def saved(self, t: torch.Tensor, node: str) -> None:
+        """Autograd saved ``t`` while ``node`` ran."""
+        found = _storage(t)
+        for call in self.derived.get(found[0], ()) if found is not None else ():
+            self.needed.setdefault(call, set()).add(node)
+
     def finish(self) -> None:
-        for node, index, tensors in self.outputs:
-            if any(t._version != version for t, version in tensors):
-                calls = self.record.heavy_ops[node]
-                calls[index] = dataclasses.replace(calls[index], written_later=True)
+        for call, (node, index, tensors) in enumerate(self.outputs):
+            written = any(t._version != version for t, version in tensors)
+            calls = self.record.heavy_ops[node]
+            calls[index] = dataclasses.replace(
+                calls[index], written_later=written, needed_by=frozenset(self.needed.get(call, ()))
+            )
         self.outputs.clear()
 
 
@@ -138,12 +164,16 @@ class GraphMeasurement:
     device: str = "cpu"
     timed: bool = False
     current: str | None = None
+    #: The run's operator notes while it runs (None otherwise).
+    operators: Any = field(default=None, repr=False)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         # Autograd keeps this hook with each saved tensor: it must not hold the tensors.
         found = _storage(t)
         if self.current is not None and found is not None:
             self.saved.setdefault(self.current, {})[found[0]] = found[1]
+            if self.operators is not None:
+                self.operators.saved(t, self.current)
         return t
 
 
@@ -294,7 +324,8 @@ def _run_once(
     if what == "saved":
         contexts.append(torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack))
         if operators:
-            contexts.append(_OperatorCalls(record))
+            record.operators = _OperatorCalls(record)
+            contexts.append(record.operators)
     try:
         with no_side_effects(gm, inputs, grad=True), contextlib.ExitStack() as stack:
             for context in contexts:
@@ -313,6 +344,7 @@ def _run_once(
     finally:
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
+        record.operators = None
         for context in contexts:
             if isinstance(context, _OperatorCalls):
                 context.outputs.clear()

@@ -333,27 +333,33 @@ def _saving_variants(
 ) -> list[ChainVariant]:
     """The recomputing strategies of ``chain`` with the best ``j`` operator outputs kept, for
     every ``j``: the outputs ranked by the time their operator takes per byte they hold
-    (``forward``: the chain's forward time)."""
-    candidates: list[tuple[float, int, Pick, float]] = []
+    (``forward``: the chain's forward time). A reversible recomputation runs every block
+    whole; a checkpointed one stops once its block's saved tensors are back, so an output no
+    saved tensor of the block is computed from (a block's last linear layer) is not offered
+    there."""
+    candidates: list[tuple[float, int, Pick, float, bool]] = []
     operators_per_block = []
     for t, block in enumerate(chain.blocks):
         calls: dict[str, int] = {}
-        operators_per_block.append(sum(measured.op_counts.get(n.name, 0) for n in block.nodes))
+        names = {n.name for n in block.nodes}
+        operators_per_block.append(sum(measured.op_counts.get(n, 0) for n in names))
         for node in block.nodes:
             for call in measured.heavy_ops.get(node.name, ()):
                 k = calls[call.op] = calls.get(call.op, -1) + 1
                 if call.nbytes > 0 and not call.written_later:
                     rate = call.seconds / call.nbytes
-                    candidates.append((rate, call.nbytes, (t, call.op, k), call.seconds))
+                    checkpointed = bool(call.needed_by & names)
+                    pick = (t, call.op, k)
+                    candidates.append((rate, call.nbytes, pick, call.seconds, checkpointed))
     candidates.sort(key=lambda c: c[0], reverse=True)
-    candidates = candidates[:MAX_SAVED_OUTPUTS]
     variants = []
     for strategy in ("recompute", "reversible"):
         base = costs.get(strategy)
         if base is None:
             continue
+        offered = [c for c in candidates if strategy == "reversible" or c[4]]
         kept, skipped, blocks, picks = 0, 0.0, set(), []
-        for _, nbytes, pick, seconds in candidates:
+        for _, nbytes, pick, seconds, _ in offered[:MAX_SAVED_OUTPUTS]:
             # The operators' times come from a run of their own: never more than the forward.
             kept, skipped = kept + nbytes, min(skipped + seconds, forward)
             blocks.add(pick[0])
