@@ -143,3 +143,13 @@ def assert_reversible_gradients(
     assert names_r == names_b and grads_r
     assert max_rel_err([out_r], [out_b]) <= tolerance
     assert grad_err(grads_r, grads_b) <= tolerance
+
+
+def seeded_step(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """One training step with a fixed seed and a loss weighting the outputs' last dimension
+    unevenly: the output and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    out = model(x.clone().requires_grad_(True))
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]

@@ -17,7 +17,7 @@ import weakref
 import pytest
 import torch
 import torchvision
-from conftest import grad_err, rel_err
+from conftest import grad_err, rel_err, seeded_step
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
@@ -109,14 +109,6 @@ def _encoder() -> tuple[nn.Module, torch.Tensor]:
     return model.double(), torch.randn(2, 5, 8, dtype=torch.float64)
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    out = model(x.clone().requires_grad_(True))
-    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
-    return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
 @pytest.mark.parametrize("build", [_resnet, _encoder], ids=["resnet18", "encoder"])
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_a_plan_changes_costs_not_outputs_or_gradients(build, budget):
@@ -127,7 +119,7 @@ def test_a_plan_changes_costs_not_outputs_or_gradients(build, budget):
     )
     planned.train()
     assert report.plan is not None and report.plan.regions
-    expected, got = _step(reference, x), _step(planned, x)
+    expected, got = seeded_step(reference, x), seeded_step(planned, x)
     assert grad_err(got, expected) < 1e-6  # reversible chains: exact to their grid
     if budget == 0.0:
         strategies = {r.strategy for r in report.plan.regions}
@@ -180,7 +172,7 @@ def test_gamma_zero_plans_keep_the_original_model_exactly():
     )
     assert "reversible" not in {r.strategy for r in report.plan.regions}
     assert {r.strategy for r in report.plan.regions} >= {"recompute"}
-    expected, got = _step(model.train(), x), _step(planned.train(), x)
+    expected, got = seeded_step(model.train(), x), seeded_step(planned.train(), x)
     assert max(rel_err(a, b) for a, b in zip(got, expected, strict=True)) < 1e-12
 
 
@@ -194,7 +186,7 @@ def test_a_model_without_chains_is_planned_too():
     )
     assert "recompute" in [r.strategy for r in report.plan.regions]
     assert any(isinstance(m, RecomputedSegment) for m in planned.modules())
-    expected, got = _step(model, x), _step(planned, x)
+    expected, got = seeded_step(model, x), seeded_step(planned, x)
     assert max(rel_err(a, b) for a, b in zip(got, expected, strict=True)) < 1e-12
 
 
@@ -203,7 +195,7 @@ def test_recomputation_counts_batchnorm_statistics_once():
     planned = fxmomentum.convert(model, 0.9, example_inputs=x, memory_budget=0.0).train()
     assert any(isinstance(m, RecomputedSegment) for m in planned.modules())
     reference = fxmomentum.convert(model, 0.9, example_inputs=x, use_backprop=True).train()
-    _step(planned, x), _step(reference, x)
+    seeded_step(planned, x), seeded_step(reference, x)
     for (name, a), b in zip(planned.named_buffers(), reference.buffers(), strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name  # reversible chains: rounding
     counts = [int(b) for n, b in planned.named_buffers() if n.endswith("num_batches_tracked")]
@@ -218,9 +210,9 @@ def test_a_planned_model_keeps_keys_copies_and_pickles():
     torch.save(planned, buffer)
     buffer.seek(0)
     copies = [copy.deepcopy(planned), torch.load(buffer, weights_only=False)]
-    expected = _step(planned.train(), x)
+    expected = seeded_step(planned.train(), x)
     for other in copies:
-        assert grad_err(_step(other.train(), x), expected) < 1e-12
+        assert grad_err(seeded_step(other.train(), x), expected) < 1e-12
 
 
 @pytest.mark.parametrize("build", [_resnet, _encoder], ids=["resnet18", "encoder"])

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 import torch
 import torchvision
-from conftest import grad_err
+from conftest import grad_err, seeded_step
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -197,30 +197,28 @@ def _encoder_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), *[copy.deepcopy(layer) for _ in range(3)])
 
 
-def _most_saved(self, budget):
-    """A plan that takes, for every chain, the recomputing choice keeping the most outputs
-    (of ``strategy``), and keeps every segment: independent of timings."""
-    steps, where = self.sequence.steps, self.sequence.where
-    choices, position = [], 0
-    while position < len(steps):
-        options = [c for c in steps[position] if c.next == position + 1]
-        saving = [c for c in options if where[c.region].picks and c.strategy == self.wanted]
-        if saving:
-            choice = max(saving, key=lambda c: len(where[c.region].picks))
-        else:
-            choice = next(c for c in options if c.strategy == "keep")
-        choices.append(choice)
-        position += 1
-    found = evaluate(choices, self.sequence.sizes)
-    return Solution(choices, found.peak, found.seconds)
+def _force_plan(monkeypatch, rank) -> None:
+    """Make the planner take, at every position, the one-position choice that
+    ``rank(choice, region)`` ranks highest (None: not a candidate), else keep: a plan that does
+    not depend on timings."""
+
+    def solve(self, budget):
+        where, choices = self.sequence.where, []
+        for position, options in enumerate(self.sequence.steps):
+            single = [c for c in options if c.next == position + 1]
+            ranked = [(r, -i, c) for i, c in enumerate(single)
+                      if (r := rank(c, where[c.region])) is not None]  # fmt: skip
+            keep = next(c for c in single if c.strategy == "keep")
+            choices.append(max(ranked, key=lambda r: r[:2])[2] if ranked else keep)
+        found = evaluate(choices, self.sequence.sizes)
+        return Solution(choices, found.peak, found.seconds)
+
+    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", solve)
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    out = model(x.clone().requires_grad_(True))
-    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
-    return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+def _most_saved(strategy: str):
+    """Rank: the choices of ``strategy`` by how many operator outputs they keep."""
+    return lambda c, region: len(region.picks) if region.picks and c.strategy == strategy else None
 
 
 @pytest.mark.parametrize("strategy", ["reversible", "recompute"])
@@ -233,8 +231,7 @@ def test_a_plan_keeping_operator_outputs_changes_costs_not_gradients(model, stra
         net, x = _encoder_model().double(), torch.randn(2, 5, 8, dtype=torch.float64)
     # Offered whatever the operators' timings: the choice is forced below.
     monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "wanted", strategy, raising=False)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", _most_saved)
+    _force_plan(monkeypatch, _most_saved(strategy))
     planned, report = fxmomentum.convert(net, 0.9, example_inputs=x, memory_budget=0.5,
                                          return_report=True)  # fmt: skip
     reference = fxmomentum.convert(net, 0.9, example_inputs=x, use_backprop=True)
@@ -246,7 +243,7 @@ def test_a_plan_keeping_operator_outputs_changes_costs_not_gradients(model, stra
     region = next(r for r in report.plan.regions if r.kind == "chain")
     assert region.saved_outputs == kept
     assert f"keeps {kept} op outputs" in str(report)
-    expected, got = _step(reference.train(), x), _step(planned.train(), x)
+    expected, got = seeded_step(reference.train(), x), seeded_step(planned.train(), x)
     assert grad_err(got, expected) < 1e-6  # reversible chains: exact to their grid
 
 
@@ -279,29 +276,15 @@ def test_a_recompute_span_is_checked():
                       saved_ops=[SavedOps(frozenset({(ADDMM, 0)}))] * 2)  # fmt: skip
 
 
-def _spans(self, budget):
-    """A plan that recomputes every chain ``self.span`` blocks at a time and keeps every
-    segment (independent of timings)."""
-    steps, where = self.sequence.steps, self.sequence.where
-    choices = []
-    for options in steps:
-        single = [c for c in options if c.next == options[0].next]
-        spanned = [c for c in single if where[c.region].span == self.span]
-        choices.append(spanned[0] if spanned else next(c for c in single if c.strategy == "keep"))
-    found = evaluate(choices, self.sequence.sizes)
-    return Solution(choices, found.peak, found.seconds)
-
-
 def test_a_plan_recomputing_layers_as_segments_is_the_original_at_gamma_zero(monkeypatch):
     net, x = _encoder_model(), torch.randn(2, 5, 8)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "span", 2, raising=False)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", _spans)
+    _force_plan(monkeypatch, lambda c, region: 1 if region.span == 2 else None)
     planned, report = fxmomentum.convert(net, 0.0, example_inputs=x, memory_budget=0.5,
                                          return_report=True)  # fmt: skip
     chain = next(m for m in planned.modules() if isinstance(m, MomentumChain))
     assert (chain.strategy, chain.recompute_span, len(chain.residual)) == ("recompute", 2, 6)
     assert "recompute (2 blocks a segment)" in str(report)
-    expected, got = _step(net.train(), x), _step(planned.train(), x)
+    expected, got = seeded_step(net.train(), x), seeded_step(planned.train(), x)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
@@ -383,8 +366,7 @@ def test_gpt2_with_its_default_dropouts_keeps_operator_outputs_exactly(strategy,
     net = transformers.GPT2Model(config).double().train()
     ids = torch.randint(0, 50, (2, 8))
     monkeypatch.setattr(regions, "DISPATCH_SECONDS", -1.0)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "wanted", strategy, raising=False)
-    monkeypatch.setattr(budget_module.MemoryPlanner, "solve", _most_saved)
+    _force_plan(monkeypatch, _most_saved(strategy))
     planned = fxmomentum.convert(net, 0.9, example_inputs=(ids,), memory_budget=0.5)
     reference = fxmomentum.convert(net, 0.9, example_inputs=(ids,), use_backprop=True)
     chains = [m for m in planned.modules() if isinstance(m, MomentumChain)]

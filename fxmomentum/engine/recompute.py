@@ -29,7 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .fsdp import in_units, sharded_units
-from .saved_ops import SavedOps, combined
+from .saved_ops import SavedOps
 from .spec import BlockArguments, ChainSpec, block_buffers
 from .update import needs_grad
 
@@ -43,10 +43,12 @@ def needs_backward(tensors: Iterable[object], parameters: Iterable[torch.Tensor]
 
 
 @contextlib.contextmanager
-def _restoring(buffers: Sequence[torch.Tensor]) -> Iterator[None]:
+def _restoring(buffers: Sequence[torch.Tensor], inner: Any = None) -> Iterator[None]:
+    """Runs the recomputation (inside ``inner``, if given) and puts ``buffers`` back after."""
     saved = [b.clone() for b in buffers]
     try:
-        yield
+        with inner or contextlib.nullcontext():
+            yield
     finally:
         with torch.no_grad():
             for b, old in zip(buffers, saved, strict=True):
@@ -80,7 +82,7 @@ def recomputed(
         if saved is None:
             return contextlib.nullcontext(), _restoring(buffers)
         forward, recompute = saved.contexts()
-        return forward, combined(_restoring(buffers), recompute)
+        return forward, _restoring(buffers, recompute)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 

@@ -27,8 +27,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +40,8 @@ _aten = torch.ops.aten
 
 #: The operators whose outputs a recomputation may take from the forward: those whose time
 #: is large for the bytes they write (the rest is cheaper to recompute than to keep).
-HEAVY_OPS = frozenset(
-    str(op)
+_HEAVY = {
+    op: str(op)
     for op in (
         _aten.convolution.default,
         _aten.mm.default,
@@ -55,13 +53,15 @@ HEAVY_OPS = frozenset(
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default,
     )
-)
+}
+#: Their names, as ``str(torch.ops.aten...)`` writes them.
+HEAVY_OPS = frozenset(_HEAVY.values())
 
 
 def op_key(func: Any) -> str | None:
-    """The name of ``func`` (an aten operator) if it is one of :data:`HEAVY_OPS`, else None."""
-    name = str(func)
-    return name if name in HEAVY_OPS else None
+    """The name of ``func`` (an aten operator) if it is one of :data:`HEAVY_OPS`, else None
+    (a dictionary look-up: the dispatch modes call it for every operator)."""
+    return _HEAVY.get(func)
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,3 @@ def _unchanged(value: Any) -> bool:
 
 def _thawed(value: Any) -> Any:
     return value.tensor if isinstance(value, _Kept) else value
-
-
-def combined(*managers: Any) -> contextlib.AbstractContextManager:
-    """One context manager that enters ``managers`` in order (None entries skipped)."""
-    return _combined([m for m in managers if m is not None])
-
-
-@contextlib.contextmanager
-def _combined(managers: Iterable[Any]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for manager in managers:
-            stack.enter_context(manager)
-        yield

@@ -69,11 +69,6 @@ class HeavyOp:
     needed_by: frozenset[str] = frozenset()
 
 
-def _storage_keys(value: Any) -> list[int]:
-    return [k[0] for t in torch.utils._pytree.tree_leaves(value)
-            if isinstance(t, torch.Tensor) and (k := _storage(t)) is not None]  # fmt: skip
-
-
 class _OperatorCalls(TorchDispatchMode):
     """Notes, per node of ``record``, every operator dispatched and the heavy ones' costs, and
     which storages hold values computed from each heavy output (:meth:`saved` is told what
@@ -96,9 +91,7 @@ class _OperatorCalls(TorchDispatchMode):
         seconds = time.process_time() - start
         counts = self.record.op_counts
         counts[node] = counts.get(node, 0) + 1
-        sources = frozenset().union(
-            *(self.derived.get(k, ()) for k in _storage_keys((args, kwargs)))
-        )
+        sources = frozenset().union(*(self.derived.get(k, ()) for k in _storages((args, kwargs))))
         if name is not None:
             tensors = [t for t in torch.utils._pytree.tree_leaves(out)
                        if isinstance(t, torch.Tensor)]  # fmt: skip
@@ -107,7 +100,7 @@ class _OperatorCalls(TorchDispatchMode):
             self.outputs.append((node, len(calls), [(t, t._version) for t in tensors]))
             calls.append(HeavyOp(name, sum(t.nbytes for t in tensors), seconds))
         if sources:
-            for key in _storage_keys(out):
+            for key in _storages(out):
                 self.derived[key] = self.derived.get(key, frozenset()) | sources
         return out
 
