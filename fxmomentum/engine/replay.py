@@ -87,12 +87,15 @@ class ForwardRun:
         The forward's autocast state.
     buffers : list of torch.Tensor, optional
         The block's buffers, if the caller has listed them already.
+    modules : list of (str, nn.Module), optional
+        The block's modules by path, if the caller has listed them already.
     """
 
     block: object
     x: torch.Tensor
     autocast: AutocastState = None
     buffers: list[torch.Tensor] | None = None
+    modules: list[tuple[str, torch.nn.Module]] | None = None
     cpu_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
     #: ``(module path, attribute)`` where the forward stored a tensor, and the modules'
@@ -104,7 +107,12 @@ class ForwardRun:
         if self.buffers is None:
             self.buffers = block_buffers(self.block)
         block = self.block
-        self._state = PythonState.of(block) if isinstance(block, torch.nn.Module) else None
+        self._state = (
+            PythonState.of(self.modules if self.modules is not None else block)
+            if isinstance(block, torch.nn.Module)
+            else None
+        )
+        self.modules = None
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(self.x.device) if self.x.is_cuda else None
         self._fastpath = attention_fastpath_off()

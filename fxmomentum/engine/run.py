@@ -209,7 +209,9 @@ class ChainRun:
         version = x._version
         saved = spec.saved_ops(t)
         keeping, saved_outputs = saved.contexts() if saved else (contextlib.nullcontext(), None)
-        with ForwardRun(spec.blocks[t], x, self.autocast, spec.buffers(t)) as ran, keeping:
+        members = spec.members(t)
+        forward = ForwardRun(spec.blocks[t], x, self.autocast, members.buffers, members.modules)
+        with forward as ran, keeping:
             out = spec.output(t, x, args, kwargs)
         if x._version != version:
             raise RuntimeError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ from .exact import GAMMA_DENOM
 from .saved_ops import SavedOps
 from .update import momentum_update
 
-__all__ = ["BlockArguments", "ChainSpec", "block_buffers", "block_parameters"]
+__all__ = ["BlockArguments", "BlockMembers", "ChainSpec", "block_buffers", "block_parameters"]
 
 
 @dataclass
@@ -58,23 +58,23 @@ class ChainSpec:
     # list is made when first asked for, which for a block in an FSDP unit must be while the
     # unit is gathered (inside ``fsdp.in_units``): the unit's modules then hold the unsharded
     # parameters the block computes with.
-    _members: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
+    _members: dict[int, BlockMembers] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def parameters(self, t: int) -> list[torch.Tensor]:
         """Block ``t``'s parameters (none for a plain function), listed once per spec."""
-        return self._listed(t)[0]
+        return self.members(t).parameters
 
     def buffers(self, t: int) -> list[torch.Tensor]:
         """Block ``t``'s buffers (none for a plain function), listed once per spec."""
-        return self._listed(t)[1]
+        return self.members(t).buffers
 
-    def _listed(self, t: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def members(self, t: int) -> BlockMembers:
+        """Block ``t``'s modules, parameters and buffers, listed once per spec."""
         members = self._members.get(t)
         if members is None:
-            block = self.blocks[t]
-            members = self._members[t] = (block_parameters(block), block_buffers(block))
+            members = self._members[t] = BlockMembers.of(self.blocks[t])
         return members
 
     def tensor_reads(self, arguments: BlockArguments) -> list[list[int]]:
@@ -166,6 +166,51 @@ class BlockArguments:
         for i, t in zip(self.tensor_slots, tensors, strict=True):
             leaves[i] = t
         return tree_unflatten(leaves, self.tree)
+
+
+@dataclass
+class BlockMembers:
+    """A block's modules (by path), parameters and buffers, from one walk of its modules.
+
+    Examples
+    --------
+    >>> members = BlockMembers.of(torch.nn.BatchNorm1d(3))
+    >>> len(members.modules), len(members.parameters), len(members.buffers)
+    (1, 2, 3)
+    >>> BlockMembers.of(torch.tanh).modules is None
+    True
+    """
+
+    #: ``(path, module)`` as ``named_modules`` lists them; None for a block that is no module.
+    modules: list[tuple[str, torch.nn.Module]] | None
+    parameters: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, block: object) -> BlockMembers:
+        """List ``block``'s members: what ``parameters()`` and ``buffers()`` give, in their
+        order, from the one ``named_modules()`` walk (a walk of a converted graph's block is
+        as costly as a small block's forward)."""
+        if not isinstance(block, torch.nn.Module):
+            return cls(None, block_parameters(block), block_buffers(block))
+        modules = list(block.named_modules())
+        return cls(
+            modules,
+            _unique(m._parameters.values() for _, m in modules),
+            _unique(m._buffers.values() for _, m in modules),
+        )
+
+
+def _unique(groups: Iterator[Iterable[torch.Tensor | None]]) -> list[torch.Tensor]:
+    """The tensors of ``groups`` in order, each once, Nones left out (as ``parameters()``)."""
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        for t in group:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
 
 
 def block_buffers(block: object) -> list[torch.Tensor]:

@@ -98,11 +98,11 @@ class PythonState:
         state = cls(modules)
         saved, held = state.saved, state.held
         for i, (_, m) in enumerate(modules):
-            attributes = m.__dict__
             # A reversible chain takes this snapshot before every block's forward: only the
-            # model's own attributes are visited, most of them plain numbers.
-            for key in attributes.keys() - _MODULE_INTERNALS:
-                value = attributes[key]
+            # model's own attributes are kept, most of them plain numbers.
+            for key, value in m.__dict__.items():
+                if key in _MODULE_INTERNALS:
+                    continue
                 if type(value) in _PLAIN:
                     saved[i, key] = value
                     continue
@@ -117,10 +117,8 @@ class PythonState:
         when the state was taken."""
         out = []
         for i, (path, m) in enumerate(self.modules):
-            attributes = m.__dict__
-            for key in attributes.keys() - _MODULE_INTERNALS:
-                value = attributes[key]
-                if type(value) in _PLAIN:
+            for key, value in m.__dict__.items():
+                if type(value) in _PLAIN or key in _MODULE_INTERNALS:
                     continue
                 ids = _tensor_ids(value)
                 if ids is not None and self.held.get((i, key)) != ids:
