@@ -160,6 +160,19 @@ def test_native_kernels_give_the_eager_bits(n_el):
         _check(kernel, make_args, kernel.native)
 
 
+@pytest.mark.parametrize("isa", [["-mavx2", "-mfma"], []])
+def test_native_kernels_built_without_avx512_give_the_eager_bits(isa, monkeypatch, tmp_path):
+    # With AVX-512DQ the steps work in int64 lanes; without it (AVX2 machines, other CPUs) in
+    # doubles. This machine builds one of the two; both must give the eager bits.
+    if native._compiler() is None or native._isa_flags()[:1] != ["-mavx512f"]:
+        pytest.skip("needs a C compiler and an AVX-512 CPU (which runs either build)")
+    monkeypatch.setenv("FXMOMENTUM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_isa_flags", lambda: isa)
+    monkeypatch.setattr(native, "_lib", native._load())
+    for kernel, make_args in _cases(70001, "cpu"):
+        _check(kernel, make_args, kernel.native)
+
+
 def test_native_kernels_decline_what_they_do_not_cover():
     if native.library() is None:
         pytest.skip("no C compiler: the native kernels are not built")

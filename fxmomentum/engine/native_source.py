@@ -8,7 +8,9 @@ dense), and gives its bits. What makes that hold and keeps the loops vectorised:
   2**50`` within a step; the grid keeps them there), so it is held exactly in a double, where
   the compiler vectorises every operation: ``>>``, ``&`` and the floor division become exact
   double operations, and int64 loads and stores convert through the exponent of ``1.5 * 2**52``
-  (the vectoriser does not convert int64 to floating point);
+  (without AVX-512DQ the vectoriser does not convert int64 to floating point). With AVX-512DQ
+  the two steps, which run once per block, work in int64 lanes instead: the same integers,
+  about a third fewer vector operations per element;
 * the float operations are the eager ones, one rounding each: float32 products by powers of
   two (exact), ``rintf`` (round half to even, as ``torch.round``), conversions that round to
   nearest even; it is built with ``-ffp-contract=off``, so no multiply-add is fused;
@@ -60,6 +62,14 @@ static inline float bitsf(i32 u) {
   memcpy(&f, &u, 4);
   return f;
 }
+/* With AVX-512DQ the steps work in int64 lanes (int64 multiplies and int64 <-> floating
+   point conversions vectorise there): fewer operations than through doubles, the same bits.
+   Elsewhere they hold the integers in doubles, as the other kernels do. */
+#if defined(__AVX512DQ__)
+#define INT64_LANES 1
+#else
+#define INT64_LANES 0
+#endif
 /* Loop bodies with flags that are constants at each call: one vectorised loop per variant. */
 #define BODY static inline __attribute__((always_inline))
 #define TWO16 65536.0
@@ -110,6 +120,35 @@ BODY double quantize(float f, float c) {
   g = g < -G_LIMIT ? -G_LIMIT : g;
   return g != g ? 0.0 : g;
 }
+
+/* The same, as an int64: clamped while a float (2**50 is one), then converted exactly. */
+BODY i64 quantize_i(float f, float c) {
+  float g = rintf(f * c);
+  g = g > 0x1p50f ? 0x1p50f : g;
+  g = g < -0x1p50f ? -0x1p50f : g;
+  return g != g ? 0 : (i64)g;
+}
+
+/* X of (xw, r), and (xw, r) of X (r in place), in int64: float32 xw * 2**s is an integer. */
+BODY i64 join_i(const float* RS xw, const i16* RS r, i64 i, float scale) {
+  return (i64)(xw[i] * scale) + (i64)r[i];
+}
+BODY float split_i(i64 X, float inv_scale, i16* RS r, i64 i) {
+  float Xf = (float)X; /* rounds to nearest even, as torch's int64 -> float32; 0 is +0 */
+  r[i] = (i16)(X - (i64)Xf);
+  return Xf * inv_scale;
+}
+
+/* floor(a / n) and a mod n for |a| < 2**51 and 1 <= n <= 2**16 in int64 lanes: the double
+   quotient is within one of the true one, which the comparisons correct. (Converted with d2i:
+   the compiler turns (i64)floor() into a call that does not vectorise.) */
+#define DIVMOD_I(a, q, m)                     \
+  i64 q = d2i(floor((double)(a) * inv_n));    \
+  i64 m = (a) - q * n_i;                      \
+  q = m < 0 ? q - 1 : q;                      \
+  m = m < 0 ? m + n_i : m;                    \
+  q = m >= n_i ? q + 1 : q;                   \
+  m = m >= n_i ? m - n_i : m;
 
 static inline double join(const float* RS xw, const i16* RS r, i64 i, float scale) {
   return (double)(xw[i] * scale) + (double)r[i];
@@ -180,6 +219,39 @@ BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
                        const float* RS out, const float* RS xf, float c, double n_d,
                        float scale, float inv_scale, float* RS xw_new, i64* vsum, i32* xmax,
                        i64* vmax, i32* fmax, int has_xf, int fresh) {
+#if INT64_LANES
+  const double inv_n = 1.0 / n_d;
+  const i64 n_i = (i64)n_d;
+  i64 s = 0, mv = 0;
+  i32 mx = 0, mf = 0;
+  for (i64 i = lo; i < hi; i++) {
+    float f = f_of(out, xf, i, has_xf);
+    i64 G = quantize_i(f, c);
+    i64 v = fresh ? 0 : V[i];
+    /* v <- gamma v: V's low 16 bits onto the stack, a digit in [0, n) off it */
+    i64 B = ((fresh ? 0 : (i64)head[i]) << 16) | (v & 0xFFFF);
+    /* B // n and B % n. The stack spills before a step until its head is below 2**15, so
+       0 <= B < 2**31, where the double quotient is within 2**-21 of B / n: truncated, it is
+       B // n, or one less where n divides B, which one comparison corrects (a third fewer
+       operations in this loop than DIVMOD_I's floor and two-sided correction). */
+    i64 q = (i64)((double)B * inv_n);
+    i64 rem = B - q * n_i;
+    q = rem >= n_i ? q + 1 : q;
+    rem = rem >= n_i ? rem - n_i : rem;
+    i64 vi = (v >> 16) * n_i + rem + G;
+    float xo = split_i(join_i(xw, r, i, scale) + ((vi + 32768) >> 16), inv_scale, r, i);
+    head[i] = (i32)q;
+    V[i] = vi;
+    xw_new[i] = xo;
+    s += vi;
+    i32 u = fbits(fabsf(xo));
+    mx = u > mx ? u : mx;
+    i64 a = vi < 0 ? -vi : vi;
+    mv = a > mv ? a : mv;
+    i32 uf = fbits(fabsf(f));
+    mf = uf > mf ? uf : mf;
+  }
+#else
   const double inv_n = 1.0 / n_d;
   i64 s = 0, mv = 0;
   i32 mx = 0, mf = 0;
@@ -206,6 +278,7 @@ BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
     i32 uf = fbits(fabsf(f));
     mf = uf > mf ? uf : mf;
   }
+#endif
   *vsum = s;
   *xmax = mx;
   *vmax = mv;
@@ -386,6 +459,24 @@ BODY void backward_body(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS
                         const float* RS xf, float c, double n_d, const float* RS xw, i16* RS r,
                         float scale, float inv_scale, float* RS xw_prev, i64* vsum, int has_xf,
                         int rebuild) {
+#if INT64_LANES
+  const double inv_n = 1.0 / n_d;
+  const i64 n_i = (i64)n_d;
+  i64 s = 0;
+  for (i64 i = lo; i < hi; i++) {
+    i64 a = V[i] - quantize_i(f_of(out, xf, i, has_xf), c);
+    DIVMOD_I(a, vhi, vlo)
+    i64 T = (i64)head[i] * n_i + vlo;
+    i64 vi = vhi * 65536 + (T & 0xFFFF);
+    head[i] = (i32)(T >> 16);
+    V[i] = vi;
+    s += vi;
+    if (rebuild) {
+      i64 X = join_i(xw, r, i, scale) - ((vi + 32768) >> 16);
+      xw_prev[i] = split_i(X, inv_scale, r, i);
+    }
+  }
+#else
   const double inv_n = 1.0 / n_d;
   i64 s = 0;
   for (i64 i = lo; i < hi; i++) {
@@ -403,6 +494,7 @@ BODY void backward_body(i64 lo, i64 hi, i64* RS V, i32* RS head, const float* RS
       xw_prev[i] = split(X, inv_scale, r, i);
     }
   }
+#endif
   *vsum = s;
 }
 
