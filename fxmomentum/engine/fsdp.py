@@ -35,9 +35,14 @@ __all__ = ["ShardedUnits", "sharded_units"]
 
 
 def _fsdp_module_class() -> type | None:
+    """FSDP2's module class where something may be sharded: FSDP is imported and a process
+    group is up (``fully_shard`` needs one); None otherwise, and the chain does not look for
+    units (a walk of the whole model, once per chain call)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
     kind = getattr(fsdp, "FSDPModule", None)
-    return kind if isinstance(kind, type) else None
+    if not isinstance(kind, type) or not torch.distributed.is_initialized():
+        return None
+    return kind
 
 
 def _trees(blocks: Sequence[object]) -> list[nn.Module]:
