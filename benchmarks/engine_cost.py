@@ -47,8 +47,8 @@ KINDS = (
 )
 
 
-def _workload(kind: str, size: int, batch: int):
-    sizes = dict(layers=[3, 4, 23, 3], batch=batch, size=size)
+def _workload(kind: str, layers: list[int], size: int, batch: int):
+    sizes = dict(layers=layers, batch=batch, size=size)
     if kind != "recomputed":
         return build("resnet", kind, **sizes)
     work = build("resnet", "original", **sizes)
@@ -73,10 +73,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--layers", default="3,4,23,3", help="blocks per stage (ResNet-101)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    work = {kind: _workload(kind, args.size, args.batch) for kind in KINDS}
+    layers = [int(n) for n in args.layers.split(",")]
+    work = {kind: _workload(kind, layers, args.size, args.batch) for kind in KINDS}
     for w in work.values():
         for _ in range(2):
             _step(w)
@@ -102,7 +104,8 @@ def main() -> None:
             ]
         )
     print(
-        f"ResNet-101, batch {args.batch}, 3x{args.size}x{args.size}, gamma {GAMMA:g}, "
+        f"ResNet (layers {args.layers}), batch {args.batch}, 3x{args.size}x{args.size}, "
+        f"gamma {GAMMA:g}, "
         f"{args.rounds} interleaved rounds, CPU time of one thread; times over the original's "
         f"step"
     )

@@ -107,3 +107,24 @@ def test_bench_fsdp_quick_gathers_one_layer_at_a_time(tmp_path):
     text = (tmp_path / "fsdp.md").read_text()
     assert "at most 1 layer unit(s) unsharded at once" in text
     assert "tolerance 1e-06: passed" in text
+
+
+def test_engine_cost_times_every_configuration(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # engine_cost imports bench_models beside it
+    spec = importlib.util.spec_from_file_location("engine_cost", BENCH / "engine_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # layers 1,3,1,1: one chain, layer2's two blocks after its projection block.
+    recomputed = module._workload("recomputed", [1, 3, 1, 1], size=32, batch=2).model
+    chains = [m for m in recomputed.modules() if isinstance(m, module.MomentumChain)]
+    assert [(len(c.residual), c.strategy) for c in chains] == [(2, "recompute")]
+    argv = ["engine_cost", "--rounds", "1", "--size", "32", "--batch", "2", "--layers", "1,3,1,1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    module.main()
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and not line.startswith("| configuration")
+    }
+    assert list(rows) == list(module.KINDS)
+    assert rows["original"][2] == "1" and rows["checkpoint"][3] == "1.000 (1.00-1.00)"
