@@ -147,3 +147,33 @@ def test_levit_eval_mode_gradients():
     biases = [n for n in want if n.endswith("attention_biases")]
     assert biases and all(got[n] is not None for n in biases)
     assert grad_err([got[n] for n in want], list(want.values())) <= 1e-10
+
+
+def _cache_on_first_call(linear: nn.Linear) -> None:
+    # A tensor computed without grad on the first call and read after: a cache, kept by a
+    # forward pre-hook on a module whose own forward keeps nothing.
+    if "doubled" not in linear.__dict__:
+        linear.doubled = linear.weight * 2
+
+
+@pytest.mark.parametrize("how", ["hook", "instance forward"])
+def test_a_torch_module_made_to_keep_a_tensor_is_still_watched(how):
+    # The snapshot before each block skips torch.nn modules whose forward keeps nothing; one
+    # given a hook or a forward of its own is watched again.
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
+    linear = blocks[1][0]
+    if how == "hook":
+        linear.register_forward_pre_hook(lambda module, args: _cache_on_first_call(module))
+    else:
+        plain = linear.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            _cache_on_first_call(linear)
+            return plain(x)
+
+        linear.forward = forward
+    net = fxmomentum.MomentumNet(blocks, 0.9, use_backprop=False)
+    with pytest.raises(StatefulBlockError, match=r"keeps a tensor between calls in `doubled`"):
+        net(torch.randn(4, 6)).sum().backward()
+    assert "doubled" not in linear.__dict__  # put back as before the forward

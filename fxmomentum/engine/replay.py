@@ -43,7 +43,7 @@ import torch
 
 from ..patches import attention_fastpath_off
 from .spec import block_buffers
-from .state import PythonState
+from .state import PythonState, may_keep_tensors
 
 __all__ = ["AutocastState", "ForwardRun", "StatefulBlockError", "autocast_state"]
 
@@ -107,11 +107,10 @@ class ForwardRun:
         if self.buffers is None:
             self.buffers = block_buffers(self.block)
         block = self.block
-        self._state = (
-            PythonState.of(self.modules if self.modules is not None else block)
-            if isinstance(block, torch.nn.Module)
-            else None
-        )
+        self._state = None
+        if isinstance(block, torch.nn.Module):
+            modules = self.modules if self.modules is not None else block.named_modules()
+            self._state = PythonState.of([(p, m) for p, m in modules if may_keep_tensors(m)])
         self.modules = None
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(self.x.device) if self.x.is_cuda else None

@@ -40,12 +40,74 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PythonState"]
+__all__ = ["PythonState", "may_keep_tensors"]
 
 #: ``nn.Module`` attributes that are torch's own bookkeeping, not the model's values.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 #: Types of attribute values that hold no tensor and need no copy.
 _PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
+#: torch.nn modules whose own ``forward`` keeps nothing in the module's attributes. A block's
+#: snapshot skips them (it is taken before every reversible block's forward, and a converted
+#: ResNet block holds seven of them), unless an instance's forward is replaced or hooked.
+_KEEP_NOTHING = frozenset(
+    {
+        nn.AdaptiveAvgPool2d,
+        nn.AvgPool2d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.Dropout,
+        nn.Embedding,
+        nn.GELU,
+        nn.GroupNorm,
+        nn.Hardswish,
+        nn.Identity,
+        nn.LayerNorm,
+        nn.LeakyReLU,
+        nn.Linear,
+        nn.MaxPool2d,
+        nn.ReLU,
+        nn.Sequential,
+        nn.SiLU,
+        nn.Sigmoid,
+        nn.Tanh,
+    }
+)
+
+
+def may_keep_tensors(module: nn.Module) -> bool:
+    """Whether ``module``'s call may store a tensor in its attributes: False only for the
+    torch.nn modules of :data:`_KEEP_NOTHING` (the exact types, not subclasses) and classes
+    that say so with ``keeps_no_tensors = True`` (a chain's graph blocks, whose generated code
+    only calls), with their own ``forward`` and no forward hooks, nor global ones, which could
+    store one.
+
+    Examples
+    --------
+    >>> may_keep_tensors(nn.Linear(2, 2)), may_keep_tensors(nn.MultiheadAttention(4, 2))
+    (False, True)
+    >>> linear = nn.Linear(2, 2)
+    >>> _ = linear.register_forward_hook(lambda m, i, o: None)
+    >>> may_keep_tensors(linear)
+    True
+    """
+    kind = type(module)
+    if kind not in _KEEP_NOTHING and getattr(kind, "keeps_no_tensors", False) is not True:
+        return True
+    if "forward" in module.__dict__:
+        return True
+    hooks = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def _tensor_ids(value: Any) -> tuple[int, ...] | None:

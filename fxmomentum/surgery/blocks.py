@@ -55,6 +55,10 @@ class ChainBlock(fx.GraphModule):
     0.0
     """
 
+    #: Its generated code only calls functions and the model's modules (which are watched on
+    #: their own): a reversible chain need not snapshot the block's attributes before each call.
+    keeps_no_tensors = True
+
     def __init__(self, namespace: dict[str, nn.Module], graph: fx.Graph) -> None:
         # GraphModule gets an empty graph (it would copy the called modules into holders),
         # not compiled: code is generated once, for the block's graph.
@@ -78,6 +82,7 @@ class ChainBlock(fx.GraphModule):
             if n.op == "call_module":
                 paths.setdefault(str(n.target), None)
         self.__dict__["_paths"] = tuple(paths)
+        self.__dict__["_path_atoms"] = tuple(tuple(p.split(".")) for p in paths)
         self.__dict__["_roots"] = frozenset(p.split(".")[0] for p in paths)
         return super().recompile()
 
@@ -106,10 +111,20 @@ class ChainBlock(fx.GraphModule):
         if remove_duplicate:
             memo.add(self)
         yield prefix, self
-        for path in self.__dict__["_paths"]:
-            module = self.get_submodule(path)
+        for path, atoms in zip(self.__dict__["_paths"], self.__dict__["_path_atoms"], strict=True):
+            module = self._called(path, atoms)
             full = f"{prefix}.{path}" if prefix else path
             yield from module.named_modules(memo, full, remove_duplicate)
+
+    def _called(self, path: str, atoms: tuple[str, ...]) -> nn.Module:
+        """The module at ``path``, looked up in the modules' own dicts (a reversible chain lists
+        its blocks' modules at every call; ``get_submodule`` goes through ``__getattr__``)."""
+        module = self.__dict__["_namespace"].get(atoms[0])
+        for atom in atoms[1:]:
+            module = module._modules.get(atom) if isinstance(module, nn.Module) else None
+        if not isinstance(module, nn.Module):
+            return self.get_submodule(path)  # its error says what is missing
+        return module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ChainBlock:
         res = type(self).__new__(type(self))
