@@ -607,3 +607,51 @@ def test_a_chain_whose_input_holds_negative_zeros_trains():
     reference = MomentumChain(blocks, 0.9, use_backprop=True)
     expected = torch.autograd.grad(reference(x).square().sum(), [x, *chain.parameters()])
     assert max(rel_err(a, b) for a, b in zip(grads, expected, strict=True)) < 1e-4
+
+
+class _Stack(nn.Module):
+    """Residual layers whose branch is a linear layer, then ``then`` (a function)."""
+
+    def __init__(self, then, depth: int = 4, width: int = 16) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.then = then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + self.then(layer(x), self.training)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("then", "draws"),
+    [
+        (lambda y, training: torch.relu(y), False),
+        (lambda y, training: torch.nn.functional.dropout(y, 0.3, training), True),
+    ],
+    ids=["relu", "functional dropout"],
+)
+def test_only_blocks_that_may_draw_note_the_random_state(then, draws, monkeypatch):
+    # Noting the generator's state costs two copies of it and a comparison per block and call:
+    # a block made of torch modules and functions that draw nothing skips it; a graph block
+    # calling anything else (here functional dropout) notes it, and replays its draws.
+    import fxmomentum
+
+    torch.manual_seed(0)
+    model = _Stack(then).double()
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    rev = fxmomentum.convert(model, 0.9)
+    plain = fxmomentum.convert(model, 0.9, use_backprop=True)
+    noted = []
+    real = torch.get_rng_state
+    monkeypatch.setattr(torch, "get_rng_state", lambda: noted.append(1) or real())
+    grads = []
+    for net in (rev, plain):
+        torch.manual_seed(5)
+        net.zero_grad()
+        x.grad = None
+        (net(x) * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in net.parameters())])
+        if net is rev:
+            assert bool(noted) == draws
+    assert max_rel_err(grads[0], grads[1]) < 1e-8

@@ -43,9 +43,27 @@ import torch
 
 from ..patches import attention_fastpath_off
 from .spec import block_buffers
-from .state import PythonState, may_keep_tensors
+from .state import KEEP_NOTHING, PythonState, may_keep_tensors, runs_own_forward
 
-__all__ = ["AutocastState", "ForwardRun", "StatefulBlockError", "autocast_state"]
+__all__ = ["AutocastState", "ForwardRun", "StatefulBlockError", "autocast_state", "may_draw"]
+
+#: torch.nn modules whose own forward draws no random number: a block made of them alone (and
+#: of graph blocks that say ``draws_nothing``) has no RNG state to note (two copies of the
+#: generator's 5 KB state and a comparison, per block and call).
+_NEVER_DRAWS = KEEP_NOTHING - {torch.nn.Dropout}
+
+
+def may_draw(module: torch.nn.Module) -> bool:
+    """Whether a call of ``module`` (not its submodules) may draw random numbers.
+
+    Examples
+    --------
+    >>> may_draw(torch.nn.Linear(2, 2)), may_draw(torch.nn.Dropout(0.1))
+    (False, True)
+    """
+    if type(module) not in _NEVER_DRAWS and module.__dict__.get("draws_nothing") is not True:
+        return True
+    return not runs_own_forward(module)
 
 
 class StatefulBlockError(RuntimeError):
@@ -107,13 +125,16 @@ class ForwardRun:
         if self.buffers is None:
             self.buffers = block_buffers(self.block)
         block = self.block
-        self._state = None
+        self._state, draws = None, True
         if isinstance(block, torch.nn.Module):
-            modules = self.modules if self.modules is not None else block.named_modules()
+            modules = self.modules if self.modules is not None else list(block.named_modules())
             self._state = PythonState.of([(p, m) for p, m in modules if may_keep_tensors(m)])
+            draws = any(may_draw(m) for _, m in modules)
         self.modules = None
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(self.x.device) if self.x.is_cuda else None
+        self.cpu_rng = torch.get_rng_state() if draws else None
+        self.cuda_rng = (
+            torch.cuda.get_rng_state(self.x.device) if draws and self.x.is_cuda else None
+        )
         self._fastpath = attention_fastpath_off()
         self._fastpath.__enter__()
         return self
@@ -124,7 +145,7 @@ class ForwardRun:
             return
         self.stored = self._state.stored() if self._state is not None else []
         self.before_forward = self._state if self.stored else None
-        if torch.equal(self.cpu_rng, torch.get_rng_state()):
+        if self.cpu_rng is not None and torch.equal(self.cpu_rng, torch.get_rng_state()):
             self.cpu_rng = None
         if self.cuda_rng is not None and torch.equal(
             self.cuda_rng, torch.cuda.get_rng_state(self.x.device)

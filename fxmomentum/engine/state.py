@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PythonState", "may_keep_tensors"]
+__all__ = ["KEEP_NOTHING", "PythonState", "may_keep_tensors", "runs_own_forward"]
 
 #: ``nn.Module`` attributes that are torch's own bookkeeping, not the model's values.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
@@ -51,7 +51,7 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})
 #: torch.nn modules whose own ``forward`` keeps nothing in the module's attributes. A block's
 #: snapshot skips them (it is taken before every reversible block's forward, and a converted
 #: ResNet block holds seven of them), unless an instance's forward is replaced or hooked.
-_KEEP_NOTHING = frozenset(
+KEEP_NOTHING = frozenset(
     {
         nn.AdaptiveAvgPool2d,
         nn.AvgPool2d,
@@ -82,7 +82,7 @@ _KEEP_NOTHING = frozenset(
 
 def may_keep_tensors(module: nn.Module) -> bool:
     """Whether ``module``'s call may store a tensor in its attributes: False only for the
-    torch.nn modules of :data:`_KEEP_NOTHING` (the exact types, not subclasses) and classes
+    torch.nn modules of :data:`KEEP_NOTHING` (the exact types, not subclasses) and classes
     that say so with ``keeps_no_tensors = True`` (a chain's graph blocks, whose generated code
     only calls), with their own ``forward`` and no forward hooks, nor global ones, which could
     store one.
@@ -97,13 +97,28 @@ def may_keep_tensors(module: nn.Module) -> bool:
     True
     """
     kind = type(module)
-    if kind not in _KEEP_NOTHING and getattr(kind, "keeps_no_tensors", False) is not True:
+    if kind not in KEEP_NOTHING and getattr(kind, "keeps_no_tensors", False) is not True:
         return True
-    if "forward" in module.__dict__:
-        return True
+    return not runs_own_forward(module)
+
+
+def runs_own_forward(module: nn.Module) -> bool:
+    """Whether a call of ``module`` runs its class's ``forward`` and nothing else: no
+    ``forward`` of the instance's own, no forward hooks on it, nor global ones.
+
+    Examples
+    --------
+    >>> linear = nn.Linear(2, 2)
+    >>> runs_own_forward(linear)
+    True
+    >>> _ = linear.register_forward_pre_hook(lambda m, args: None)
+    >>> runs_own_forward(linear)
+    False
+    """
     hooks = torch.nn.modules.module
-    return bool(
-        module._forward_hooks
+    return not (
+        "forward" in module.__dict__
+        or module._forward_hooks
         or module._forward_pre_hooks
         or hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks

@@ -10,9 +10,11 @@ pickling.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 __all__ = ["ChainBlock", "ConvertedModule", "named"]
@@ -84,6 +86,7 @@ class ChainBlock(fx.GraphModule):
         self.__dict__["_paths"] = tuple(paths)
         self.__dict__["_path_atoms"] = tuple(tuple(p.split(".")) for p in paths)
         self.__dict__["_roots"] = frozenset(p.split(".")[0] for p in paths)
+        self.__dict__["draws_nothing"] = all(_draws_nothing(n) for n in self.graph.nodes)
         return super().recompile()
 
     def __getattr__(self, name: str) -> Any:
@@ -143,6 +146,39 @@ class ChainBlock(fx.GraphModule):
         namespace = body.pop("_namespace")
         body["_modules"] = {name: namespace[name] for name in self._roots if name in namespace}
         return (_restore_block, (namespace, body, import_block))
+
+
+#: What a block's graph may call besides modules without drawing a random number (anything
+#: else may: the block's forward then notes the RNG state for its recomputation).
+_PLAIN_FUNCTIONS = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.neg,
+        operator.getitem,
+        getattr,
+        torch.add,
+        torch.mul,
+        torch.cat,
+        torch.flatten,
+        torch.relu,
+        torch.tanh,
+        torch.nn.functional.relu,
+    }
+)
+_PLAIN_METHODS = frozenset(
+    {"add", "mul", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "size"}
+)
+
+
+def _draws_nothing(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _PLAIN_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _PLAIN_METHODS
+    return True  # placeholders, outputs, and modules (listed, and judged, on their own)
 
 
 def _restore_block(namespace: dict[str, nn.Module], body: dict[str, Any], import_block: str):
