@@ -125,17 +125,21 @@ class ForwardRun:
         if self.buffers is None:
             self.buffers = block_buffers(self.block)
         block = self.block
-        self._state, draws = None, True
+        self._state, draws, plain = None, True, False
         if isinstance(block, torch.nn.Module):
             modules = self.modules if self.modules is not None else list(block.named_modules())
-            self._state = PythonState.of([(p, m) for p, m in modules if may_keep_tensors(m)])
+            watched = [(p, m) for p, m in modules if may_keep_tensors(m)]
+            self._state = PythonState.of(watched) if watched else None
             draws = any(may_draw(m) for _, m in modules)
+            # Modules that keep nothing take no attention fast path either (those that do,
+            # MultiheadAttention and the transformer layers, are watched).
+            plain = not watched
         self.modules = None
         self.cpu_rng = torch.get_rng_state() if draws else None
         self.cuda_rng = (
             torch.cuda.get_rng_state(self.x.device) if draws and self.x.is_cuda else None
         )
-        self._fastpath = attention_fastpath_off()
+        self._fastpath = contextlib.nullcontext() if plain else attention_fastpath_off()
         self._fastpath.__enter__()
         return self
 
