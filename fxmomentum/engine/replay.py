@@ -120,6 +120,9 @@ class ForwardRun:
     #: attributes before it (kept only where it stored one).
     stored: list[tuple[str, str]] = field(default_factory=list)
     before_forward: PythonState | None = None
+    #: Whether the block is made of modules (and graph code) that keep nothing, draw nothing
+    #: and call no attention kernel: its recomputation needs none of the replay's care.
+    plain: bool = False
 
     def __enter__(self) -> ForwardRun:
         if self.buffers is None:
@@ -139,6 +142,7 @@ class ForwardRun:
         self.cuda_rng = (
             torch.cuda.get_rng_state(self.x.device) if draws and self.x.is_cuda else None
         )
+        self.plain = plain and not draws
         self._fastpath = contextlib.nullcontext() if plain else attention_fastpath_off()
         self._fastpath.__enter__()
         return self
@@ -173,24 +177,26 @@ class ForwardRun:
         # Kernels such as batch_norm update running statistics without bumping the version
         # counter, so values are compared; only changed buffers are written back (a write
         # bumps the version, which autograd checks where a buffer is saved).
-        saved = [b.clone() for b in self.buffers or ()]
+        buffers = self.buffers or ()
+        saved = [b.clone() for b in buffers]
         before = self.before_forward
         state = PythonState.of(before.modules) if before is not None else None
-        autocast = (
-            torch.autocast(self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
-            if self.autocast is not None
-            else contextlib.nullcontext()
-        )
+        autocast = contextlib.nullcontext()
+        if self.autocast is not None and autocast_state(self.autocast[0]) != self.autocast:
+            autocast = torch.autocast(
+                self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1]
+            )
         try:
             with autocast:
                 yield
             if state is not None:
                 self._check_recomputed(state)
         finally:
-            with torch.no_grad():
-                for b, old in zip(self.buffers or (), saved, strict=True):
-                    if not torch.equal(b, old):
-                        b.copy_(old)
+            if buffers:
+                with torch.no_grad():
+                    for b, old in zip(buffers, saved, strict=True):
+                        if not torch.equal(b, old):
+                            b.copy_(old)
             if outer_cpu is not None:
                 torch.set_rng_state(outer_cpu)
             if outer_cuda is not None:

@@ -583,8 +583,10 @@ class ChainRun:
             grad_out = torch.zeros_like(x, dtype=self.grad_dtype)
         # Buffers are restored after the block's backward, which may read them.
         taking = record.saved_outputs or contextlib.nullcontext()
+        plain = record.forward.plain  # no attention kernel to hold to the forward's
+        attention = contextlib.nullcontext() if plain else forward_attention_kernels()
         with record.forward.replay(x.device):
-            with torch.enable_grad(), forward_attention_kernels(), taking:
+            with torch.enable_grad(), attention, taking:
                 out = spec.output(t, x, args, kwargs)
             self._take_grad_f(grad_out)
             grads = self._block_gradients(out, [x, *wanted], params)
