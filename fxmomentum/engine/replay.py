@@ -4,7 +4,8 @@ A reversible chain runs each block without grad in forward and runs it again wit
 backward; both runs must give the same bits. What can differ, and what is done about it:
 
 * random draws (dropout, stochastic depth): the forward's RNG states (CPU and the block's CUDA
-  device) are kept when the block drew, and set again for the recomputation;
+  device) are kept when the block drew, and set again for the recomputation (not even noted
+  for a block whose modules and code cannot draw: :func:`may_draw`);
 * autocast: the forward's autocast state is entered again;
 * buffers (BatchNorm running statistics): those the recomputation changed are restored after
   it, so a step counts once;
