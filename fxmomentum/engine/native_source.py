@@ -215,15 +215,29 @@ API void fxm_on_grid(i64 n, const float* x, float scale, float inv_scale, float*
 }
 
 /* ---- forward step ------------------------------------------------------------------------- */
+/* A step's stores, and the sum and maxima the next step's grid is chosen from. */
+#define STORE_STEP(q, vi, xo, f)            \
+  head[i] = (i32)(q);                       \
+  V[i] = (vi);                              \
+  xw_new[i] = (xo);                         \
+  s += (vi);                                \
+  {                                         \
+    i32 u_ = fbits(fabsf(xo));              \
+    mx = u_ > mx ? u_ : mx;                 \
+    i64 a_ = (vi) < 0 ? -(vi) : (vi);       \
+    mv = a_ > mv ? a_ : mv;                 \
+    i32 uf_ = fbits(fabsf(f));              \
+    mf = uf_ > mf ? uf_ : mf;               \
+  }
 BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V, i32* RS head,
                        const float* RS out, const float* RS xf, float c, double n_d,
                        float scale, float inv_scale, float* RS xw_new, i64* vsum, i32* xmax,
                        i64* vmax, i32* fmax, int has_xf, int fresh) {
-#if INT64_LANES
   const double inv_n = 1.0 / n_d;
-  const i64 n_i = (i64)n_d;
   i64 s = 0, mv = 0;
   i32 mx = 0, mf = 0;
+#if INT64_LANES
+  const i64 n_i = (i64)n_d;
   for (i64 i = lo; i < hi; i++) {
     float f = f_of(out, xf, i, has_xf);
     i64 G = quantize_i(f, c);
@@ -240,21 +254,9 @@ BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
     rem = rem >= n_i ? rem - n_i : rem;
     i64 vi = (v >> 16) * n_i + rem + G;
     float xo = split_i(join_i(xw, r, i, scale) + ((vi + 32768) >> 16), inv_scale, r, i);
-    head[i] = (i32)q;
-    V[i] = vi;
-    xw_new[i] = xo;
-    s += vi;
-    i32 u = fbits(fabsf(xo));
-    mx = u > mx ? u : mx;
-    i64 a = vi < 0 ? -vi : vi;
-    mv = a > mv ? a : mv;
-    i32 uf = fbits(fabsf(f));
-    mf = uf > mf ? uf : mf;
+    STORE_STEP(q, vi, xo, f)
   }
 #else
-  const double inv_n = 1.0 / n_d;
-  i64 s = 0, mv = 0;
-  i32 mx = 0, mf = 0;
   for (i64 i = lo; i < hi; i++) {
     float f = f_of(out, xf, i, has_xf);
     double G = quantize(f, c);
@@ -267,16 +269,7 @@ BODY void forward_body(i64 lo, i64 hi, const float* RS xw, i16* RS r, i64* RS V,
     double X = join(xw, r, i, scale) + floor((vn + HALF16) * INV16);
     float xo = split(X, inv_scale, r, i);
     i64 vi = d2i(vn);
-    head[i] = (i32)q;
-    V[i] = vi;
-    xw_new[i] = xo;
-    s += vi;
-    i32 u = fbits(fabsf(xo));
-    mx = u > mx ? u : mx;
-    i64 a = vi < 0 ? -vi : vi;
-    mv = a > mv ? a : mv;
-    i32 uf = fbits(fabsf(f));
-    mf = uf > mf ? uf : mf;
+    STORE_STEP(q, vi, xo, f)
   }
 #endif
   *vsum = s;
