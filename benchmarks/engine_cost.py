@@ -16,7 +16,8 @@ measures, in one process and interleaved step by step (CPU time of one thread, a
 It prints, per configuration, the median forward, backward and step over the original's step,
 and each configuration's median per-round step ratio to ``checkpoint``'s. Only ratios::
 
-    python benchmarks/engine_cost.py --rounds 9
+    python benchmarks/engine_cost.py --rounds 15
+    python benchmarks/engine_cost.py --rounds 9 --kinds checkpoint,reversible  # the pair alone
 """
 
 from __future__ import annotations
@@ -74,25 +75,36 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", default="3,4,23,3", help="blocks per stage (ResNet-101)")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help="configurations, checkpoint among them"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     layers = [int(n) for n in args.layers.split(",")]
-    work = {kind: _workload(kind, layers, args.size, args.batch) for kind in KINDS}
+    asked = args.kinds.split(",")
+    unknown = sorted(set(asked) - set(KINDS))
+    if unknown:
+        known = ", ".join(KINDS)
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {known}")
+    kinds = [kind for kind in KINDS if kind in asked]
+    if "checkpoint" not in kinds or len(kinds) < 2:
+        parser.error(f"--kinds needs checkpoint and another of {', '.join(KINDS)}")
+    work = {kind: _workload(kind, layers, args.size, args.batch) for kind in kinds}
     for w in work.values():
         for _ in range(2):
             _step(w)
-    forward: dict[str, list[float]] = {k: [] for k in KINDS}
-    backward: dict[str, list[float]] = {k: [] for k in KINDS}
+    forward: dict[str, list[float]] = {k: [] for k in kinds}
+    backward: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind, w in work.items():
             f, b = _step(w)
             forward[kind].append(f)
             backward[kind].append(b)
-    steps = {k: [f + b for f, b in zip(forward[k], backward[k], strict=True)] for k in KINDS}
-    base = statistics.median(steps["original"])
+    steps = {k: [f + b for f, b in zip(forward[k], backward[k], strict=True)] for k in kinds}
+    base = statistics.median(steps["original" if "original" in kinds else "checkpoint"])
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         to_ckpt = [s / c for s, c in zip(steps[kind], steps["checkpoint"], strict=True)]
         rows.append(
             [
@@ -105,9 +117,8 @@ def main() -> None:
         )
     print(
         f"ResNet (layers {args.layers}), batch {args.batch}, 3x{args.size}x{args.size}, "
-        f"gamma {GAMMA:g}, "
-        f"{args.rounds} interleaved rounds, CPU time of one thread; times over the original's "
-        f"step"
+        f"gamma {GAMMA:g}, {args.rounds} interleaved rounds, CPU time of one thread; times over "
+        f"the {'original' if 'original' in kinds else 'checkpoint'}'s step"
     )
     headers = ["configuration", "forward", "backward", "step", "step / checkpoint"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
