@@ -134,9 +134,10 @@ def test_training_compiled_equals_eager(make: Callable):
     ref_outs, ref_grads = train_steps(eager, x)
     assert max_rel_err(outs, ref_outs) < TOL
     # A conv bias before BatchNorm has a zero gradient up to round-off, which compiled and
-    # eager code round differently (about 1e-8 here): a tensor under 1e-3 of the largest is
-    # held to an absolute 1e-7 of the largest, float32 round-off.
-    assert grad_err(grads, ref_grads, floor=1e-3) < TOL
+    # eager code round differently, by up to about 1e-7 of the largest gradient (on one
+    # thread; less on two): a tensor under 1e-2 of the largest is held to an absolute 1e-6 of
+    # the largest, float32 round-off.
+    assert grad_err(grads, ref_grads, floor=1e-2) < TOL
     assert max_rel_err(states(target), states(eager)) < TOL  # parameters and running stats
     if make in (conv, planned):
         assert target.blocks[0].bn.num_batches_tracked.item() == 2  # once per step
