@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .fsdp import in_units, sharded_units
+from .replay import restoring_buffers
 from .saved_ops import SavedOps
 from .spec import BlockArguments, ChainSpec, block_buffers
 from .update import needs_grad
@@ -40,19 +41,6 @@ def needs_backward(tensors: Iterable[object], parameters: Iterable[torch.Tensor]
     """Whether autograd will differentiate through something that reads ``tensors`` and
     ``parameters`` (:func:`~.update.needs_grad`: never under ``torch.export``)."""
     return needs_grad(itertools.chain(tensors, parameters))
-
-
-@contextlib.contextmanager
-def _restoring(buffers: Sequence[torch.Tensor], inner: Any = None) -> Iterator[None]:
-    """Runs the recomputation (inside ``inner``, if given) and puts ``buffers`` back after."""
-    saved = [b.clone() for b in buffers]
-    try:
-        with inner or contextlib.nullcontext():
-            yield
-    finally:
-        with torch.no_grad():
-            for b, old in zip(buffers, saved, strict=True):
-                b.copy_(old)
 
 
 def recomputed(
@@ -80,9 +68,9 @@ def recomputed(
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         if saved is None:
-            return contextlib.nullcontext(), _restoring(buffers)
+            return contextlib.nullcontext(), restoring_buffers(buffers)
         forward, recompute = saved.contexts()
-        return forward, _restoring(buffers, recompute)
+        return forward, restoring_buffers(buffers, recompute)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 

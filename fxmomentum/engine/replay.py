@@ -36,7 +36,7 @@ True
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,14 @@ from ..patches import attention_fastpath_off
 from .spec import block_buffers
 from .state import KEEP_NOTHING, PythonState, may_keep_tensors, runs_own_forward
 
-__all__ = ["AutocastState", "ForwardRun", "StatefulBlockError", "autocast_state", "may_draw"]
+__all__ = [
+    "AutocastState",
+    "ForwardRun",
+    "StatefulBlockError",
+    "autocast_state",
+    "may_draw",
+    "restoring_buffers",
+]
 
 #: torch.nn modules whose own forward draws no random number: a block made of them alone (and
 #: of graph blocks that say ``draws_nothing``) has no RNG state to note (two copies of the
@@ -65,6 +72,37 @@ def may_draw(module: torch.nn.Module) -> bool:
     if type(module) not in _NEVER_DRAWS and module.__dict__.get("draws_nothing") is not True:
         return True
     return not runs_own_forward(module)
+
+
+@contextlib.contextmanager
+def restoring_buffers(
+    buffers: Sequence[torch.Tensor], inner: contextlib.AbstractContextManager | None = None
+) -> Iterator[None]:
+    """Run a recomputation (inside ``inner``, if given), then put back the buffers it changed,
+    so that a step updates them once (BatchNorm's running statistics).
+
+    Kernels such as batch_norm update running statistics without bumping the version counter,
+    so values are compared; only changed buffers are written back (a write bumps the version,
+    which autograd checks where a buffer is saved).
+
+    Examples
+    --------
+    >>> bn = torch.nn.BatchNorm1d(2)
+    >>> with restoring_buffers(list(bn.buffers())):
+    ...     _ = bn(torch.randn(4, 2))
+    >>> bn.running_mean.tolist(), bn.num_batches_tracked.item()
+    ([0.0, 0.0], 0)
+    """
+    saved = [b.clone() for b in buffers]
+    try:
+        with inner or contextlib.nullcontext():
+            yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                for b, old in zip(buffers, saved, strict=True):
+                    if not torch.equal(b, old):
+                        b.copy_(old)
 
 
 class StatefulBlockError(RuntimeError):
@@ -129,7 +167,7 @@ class ForwardRun:
         if self.buffers is None:
             self.buffers = block_buffers(self.block)
         block = self.block
-        self._state, draws, plain = None, True, False
+        self._state, draws, keeps_nothing = None, True, False
         if isinstance(block, torch.nn.Module):
             modules = self.modules if self.modules is not None else list(block.named_modules())
             watched = [(p, m) for p, m in modules if may_keep_tensors(m)]
@@ -137,14 +175,14 @@ class ForwardRun:
             draws = any(may_draw(m) for _, m in modules)
             # Modules that keep nothing take no attention fast path either (those that do,
             # MultiheadAttention and the transformer layers, are watched).
-            plain = not watched
+            keeps_nothing = not watched
         self.modules = None
         self.cpu_rng = torch.get_rng_state() if draws else None
         self.cuda_rng = (
             torch.cuda.get_rng_state(self.x.device) if draws and self.x.is_cuda else None
         )
-        self.plain = plain and not draws
-        self._fastpath = contextlib.nullcontext() if plain else attention_fastpath_off()
+        self.plain = keeps_nothing and not draws
+        self._fastpath = contextlib.nullcontext() if keeps_nothing else attention_fastpath_off()
         self._fastpath.__enter__()
         return self
 
@@ -175,11 +213,6 @@ class ForwardRun:
         if self.cuda_rng is not None:
             outer_cuda = torch.cuda.get_rng_state(device)
             torch.cuda.set_rng_state(self.cuda_rng, device)
-        # Kernels such as batch_norm update running statistics without bumping the version
-        # counter, so values are compared; only changed buffers are written back (a write
-        # bumps the version, which autograd checks where a buffer is saved).
-        buffers = self.buffers or ()
-        saved = [b.clone() for b in buffers]
         before = self.before_forward
         state = PythonState.of(before.modules) if before is not None else None
         autocast = contextlib.nullcontext()
@@ -188,16 +221,11 @@ class ForwardRun:
                 self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1]
             )
         try:
-            with autocast:
+            with restoring_buffers(self.buffers or (), autocast):
                 yield
             if state is not None:
                 self._check_recomputed(state)
         finally:
-            if buffers:
-                with torch.no_grad():
-                    for b, old in zip(buffers, saved, strict=True):
-                        if not torch.equal(b, old):
-                            b.copy_(old)
             if outer_cpu is not None:
                 torch.set_rng_state(outer_cpu)
             if outer_cuda is not None:
