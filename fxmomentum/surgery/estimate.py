@@ -313,22 +313,19 @@ def _run_once(
     operators makes the run fail, it runs again without (no operator output is then offered
     for saving)."""
     run = _SavedTensors(gm, record, what)
-    contexts: list[Any] = []
-    if what == "saved":
-        contexts.append(torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack))
-        if operators:
-            record.operators = _OperatorCalls(record)
-            contexts.append(record.operators)
+    calls = _OperatorCalls(record) if what == "saved" and operators else None
+    record.operators = calls
     try:
         with no_side_effects(gm, inputs, grad=True), contextlib.ExitStack() as stack:
-            for context in contexts:
-                stack.enter_context(context)
+            if what == "saved":
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(record.pack, _unpack))
+            if calls is not None:
+                stack.enter_context(calls)
             run.run(*inputs)
-        for context in contexts:
-            if isinstance(context, _OperatorCalls):
-                context.finish()
+        if calls is not None:
+            calls.finish()
     except Exception:  # the estimate is unavailable, nothing else is at stake
-        if what == "saved" and operators:
+        if calls is not None:
             record.heavy_ops.clear()
             record.op_counts.clear()
             record.saved.clear()
@@ -338,9 +335,8 @@ def _run_once(
         run.env.clear()  # the values, and the autograd graph they hold, go now
         record.current = None
         record.operators = None
-        for context in contexts:
-            if isinstance(context, _OperatorCalls):
-                context.outputs.clear()
+        if calls is not None:
+            calls.outputs.clear()
     return True
 
 
